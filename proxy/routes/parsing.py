@@ -1,0 +1,125 @@
+"""Reading a request: JSON bodies, query integers, the caller's identity.
+
+Every failure here is a 400/401 in the OpenAI envelope, raised before any database write or
+upstream call.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from litestar import Request
+from pydantic import BaseModel, ValidationError
+
+from proxy import auth, codec, db, store
+from proxy.app import runtime
+from proxy.errors import BadRequest, Unauthorized
+
+MAX_JSON_DEPTH = 64
+T = TypeVar("T", bound=BaseModel)
+
+
+def _json_content_type(request: Request[Any, Any, Any]) -> bool:
+    value = request.headers.get("content-type")
+    if value is None:
+        return True
+    media = value.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+async def read_json(request: Request[Any, Any, Any], *, empty: Any = None) -> Any:
+    """The decoded body; `empty` when there is none (or 400 when `empty` is None)."""
+    if not _json_content_type(request):
+        raise BadRequest("Content-Type must be application/json", code="invalid_value")
+    raw = await request.body()
+    if not raw.strip():
+        if empty is not None:
+            return empty
+        raise BadRequest("The request body must be a JSON object", code="invalid_json")
+    try:
+        value = codec.loads(raw)
+    except codec.InvalidJSON:
+        raise BadRequest("The request body is not valid JSON", code="invalid_json") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth, iteratively (a hostile body must not exhaust the stack)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            deepest = max(deepest, level)
+            if level <= MAX_JSON_DEPTH:
+                stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            deepest = max(deepest, level)
+            if level <= MAX_JSON_DEPTH:
+                stack.extend((v, level + 1) for v in item)
+    return deepest
+
+
+def query_int(
+    request: Request[Any, Any, Any], name: str, default: int, low: int, high: int | None = None
+) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be an integer", param=name) from None
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise BadRequest(f"{name} must be {bound}", param=name)
+    return value
+
+
+def query_bool(request: Request[Any, Any, Any], name: str) -> bool:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return False
+    lowered = raw.lower()
+    if lowered in ("true", "1"):
+        return True
+    if lowered in ("false", "0"):
+        return False
+    raise BadRequest(f"{name} must be true or false", param=name)
+
+
+def parse_model(model: type[T], data: Any) -> T:
+    """Validate `data` against `model`; the first problem becomes a 400 naming its field."""
+    if not isinstance(data, dict):
+        raise BadRequest("The request body must be a JSON object", code="invalid_value")
+    try:
+        return model.model_validate(data, strict=True)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        kind = first["type"]
+        if kind == "extra_forbidden":
+            raise BadRequest(f"Unknown parameter: {param}", param=param,
+                             code="unknown_parameter") from None
+        if kind == "missing":
+            raise BadRequest(f"Missing required parameter: {param}", param=param,
+                             code="missing_required_parameter") from None
+        raise BadRequest(f"Invalid value for {param}: {_reason(first)}", param=param) from None
+
+
+def _reason(error: Any) -> str:
+    # pydantic's messages describe the rule, never echo the input.
+    return str(error.get("msg", "invalid value")).rstrip(".")
+
+
+async def authenticate(request: Request[Any, Any, Any]) -> str:
+    """The caller's user id; 401 for a missing, malformed, unknown or revoked key."""
+    key_hash = auth.client_key_hash(request.headers.get("authorization"))
+    rt = runtime(request)
+    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+        user_id = await store.user_for_key(conn, key_hash)
+    if user_id is None:
+        raise Unauthorized("Invalid API key")
+    return user_id

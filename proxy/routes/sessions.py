@@ -1,0 +1,146 @@
+"""The sessions API (contract §5), under `/v1/chat/sessions` and `/chat/sessions`.
+
+Every lookup is scoped to the caller: another user's session is the same 404 as a missing one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, Response, delete, get, patch, post, put
+from pydantic import BaseModel, ConfigDict, Field
+
+from proxy import codec, db, messages, store
+from proxy.app import runtime
+from proxy.errors import BadRequest, SessionNotFound
+from proxy.routes.parsing import authenticate, parse_model, query_bool, query_int, read_json
+
+PREFIXES = ["/v1/chat/sessions", "/chat/sessions"]
+
+
+def paths(suffix: str = "") -> list[str]:
+    return [prefix + suffix for prefix in PREFIXES]
+
+
+class SessionFields(BaseModel):
+    """The fields a client may set; anything else is 400 unknown_parameter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    session_name: str | None = Field(default=None, max_length=1000)
+    model: str | None = Field(default=None, max_length=200)
+    system_prompt: str | None = None
+    max_history_messages: int = Field(default=20, ge=0, le=1000)
+    max_history_tokens: int | None = Field(default=None, ge=0, le=100_000_000)
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=64)
+
+
+def _given(body: SessionFields) -> dict[str, Any]:
+    return {name: getattr(body, name) for name in body.model_fields_set}
+
+
+@post(paths(), status_code=201)
+async def create_session(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    user_id = await authenticate(request)
+    rt = runtime(request)
+    body = parse_model(SessionFields, await read_json(request, empty={}))
+    fields = _given(body)
+    fields.setdefault("max_history_messages", rt.settings.default_max_history_messages)
+    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+        return await store.create_session(conn, user_id, fields)
+
+
+@get(paths())
+async def list_sessions(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    user_id = await authenticate(request)
+    rt = runtime(request)
+    limit = query_int(request, "limit", 20, 1, 100)
+    offset = query_int(request, "offset", 0, 0)
+    include_inactive = query_bool(request, "include_inactive")
+    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+        data, total = await store.list_sessions(conn, user_id, limit, offset, include_inactive)
+    return _page(data, total, limit, offset)
+
+
+def _page(data: list[dict[str, Any]], total: int, limit: int, offset: int) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": data,
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+        "has_more": offset + len(data) < total,
+    }
+
+
+@get(paths("/{session_id:str}"))
+async def get_session(request: Request[Any, Any, Any], session_id: str) -> dict[str, Any]:
+    user_id = await authenticate(request)
+    rt = runtime(request)
+    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+        session = await store.get_session(conn, user_id, session_id)
+    if session is None:
+        raise SessionNotFound(session_id)
+    return session
+
+
+async def _update(request: Request[Any, Any, Any], session_id: str) -> dict[str, Any]:
+    user_id = await authenticate(request)
+    rt = runtime(request)
+    body = parse_model(SessionFields, await read_json(request, empty={}))
+    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+        session = await store.update_session(conn, user_id, session_id, _given(body))
+    if session is None:
+        raise SessionNotFound(session_id)
+    return session
+
+
+@put(paths("/{session_id:str}"))
+async def put_session(request: Request[Any, Any, Any], session_id: str) -> dict[str, Any]:
+    return await _update(request, session_id)
+
+
+@patch(paths("/{session_id:str}"))
+async def patch_session(request: Request[Any, Any, Any], session_id: str) -> dict[str, Any]:
+    return await _update(request, session_id)
+
+
+@delete(paths("/{session_id:str}"), status_code=204)
+async def delete_session(request: Request[Any, Any, Any], session_id: str) -> Response[None]:
+    user_id = await authenticate(request)
+    rt = runtime(request)
+    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+        deleted = await store.soft_delete_session(conn, user_id, session_id)
+    if not deleted:
+        raise SessionNotFound(session_id)
+    return Response(None, status_code=204)
+
+
+@get(paths("/{session_id:str}/messages"))
+async def list_messages(request: Request[Any, Any, Any], session_id: str) -> Response[bytes]:
+    user_id = await authenticate(request)
+    rt = runtime(request)
+    limit = query_int(request, "limit", 50, 1, 500)
+    offset = query_int(request, "offset", 0, 0)
+    order = request.query_params.get("order", "asc")
+    if order not in ("asc", "desc"):
+        raise BadRequest("order must be asc or desc", param="order")
+    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+        session = await store.get_session(conn, user_id, session_id)
+        if session is None:
+            raise SessionNotFound(session_id)
+        data = await messages.list_messages(conn, session_id, limit, offset, order == "desc")
+    page = _page(data, session["message_count"], limit, offset)
+    # Encoded here: message text may hold lone surrogates, which only codec.dumps writes.
+    return Response(codec.dumps(page), media_type="application/json")
+
+
+handlers = [
+    create_session,
+    list_sessions,
+    get_session,
+    put_session,
+    patch_session,
+    delete_session,
+    list_messages,
+]

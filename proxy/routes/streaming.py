@@ -1,0 +1,109 @@
+"""A streamed turn: events relayed as they arrive, the reply stored before `data: [DONE]`.
+
+Each whole event goes to the client the moment it is complete, byte for byte. The final
+`[DONE]` is held until the turn is stored. However the stream ends early — the client went away
+(the body iterator is cancelled or closed) or the upstream broke off — what arrived is stored
+with status "incomplete" by a task of its own, so the write outlives the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+from litestar import Response
+
+from proxy import codec
+from proxy import upstream as up
+from proxy.app import Runtime
+from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
+from proxy.routes.passthrough import ClosingStream
+from proxy.sse import DONE, EventSplitter, ReplyAssembler, event_data
+from proxy.turn import Turn, persist, reply_tokens
+
+log = logging.getLogger("chatproxy.stream")
+
+def _error_event(error: ProxyError) -> bytes:
+    return b"data: " + codec.dumps(error.body()) + b"\n\n"
+
+
+async def stream_turn(
+    rt: Runtime, response: httpx.Response, current: Turn
+) -> Response[Any]:
+    headers = up.response_headers(response.headers)
+    headers.pop("content-encoding", None)
+    content_type = response.headers.get("content-type", "")
+    if response.status_code != 200 or not content_type.startswith("text/event-stream"):
+        # An upstream error (or a 200 that is not a stream) before the first event: passed
+        # through unchanged, nothing stored.
+        raw = await up.read_body(response)
+        return Response(raw, status_code=response.status_code, headers=headers)
+    headers.update(current.headers)
+    headers["cache-control"] = "no-cache"
+    return ClosingStream(_relay(rt, response, current), status_code=200, headers=headers)
+
+
+async def _relay(
+    rt: Runtime, response: httpx.Response, current: Turn
+) -> AsyncIterator[bytes]:
+    splitter = EventSplitter()
+    assembler = ReplyAssembler()
+    done_event: bytes | None = None
+    failure: ProxyError | None = None
+    stored = False
+
+    def write(status: str) -> Awaitable[None]:
+        reply = assembler.message()
+        usage = {"completion_tokens": assembler.completion_tokens}
+        tokens = reply_tokens(rt, current.model, reply, usage)
+        return persist(rt, current, reply, tokens, status)
+
+    try:
+        try:
+            async for chunk in response.aiter_raw():
+                for event in splitter.feed(chunk):
+                    data = event_data(event)
+                    if data == DONE:
+                        done_event = event
+                        break
+                    if data is not None:
+                        assembler.feed(data)
+                    yield event
+                if done_event is not None:
+                    break
+        except httpx.TimeoutException:
+            failure = UpstreamTimeout("The upstream stopped sending before the reply was complete")
+        except httpx.HTTPError:
+            failure = UpstreamError("The upstream broke off the stream")
+        if done_event is None and failure is None:
+            failure = UpstreamError("The upstream ended the stream before [DONE]")
+        await response.aclose()
+        if assembler.valid:
+            stored = True
+            try:
+                await write("complete" if failure is None else "incomplete")
+            except ProxyError as exc:
+                failure = exc
+        if failure is None and done_event is not None:
+            yield done_event
+        else:
+            yield _error_event(failure or UpstreamError("The stream failed"))
+    finally:
+        if not stored:
+            # The client went away (cancelled or closed mid-stream): store what arrived and
+            # close the upstream request, in a task of its own.
+            rt.track(asyncio.create_task(_abandon(response, write if assembler.valid else None)))
+
+
+async def _abandon(
+    response: httpx.Response, write: Callable[[str], Awaitable[None]] | None
+) -> None:
+    await response.aclose()
+    if write is not None:
+        try:
+            await write("incomplete")
+        except ProxyError:
+            log.warning("an incomplete streamed turn could not be stored: database unavailable")
