@@ -27,15 +27,20 @@ _DROP_REQUEST = frozenset(
     }
 )
 # Never copied back to the client: hop-by-hop headers and the ones the proxy sets itself.
+# Bodies are relayed decoded (the proxy asks for identity anyway), so content-encoding goes too.
 _DROP_RESPONSE = frozenset(
     {
         "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
-        "content-length", "proxy-authenticate", "set-cookie", "server", "date",
+        "content-length", "content-encoding", "proxy-authenticate", "set-cookie", "server",
+        "date",
     }
 )
 
 
-def make_client(settings: Settings) -> httpx.AsyncClient:
+def make_client(
+    settings: Settings, transport: httpx.AsyncBaseTransport | None = None
+) -> httpx.AsyncClient:
+    """The process's one upstream client; `transport` lets tests put a mock underneath."""
     timeout = httpx.Timeout(
         connect=settings.upstream_connect_timeout,
         read=settings.upstream_timeout,
@@ -44,7 +49,11 @@ def make_client(settings: Settings) -> httpx.AsyncClient:
     )
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=256, keepalive_expiry=60)
     return httpx.AsyncClient(
-        timeout=timeout, limits=limits, follow_redirects=False, trust_env=False
+        timeout=timeout,
+        limits=limits,
+        follow_redirects=False,
+        trust_env=False,
+        transport=transport,
     )
 
 

@@ -114,7 +114,6 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
 async def _complete(rt: Runtime, response: httpx.Response, current: turn.Turn) -> Response[Any]:
     raw = await up.read_body(response)
     headers = up.response_headers(response.headers)
-    headers.pop("content-encoding", None)
     if response.status_code != 200:
         return Response(raw, status_code=response.status_code, headers=headers)
     try:

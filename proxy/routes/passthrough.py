@@ -23,6 +23,8 @@ from proxy.routes.parsing import authenticate
 class _ClosingStreamingResponse(ASGIStreamingResponse):
     """Closes the body iterator however the response ends, so its `finally` runs at once."""
 
+    __slots__ = ()
+
     async def send_body(self, send: Any, receive: Any) -> None:
         try:
             await super().send_body(send, receive)
@@ -41,7 +43,7 @@ class ClosingStream(Stream):
 
 async def _body_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
     try:
-        async for chunk in response.aiter_raw():
+        async for chunk in response.aiter_bytes():
             yield chunk
     except httpx.HTTPError:
         return  # the upstream broke off: end the client's body where it stopped

@@ -34,7 +34,6 @@ async def stream_turn(
     rt: Runtime, response: httpx.Response, current: Turn
 ) -> Response[Any]:
     headers = up.response_headers(response.headers)
-    headers.pop("content-encoding", None)
     content_type = response.headers.get("content-type", "")
     if response.status_code != 200 or not content_type.startswith("text/event-stream"):
         # An upstream error (or a 200 that is not a stream) before the first event: passed
@@ -63,7 +62,7 @@ async def _relay(
 
     try:
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in response.aiter_bytes():
                 for event in splitter.feed(chunk):
                     data = event_data(event)
                     if data == DONE:
