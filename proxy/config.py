@@ -112,7 +112,7 @@ FIELDS: tuple[Field, ...] = (
     Field("upstream_base_url", "https://api.openai.com/v1", _url,
           "the default upstream, OpenAI-compatible"),
     Field("upstream_api_key", None, _opt_str,
-          "the key sent upstream (default `$OPENAI_API_KEY`); a client's key never goes upstream"),
+          "the key sent upstream; a client's key never goes upstream"),
     Field("admin_key", None, _opt_str, "bearer key for `/admin/*`; unset: the admin API is 404"),
     Field("models_file", "config/models.toml", _str, "the model table"),
     Field("default_max_history_messages", 20, _int(0, 1000),
@@ -244,3 +244,28 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         values[spec.key] = spec.kind(name, raw) if raw is not None else None
     values["upstreams"] = _parse_upstreams(data.get("upstreams"), environ)
     return Settings(**values)
+
+
+def _shown(spec: Field) -> str:
+    if spec.key == "upstream_api_key":
+        return "`$OPENAI_API_KEY`"
+    if spec.default is None:
+        return "unset"
+    if isinstance(spec.default, float) and spec.default.is_integer():
+        return f"`{int(spec.default)}`"
+    return f"`{spec.default}`"
+
+
+def reference_table() -> str:
+    """The README's configuration reference, generated from FIELDS (a test keeps them equal)."""
+    rows = [
+        "| variable | TOML key | default | meaning |",
+        "|---|---|---|---|",
+        "| `CHATPROXY_CONFIG` | | `config/chatproxy.toml` when present | the TOML file to read |",
+    ]
+    rows += [f"| `{s.env}` | `{s.key}` | {_shown(s)} | {s.doc} |" for s in FIELDS]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(reference_table())
