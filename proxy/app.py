@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import uuid
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -21,19 +21,19 @@ from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from proxy import db
+from proxy import db, logs, metrics, retention
 from proxy.config import Settings, load_settings
 from proxy.errors import (
     BadRequest,
     InternalError,
     MethodNotAllowed,
-    NotFound,
     PayloadTooLarge,
     ProxyError,
     error_bytes,
+    unknown_route,
 )
+from proxy.keycache import KeyCache
 from proxy.migrate import migrate
 from proxy.tokens import ModelTable, TokenCounter
 from proxy.upstream import make_client
@@ -51,6 +51,8 @@ class Runtime:
     tokens: TokenCounter
     # Write-backs detached from their request (a client that went away); shutdown awaits them.
     writes: set[asyncio.Task[Any]] = field(default_factory=set)
+    # Keys the database confirmed lately; consulted only while it is down (proxy/keycache.py).
+    keys: KeyCache = field(default_factory=KeyCache)
 
     def track(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
         self.writes.add(task)
@@ -81,9 +83,12 @@ def _lifespan(settings: Settings, http_client: httpx.AsyncClient | None) -> Any:
             log.info("upstream %s: %s", upstream.name, upstream.base_url)
         http = http_client or make_client(settings)
         app.state.rt = rt = Runtime(settings, pool, http, tokens)
+        job = asyncio.create_task(retention.run_hourly(pool, settings))  # retention, pruning
         try:
             yield
         finally:
+            job.cancel()
+            await asyncio.gather(job, return_exceptions=True)
             if rt.writes:
                 await asyncio.wait(set(rt.writes), timeout=settings.shutdown_grace + 5)
             if http_client is None:
@@ -96,8 +101,13 @@ def _lifespan(settings: Settings, http_client: httpx.AsyncClient | None) -> Any:
 # --- errors -----------------------------------------------------------------------------------
 
 
-def _render(error: ProxyError) -> Response[bytes]:
-    return Response(error_bytes(error), status_code=error.status, media_type="application/json")
+def _render(error: ProxyError, headers: dict[str, str] | None = None) -> Response[bytes]:
+    return Response(
+        error_bytes(error),
+        status_code=error.status,
+        media_type="application/json",
+        headers=headers,
+    )
 
 
 def _request_id(request: Request[Any, Any, Any]) -> str | None:
@@ -110,22 +120,44 @@ def handle_proxy_error(request: Request[Any, Any, Any], exc: ProxyError) -> Resp
 
 
 def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
-    """Litestar's own errors (routing, body size) in the OpenAI envelope."""
+    """Litestar's own errors (routing, body size, parameter validation) in the OpenAI envelope."""
     error: ProxyError
+    headers = None
     if exc.status_code == 404:
-        error = NotFound(f"Unknown route: {request.method} {request.url.path}")
+        error = unknown_route(request.method, request.url.path)
     elif exc.status_code == 405:
         error = MethodNotAllowed(f"Method {request.method} not allowed on {request.url.path}")
+        allow = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow")
+        headers = {"Allow": allow} if allow else None
     elif exc.status_code == 413:
         error = PayloadTooLarge("Request body too large")
-    elif exc.status_code == 400:
-        error = BadRequest("Malformed request")
     elif exc.status_code < 500:
-        error = BadRequest("Malformed request")
+        error = _bad_request(exc)
         error.status = exc.status_code
     else:
         return handle_internal_error(request, exc)
-    return _render(error)
+    return _render(error, headers)
+
+
+def _bad_request(exc: HTTPException) -> ProxyError:
+    """A 4xx from Litestar; a parameter validation failure names its parameter."""
+    extra = exc.extra
+    first = extra[0] if isinstance(extra, list) and extra else None
+    key = first.get("key") if isinstance(first, dict) else None
+    if isinstance(key, str) and key:
+        return BadRequest(f"Invalid value for {key}", param=key)
+    missing = _MISSING_PARAMETER.match(exc.detail)
+    if missing:
+        return BadRequest(
+            f"Missing required parameter: {missing[1]}",
+            param=missing[1],
+            code="missing_required_parameter",
+        )
+    return BadRequest("Malformed request")
+
+
+# Litestar's wording for a required query/header/cookie parameter that was not sent.
+_MISSING_PARAMETER = re.compile(r"Missing required \w+ parameter '([^']{1,100})'")
 
 
 def handle_internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
@@ -139,57 +171,29 @@ def handle_internal_error(request: Request[Any, Any, Any], exc: Exception) -> Re
     return _render(InternalError())
 
 
-# --- request ids ------------------------------------------------------------------------------
-
-
-def _valid_request_id(value: bytes) -> bool:
-    return 0 < len(value) <= 128 and all(0x21 <= b <= 0x7E for b in value)
-
-
-def request_id_middleware(app: ASGIApp) -> ASGIApp:
-    """Takes X-Request-Id from the client (or makes one) and echoes it on the response."""
-
-    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await app(scope, receive, send)
-            return
-        incoming = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
-        rid = incoming if _valid_request_id(incoming) else uuid.uuid4().hex.encode()
-        scope.setdefault("state", {})["request_id"] = rid.decode()
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = [h for h in message.get("headers", []) if h[0] != b"x-request-id"]
-                headers.append((b"x-request-id", rid))
-                message["headers"] = headers
-            await send(message)
-
-        await app(scope, receive, send_with_id)
-
-    return middleware
-
-
 # --- the app ----------------------------------------------------------------------------------
 
 
 def create_app(settings: Settings, *, http_client: httpx.AsyncClient | None = None) -> Litestar:
-    from proxy.routes import admin, chat, health, passthrough, sessions
+    from proxy.routes import admin, chat, health, lifecycle, passthrough, sessions
+    from proxy.routes import metrics as metrics_route
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             *health.handlers,
+            *metrics_route.handlers,
             *admin.handlers,
             *sessions.handlers,
+            *lifecycle.handlers,
             *chat.handlers,
             *passthrough.handlers,
         ],
-        lifespan=[_lifespan(settings, http_client)],
+        lifespan=[_lifespan(settings, http_client), metrics.lifespan],
         exception_handlers={
             ProxyError: handle_proxy_error,
             HTTPException: handle_http_exception,
             Exception: handle_internal_error,
         },
-        middleware=[request_id_middleware],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="chatproxy",
@@ -200,6 +204,9 @@ def create_app(settings: Settings, *, http_client: httpx.AsyncClient | None = No
         logging_config=None,
         debug=False,
     )
+    # Outside routing and error handling, so unknown routes and errors get a request id and a line.
+    app.asgi_handler = logs.access_log(app.asgi_handler)
+    return app
 
 
 def app_from_env() -> Litestar:

@@ -15,7 +15,7 @@ import secrets
 from proxy.errors import Forbidden, NotFound, Unauthorized
 
 KEY_PREFIX = "sk-cp-"
-_KEY_RE = re.compile(r"^sk-cp-[A-Za-z0-9_-]{43}$")
+_KEY_RE = re.compile(r"sk-cp-[A-Za-z0-9_-]{43}")  # used with fullmatch: no trailing "\n"
 DISPLAY_PREFIX_LENGTH = 12
 
 
@@ -45,7 +45,7 @@ def client_key_hash(header: str | None) -> bytes:
     key = bearer(header)
     if key is None:
         raise Unauthorized("Missing API key: send 'Authorization: Bearer sk-cp-...'")
-    if not _KEY_RE.match(key):
+    if not _KEY_RE.fullmatch(key):
         raise Unauthorized("Invalid API key")
     return hash_key(key)
 
@@ -59,6 +59,6 @@ def check_admin(header: str | None, admin_key: str | None) -> None:
         raise Unauthorized("Missing admin key")
     if hmac.compare_digest(key.encode(), admin_key.encode()):
         return
-    if _KEY_RE.match(key):
+    if _KEY_RE.fullmatch(key):
         raise Forbidden("This key cannot use the admin API")
     raise Unauthorized("Invalid admin key")

@@ -23,6 +23,8 @@ class InvalidJSON(ValueError):
 def loads(data: bytes | str) -> Any:
     try:
         return _decode(data)
+    except RecursionError:  # nested past msgspec's own limit: no parser will take it
+        raise InvalidJSON("not valid JSON") from None
     except msgspec.DecodeError:
         pass
     try:

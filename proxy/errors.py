@@ -65,6 +65,11 @@ class SessionNotFound(NotFound):
         super().__init__(f"Session {shown} not found", param=param)
 
 
+def unknown_route(method: str, path: str) -> NotFound:
+    """The one 404 for a path the proxy does not serve (a disabled admin API included)."""
+    return NotFound(f"Unknown route: {method} {path}")
+
+
 class MethodNotAllowed(ProxyError):
     status, type, code = 405, "invalid_request_error", "method_not_allowed"
 

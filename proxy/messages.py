@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from proxy import codec
 from proxy.store import iso
@@ -19,13 +20,48 @@ OPTIONAL_FIELDS = ("name", "refusal", "tool_calls", "tool_call_id")
 
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """One stored message as the history rules see it; `body` is its JSON text."""
+    """One stored message as the history rules see it; `body` is its JSON text.
+
+    `calls` (an assistant message's tool call ids) and `answers` (a tool message's
+    `tool_call_id`) let the rules keep tool exchanges whole; they are read from `body` only for
+    the messages that have them.
+    """
 
     seq: int
     role: str
     has_tool_calls: bool
     tokens: int
     body: str
+    calls: tuple[str | None, ...] = ()
+    answers: str | None = None
+
+
+class _ToolFields(msgspec.Struct):
+    tool_calls: Any = None
+    tool_call_id: Any = None
+
+
+_tool_fields = msgspec.json.Decoder(_ToolFields).decode
+
+
+def stored(seq: int, role: str, has_tool_calls: bool, tokens: int, body: str) -> Stored:
+    """A `Stored` with its tool-exchange ids read from `body` where there can be any."""
+    if not has_tool_calls and role != "tool":
+        return Stored(seq, role, has_tool_calls, tokens, body)
+    try:
+        fields = _tool_fields(body)
+        tool_calls, tool_call_id = fields.tool_calls, fields.tool_call_id
+    except msgspec.DecodeError:  # lone surrogates somewhere in the body: the slow, exact path
+        value = codec.loads(body)
+        tool_calls, tool_call_id = value.get("tool_calls"), value.get("tool_call_id")
+    calls: tuple[str | None, ...] = ()
+    if has_tool_calls and isinstance(tool_calls, list):
+        calls = tuple(
+            c["id"] if isinstance(c, dict) and isinstance(c.get("id"), str) else None
+            for c in tool_calls
+        )
+    answers = tool_call_id if role == "tool" and isinstance(tool_call_id, str) else None
+    return Stored(seq, role, has_tool_calls, tokens, body, calls, answers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +119,7 @@ async def read_turn(
         return None
     first = rows[0]
     history = [
-        Stored(r["seq"], r["role"], r["has_tool_calls"], r["tokens"], r["body"])
+        stored(r["seq"], r["role"], r["has_tool_calls"], r["tokens"], r["body"])
         for r in reversed(rows)
         if r["seq"] is not None
     ]
@@ -98,35 +134,24 @@ async def read_turn(
 
 
 async def store_turn(
-    conn: asyncpg.Connection, session_id: str, messages: list[NewMessage]
+    conn: asyncpg.Connection,
+    session_id: str,
+    messages: list[NewMessage],
+    *,
+    unless_stored: bool = False,
 ) -> int:
     """Append `messages` with consecutive seqs in one statement; returns how many were stored.
 
     The UPDATE takes the session row's lock, so concurrent turns on one session (from any
     process) queue there and each gets its own adjacent run of seqs.
+
+    `unless_stored` is for a retry after a write whose outcome is unknown (its connection died
+    after the statement was sent): under the session's lock, the turn is stored only if the
+    same messages are not already the newest run of a recent write. Rare, so three round trips.
     """
     if not messages:
         return 0
-    stored: int = await conn.fetchval(
-        """
-        WITH s AS (
-            UPDATE chat_sessions
-            SET next_seq = next_seq + cardinality($2::text[]),
-                message_count = message_count + cardinality($2::text[]),
-                total_tokens = total_tokens + (SELECT COALESCE(sum(t), 0) FROM unnest($4::int[]) t),
-                last_message_at = now(),
-                updated_at = now()
-            WHERE id = $1
-            RETURNING next_seq - cardinality($2::text[]) AS base
-        ), ins AS (
-            INSERT INTO chat_messages (session_id, seq, role, has_tool_calls, tokens, body, status)
-            SELECT $1, s.base + m.ord - 1, m.role, m.tc, m.tokens, m.body, m.status
-            FROM s, unnest($2::text[], $3::bool[], $4::int[], $5::text[], $6::text[])
-                    WITH ORDINALITY AS m(role, tc, tokens, body, status, ord)
-            RETURNING 1
-        )
-        SELECT count(*) FROM ins
-        """,
+    args = (
         session_id,
         [m.role for m in messages],
         [m.has_tool_calls for m in messages],
@@ -134,7 +159,48 @@ async def store_turn(
         [codec.dumps_text(m.message) for m in messages],
         [m.status for m in messages],
     )
-    return stored
+    if not unless_stored:
+        count: int = await conn.fetchval(_STORE_TURN, *args)
+        return count
+    async with conn.transaction():
+        await conn.execute("SELECT 1 FROM chat_sessions WHERE id = $1 FOR UPDATE", session_id)
+        if await conn.fetchval(_TURN_STORED, session_id, args[4]):
+            return 0
+        count = await conn.fetchval(_STORE_TURN, *args)
+        return count
+
+
+_STORE_TURN = """
+    WITH s AS (
+        UPDATE chat_sessions
+        SET next_seq = next_seq + cardinality($2::text[]),
+            message_count = message_count + cardinality($2::text[]),
+            total_tokens = total_tokens + (SELECT COALESCE(sum(t), 0) FROM unnest($4::int[]) t),
+            last_message_at = now(),
+            updated_at = now()
+        WHERE id = $1
+        RETURNING next_seq - cardinality($2::text[]) AS base
+    ), ins AS (
+        INSERT INTO chat_messages (session_id, seq, role, has_tool_calls, tokens, body, status)
+        SELECT $1, s.base + m.ord - 1, m.role, m.tc, m.tokens, m.body, m.status
+        FROM s, unnest($2::text[], $3::bool[], $4::int[], $5::text[], $6::text[])
+                WITH ORDINALITY AS m(role, tc, tokens, body, status, ord)
+        RETURNING 1
+    )
+    SELECT count(*) FROM ins
+"""
+
+# A run of consecutive seqs, written in the last minutes, whose bodies are exactly the turn's.
+_TURN_STORED = """
+    SELECT EXISTS (
+        SELECT 1 FROM chat_messages m
+        WHERE m.session_id = $1 AND m.body = ($2::text[])[1]
+          AND m.created_at > now() - interval '2 minutes'
+          AND (SELECT array_agg(x.body ORDER BY x.seq) FROM chat_messages x
+               WHERE x.session_id = $1 AND x.seq >= m.seq
+                 AND x.seq < m.seq + cardinality($2::text[])) = $2::text[]
+    )
+"""
 
 
 def message_object(session_id: str, row: asyncpg.Record) -> dict[str, Any]:

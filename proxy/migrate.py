@@ -35,6 +35,9 @@ def sql_dir() -> Path:
 
 def discover(directory: Path | None = None) -> list[Migration]:
     directory = directory or sql_dir()
+    if not directory.is_dir():
+        # Without it the server would start on an empty schema and fail on every request.
+        raise MigrationError(f"no migrations directory at {directory}")
     files = sorted(p for p in directory.glob("*.sql") if _NAME.match(p.name))
     return [Migration(p.stem, p.read_text(encoding="utf-8")) for p in files]
 

@@ -54,7 +54,7 @@ class ReplyAssembler:
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
     valid_chunks: int = 0
     finish_reason: str | None = None
-    completion_tokens: int | None = None
+    usage: dict[str, Any] | None = None
     saw_content: bool = False
 
     def feed(self, data: bytes) -> None:
@@ -65,9 +65,8 @@ class ReplyAssembler:
         if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
             return
         self.valid_chunks += 1
-        usage = chunk.get("usage")
-        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
-            self.completion_tokens = usage["completion_tokens"]
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
         for choice in chunk["choices"]:
             if isinstance(choice, dict) and choice.get("index", 0) == 0:
                 self._choice(choice)
@@ -109,10 +108,16 @@ class ReplyAssembler:
         return self.valid_chunks > 0
 
     def message(self) -> dict[str, Any]:
-        """The assistant message as the non-streamed API would have returned it."""
+        """The assistant message as the non-streamed API would have returned it.
+
+        `content` is null only beside a refusal or tool calls, as in the non-streamed API: a
+        reply cut off before its first word is stored with `""`, which an upstream accepts back
+        as history (an assistant message with null content and nothing else it refuses).
+        """
+        empty = not self.refusal and not self.tool_calls
         message: dict[str, Any] = {
             "role": "assistant",
-            "content": "".join(self.content) if self.saw_content else None,
+            "content": "".join(self.content) if self.saw_content or empty else None,
         }
         if self.refusal:
             message["refusal"] = "".join(self.refusal)

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from proxy import db, history, messages
+from proxy import db, history, messages, retention
 from proxy.app import Runtime
 from proxy.errors import DatabaseUnavailable
 from proxy.messages import NewMessage
@@ -62,7 +62,9 @@ def prepare(
         _reserved_output(body, info.reserve_output_tokens),
         head_tokens + rest_tokens + REPLY_PRIMING,
     )
-    trimmed = history.trim(ctx.history, budget, ctx.max_history_tokens)
+    # A request that opens with tool results answers the newest stored tool exchange.
+    continued = bool(rest) and rest[0].get("role") == "tool"
+    trimmed = history.trim(ctx.history, budget, ctx.max_history_tokens, continued=continued)
     body["messages"] = [*head, *(msgspec.Raw(m.body) for m in trimmed.messages), *rest]
     headers = {
         "x-session-id": session_id,
@@ -76,36 +78,59 @@ def prepare(
 async def persist(rt: Runtime, turn: Turn, reply: dict[str, Any], tokens: int, status: str) -> None:
     """Store the turn: one statement, retried once on a fresh connection if the first one died.
 
-    Runs as its own task so that a request cancelled mid-write cannot cut it short.
+    Never stores a turn twice: when the first attempt failed after its statement was sent (it
+    may have committed before the connection died), the retry stores only if the turn is not
+    there yet. Runs as its own task so that a request cancelled mid-write cannot cut it short.
     """
     rows = [*turn.new, NewMessage(reply, tokens, status)]
 
     async def write() -> None:
+        in_doubt = False
         for attempt in (1, 2):
+            sent = False
             try:
                 async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-                    await messages.store_turn(conn, turn.session_id, rows)
-                return
+                    sent = True
+                    await messages.store_turn(conn, turn.session_id, rows, unless_stored=in_doubt)
+                return await retention.prune_after_turn(rt.pool, rt.settings, turn.session_id)
             except DatabaseUnavailable:
                 if attempt == 2:
                     raise
+                in_doubt = sent
 
     task = rt.track(asyncio.create_task(write()))
     await asyncio.shield(task)
 
 
 def reply_tokens(rt: Runtime, model: Any, reply: dict[str, Any], usage: Any) -> int:
-    if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
-        return int(usage["completion_tokens"]) + TOKENS_PER_MESSAGE
-    return rt.tokens.message(model, reply)
+    """The reply's tokens as history: the upstream's `usage.completion_tokens` when given.
+
+    Reasoning tokens are part of `completion_tokens` but never go back upstream as history, so
+    they are left out; without usage the reply is counted like any other message.
+    """
+    completion = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    if not isinstance(completion, int) or isinstance(completion, bool) or completion < 0:
+        return rt.tokens.message(model, reply)
+    details = usage.get("completion_tokens_details")
+    reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
+    if isinstance(reasoning, int) and not isinstance(reasoning, bool) and 0 < reasoning:
+        completion = max(0, completion - reasoning)
+    return completion + TOKENS_PER_MESSAGE
 
 
 def reply_message(message: dict[str, Any]) -> dict[str, Any]:
-    """The parts of `choices[0].message` that go back upstream as history, exactly as sent."""
+    """The parts of `choices[0].message` that go back upstream as history, exactly as sent.
+
+    Fields an upstream does not accept in a request message (`annotations`, `reasoning_content`,
+    ...) are left out; an audio reply is referred to by its id, as the API expects.
+    """
     reply: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
-    for name in ("refusal", "tool_calls", "function_call", "audio"):
+    for name in ("refusal", "tool_calls", "function_call"):
         if message.get(name):
             reply[name] = message[name]
+    audio = message.get("audio")
+    if isinstance(audio, dict) and isinstance(audio.get("id"), str):
+        reply["audio"] = {"id": audio["id"]}
     return reply
 
 

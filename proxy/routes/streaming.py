@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import httpx
@@ -25,6 +26,8 @@ from proxy.sse import DONE, EventSplitter, ReplyAssembler, event_data
 from proxy.turn import Turn, persist, reply_tokens
 
 log = logging.getLogger("chatproxy.stream")
+DRAIN_SECONDS = 2.0  # after [DONE], how long the end of the upstream body may take
+
 
 def _error_event(error: ProxyError) -> bytes:
     return b"data: " + codec.dumps(error.body()) + b"\n\n"
@@ -47,22 +50,22 @@ async def stream_turn(
 
 async def _relay(
     rt: Runtime, response: httpx.Response, current: Turn
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     splitter = EventSplitter()
     assembler = ReplyAssembler()
     done_event: bytes | None = None
     failure: ProxyError | None = None
-    stored = False
+    stored = False  # set before the write starts: however the stream ends, one write at most
 
     def write(status: str) -> Awaitable[None]:
         reply = assembler.message()
-        usage = {"completion_tokens": assembler.completion_tokens}
-        tokens = reply_tokens(rt, current.model, reply, usage)
+        tokens = reply_tokens(rt, current.model, reply, assembler.usage)
         return persist(rt, current, reply, tokens, status)
 
+    chunks = response.aiter_bytes()
     try:
         try:
-            async for chunk in response.aiter_bytes():
+            async for chunk in chunks:
                 for event in splitter.feed(chunk):
                     data = event_data(event)
                     if data == DONE:
@@ -73,13 +76,18 @@ async def _relay(
                     yield event
                 if done_event is not None:
                     break
+            else:
+                # The body ended. An unterminated last event is discarded (as SSE says),
+                # unless it is the [DONE] of an upstream that forgot the blank line.
+                if event_data(splitter.pending) == DONE:
+                    done_event = b"data: [DONE]\n\n"
         except httpx.TimeoutException:
             failure = UpstreamTimeout("The upstream stopped sending before the reply was complete")
         except httpx.HTTPError:
             failure = UpstreamError("The upstream broke off the stream")
         if done_event is None and failure is None:
             failure = UpstreamError("The upstream ended the stream before [DONE]")
-        await response.aclose()
+        await _finish(response, chunks if failure is None else None)
         if assembler.valid:
             stored = True
             try:
@@ -92,17 +100,35 @@ async def _relay(
             yield _error_event(failure or UpstreamError("The stream failed"))
     finally:
         if not stored:
-            # The client went away (cancelled or closed mid-stream): store what arrived and
-            # close the upstream request, in a task of its own.
-            rt.track(asyncio.create_task(_abandon(response, write if assembler.valid else None)))
+            # The client went away (cancelled or closed mid-stream): close the upstream
+            # request and store what arrived, in a task of its own.
+            status = "complete" if done_event is not None and failure is None else "incomplete"
+            pending = partial(write, status) if assembler.valid else None
+            rt.track(asyncio.create_task(_abandon(response, pending)))
+
+
+async def _finish(response: httpx.Response, rest: AsyncIterator[bytes] | None) -> None:
+    """Close the upstream response; after [DONE], read the `rest` of its body first, so that
+    the connection goes back to the pool instead of being closed.
+
+    The drain is bounded: an upstream that keeps the body open after [DONE] is cut off.
+    """
+    if rest is not None and not response.is_closed:
+        try:
+            async with asyncio.timeout(DRAIN_SECONDS):
+                async for _ in rest:
+                    pass
+        except (TimeoutError, httpx.HTTPError, httpx.StreamError):
+            pass
+    await response.aclose()
 
 
 async def _abandon(
-    response: httpx.Response, write: Callable[[str], Awaitable[None]] | None
+    response: httpx.Response, write: Callable[[], Awaitable[None]] | None
 ) -> None:
     await response.aclose()
     if write is not None:
         try:
-            await write("incomplete")
+            await write()
         except ProxyError:
             log.warning("an incomplete streamed turn could not be stored: database unavailable")

@@ -1,0 +1,61 @@
+# syntax=docker/dockerfile:1
+#
+# chatproxy: a small runtime image. Build and run:
+#   docker build -t chatproxy .
+#   docker run -p 8000:8000 -e OPENAI_API_KEY -e CHATPROXY_DATABASE_URL=postgresql://... chatproxy
+# (or `docker compose up`, see docker-compose.yml). Without CHATPROXY_DATABASE_URL the embedded
+# PostgreSQL keeps its data in /data: mount a volume there.
+#
+# Pre-warm tiktoken's encodings into the image (the build then needs network access; the
+# running container does not):
+#   docker build --build-arg TIKTOKEN_ENCODINGS="o200k_base cl100k_base" -t chatproxy .
+
+# --- builder: wheels for the project and every dependency ---------------------------------------
+FROM python:3.11-slim AS builder
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY proxy ./proxy
+RUN pip wheel --wheel-dir /wheels .
+
+# --- runtime: no compiler, no build tools, not root ---------------------------------------------
+FROM python:3.11-slim
+
+ARG TIKTOKEN_ENCODINGS=""
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TIKTOKEN_CACHE_DIR=/opt/tiktoken \
+    CHATPROXY_DATA_DIR=/data
+
+RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/chatproxy chatproxy
+
+# The wheels are mounted for this step only, so they never become a layer of the image.
+RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
+    pip install --no-index --find-links=/wheels chat-history-proxy
+
+RUN mkdir -p "$TIKTOKEN_CACHE_DIR" /data \
+    && if [ -n "$TIKTOKEN_ENCODINGS" ]; then \
+         python -c "import sys, tiktoken; [tiktoken.get_encoding(n) for n in sys.argv[1:]]" \
+           $TIKTOKEN_ENCODINGS; \
+       fi \
+    && chown -R chatproxy:chatproxy "$TIKTOKEN_CACHE_DIR" /data
+
+# The app finds sql/ and config/ in its working directory (config/chatproxy.toml and
+# config/models.toml are read from there; mount your own over them to change them).
+WORKDIR /app
+COPY sql ./sql
+COPY config ./config
+
+USER chatproxy
+EXPOSE 8000
+
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('CHATPROXY_PORT', '8000') + '/health', timeout=4)"]
+
+CMD ["chatproxy", "serve", "--host", "0.0.0.0"]

@@ -1,0 +1,145 @@
+"""The session lifecycle routes (contract §5): restore, clear, export, import, fork, merge.
+
+Served under both session prefixes, with the sessions API's ownership rule: another user's
+session is the same 404 as a missing one. The SQL is in `proxy.lifecycle`; the export document's
+shape and validation in `proxy.document`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from litestar import Request, Response, delete, get, post
+from pydantic import BaseModel, ConfigDict, Field
+
+from proxy import codec, db, document, lifecycle, retention, store
+from proxy.app import Runtime, runtime
+from proxy.errors import SessionNotFound
+from proxy.routes.parsing import authenticate, parse_model, read_json
+from proxy.routes.passthrough import ClosingStream
+from proxy.routes.sessions import paths
+
+MAX_SEQ = 2**62
+
+
+def _json(value: Any, status_code: int = 200) -> Response[bytes]:
+    # Encoded here: session and message text may hold lone surrogates.
+    return Response(codec.dumps(value), status_code=status_code, media_type="application/json")
+
+
+@post(paths("/{session_id:str}/restore"), status_code=200)
+async def restore_session(request: Request[Any, Any, Any], session_id: str) -> Response[bytes]:
+    user_id = await authenticate(request)
+    rt = runtime(request)
+    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+        session = await lifecycle.restore_session(conn, user_id, session_id)
+    if session is None:
+        raise SessionNotFound(session_id)
+    return _json(session)
+
+
+@delete(paths("/{session_id:str}/messages"), status_code=204)
+async def clear_messages(request: Request[Any, Any, Any], session_id: str) -> Response[None]:
+    user_id = await authenticate(request)
+    rt = runtime(request)
+    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+        cleared = await lifecycle.clear_messages(conn, user_id, session_id)
+    if not cleared:
+        raise SessionNotFound(session_id)
+    return Response(None, status_code=204)
+
+
+async def _export_chunks(rt: Runtime, user_id: str, session_id: str) -> AsyncIterator[bytes]:
+    # Its own connection, held while the body streams and released however the stream ends.
+    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+        async with aclosing(
+            lifecycle.export_document(conn, session_id, user_id=user_id)
+        ) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+
+@get(paths("/{session_id:str}/export"))
+async def export_session(request: Request[Any, Any, Any], session_id: str) -> Response[Any]:
+    user_id = await authenticate(request)
+    rt = runtime(request)
+    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+        found = await store.get_session(conn, user_id, session_id)
+    if found is None:  # checked here so that a 404 is an answer, not a broken stream
+        raise SessionNotFound(session_id)
+    return ClosingStream(
+        _export_chunks(rt, user_id, session_id),
+        media_type="application/json",
+        headers={"content-disposition": f'attachment; filename="{session_id}.json"'},
+    )
+
+
+@post(paths("/import"), status_code=201)
+async def import_session(request: Request[Any, Any, Any]) -> Response[bytes]:
+    user_id = await authenticate(request)
+    rt = runtime(request)
+    doc = document.parse(
+        await read_json(request), rt.settings.default_max_history_messages, rt.tokens.message
+    )
+    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+        session = await lifecycle.import_session(conn, user_id, doc)
+    return _json(await _pruned(rt, user_id, session), 201)
+
+
+class ForkBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    up_to_seq: int | None = Field(default=None, ge=-MAX_SEQ, le=MAX_SEQ)
+    session_name: str | None = Field(default=None, max_length=1000)
+
+
+@post(paths("/{session_id:str}/fork"), status_code=201)
+async def fork_session(request: Request[Any, Any, Any], session_id: str) -> Response[bytes]:
+    user_id = await authenticate(request)
+    rt = runtime(request)
+    body = parse_model(ForkBody, await read_json(request, empty={}))
+    name = ("session_name" in body.model_fields_set, body.session_name)
+    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+        session = await lifecycle.fork_session(conn, user_id, session_id, body.up_to_seq, name)
+    return _json(await _pruned(rt, user_id, session), 201)
+
+
+class MergeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source_session_id: str = Field(max_length=200)
+
+
+@post(paths("/{session_id:str}/merge"), status_code=200)
+async def merge_sessions(request: Request[Any, Any, Any], session_id: str) -> Response[bytes]:
+    user_id = await authenticate(request)
+    rt = runtime(request)
+    body = parse_model(MergeBody, await read_json(request, empty={}))
+    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+        session = await lifecycle.merge_sessions(
+            conn, user_id, session_id, body.source_session_id
+        )
+    return _json(await _pruned(rt, user_id, session))
+
+
+async def _pruned(rt: Runtime, user_id: str, session: dict[str, Any]) -> dict[str, Any]:
+    """The session after applying CHATPROXY_MAX_STORED_MESSAGES to what was just added."""
+    keep = rt.settings.max_stored_messages
+    if keep <= 0 or session["message_count"] <= keep:
+        return session
+    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+        await retention.prune_session(conn, session["id"], keep)
+        fresh = await store.get_session(conn, user_id, session["id"])
+    return fresh or session
+
+
+handlers = [
+    restore_session,
+    clear_messages,
+    export_session,
+    import_session,
+    fork_session,
+    merge_sessions,
+]

@@ -1,0 +1,3 @@
+module chatproxy/benchtool
+
+go 1.19

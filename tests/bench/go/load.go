@@ -1,0 +1,295 @@
+package main
+
+// The load generator: several targets, measured in interleaved windows.
+//
+// A spec (JSON on stdin) lists targets; every round gives each target one window of `window_s`
+// seconds with `concurrency` closed-loop clients (the order of targets rotates from round to
+// round, so drift hits all of them alike). A request counts in the window it started in; its
+// latency runs from just before the request is written to the last byte of the body.
+// For streams it also records the time to the first SSE event, and for every event carrying
+// "bench_sent_ns" the delay between the upstream writing it and the client reading it.
+// CPU: for each target's `cpu_pids`, utime+stime from /proc/<pid>/stat before and after each
+// window (all of the process's threads), summed over the windows.
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+type target struct {
+	Name    string            `json:"name"`
+	URL     string            `json:"url"`
+	Headers map[string]string `json:"headers"`
+	Bodies  []string          `json:"bodies"`
+	CPUPids []int             `json:"cpu_pids"`
+	// Other processes whose CPU time is reported beside (e.g. the database's backends).
+	ExtraPids []int `json:"extra_pids"`
+	// Each request takes the next body (round robin over all clients) instead of client i
+	// always sending body i.
+	Cycle bool `json:"cycle"`
+	next  uint64
+}
+
+type loadSpec struct {
+	Mode        string   `json:"mode"` // "request" or "stream"
+	Concurrency int      `json:"concurrency"`
+	Rounds      int      `json:"rounds"`
+	WindowS     float64  `json:"window_s"`
+	WarmupS     float64  `json:"warmup_s"`
+	TimeoutS    float64  `json:"timeout_s"`
+	Targets     []target `json:"targets"`
+}
+
+type targetResult struct {
+	Name        string            `json:"name"`
+	Requests    int               `json:"requests"`
+	Errors      int               `json:"errors"`
+	ErrorSample string            `json:"error_sample,omitempty"`
+	Statuses    map[string]int    `json:"statuses"`
+	ElapsedS    float64           `json:"elapsed_s"`
+	LatencyUs   []int64           `json:"latency_us"`
+	TTFBUs      []int64           `json:"ttfb_us,omitempty"`
+	ChunkLagUs  [][]int64         `json:"chunk_lag_us,omitempty"` // by chunk index
+	CPUTicks    int64             `json:"cpu_ticks"`
+	ExtraTicks  int64             `json:"extra_cpu_ticks"`
+	Headers     map[string]string `json:"headers_seen,omitempty"`
+}
+
+type sample struct {
+	latency int64
+	ttfb    int64
+	lags    []int64
+	status  int
+	err     string
+	headers http.Header
+}
+
+func newClient(concurrency int, timeout time.Duration) *http.Client {
+	tr := &http.Transport{
+		Proxy:               nil,
+		DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		MaxIdleConns:        4 * concurrency,
+		MaxIdleConnsPerHost: 2 * concurrency,
+		MaxConnsPerHost:     0,
+		IdleConnTimeout:     90 * time.Second,
+		DisableCompression:  true,
+		ForceAttemptHTTP2:   false,
+	}
+	return &http.Client{Transport: tr, Timeout: timeout}
+}
+
+func cpuTicks(pid int) int64 {
+	raw, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0
+	}
+	// Fields after the ")" closing the command name: state is field 3; utime, stime are 14, 15.
+	s := string(raw)
+	fields := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	if len(fields) < 13 {
+		return 0
+	}
+	u, _ := strconv.ParseInt(fields[11], 10, 64)
+	st, _ := strconv.ParseInt(fields[12], 10, 64)
+	return u + st
+}
+
+func sumTicks(pids []int) int64 {
+	var total int64
+	for _, p := range pids {
+		total += cpuTicks(p)
+	}
+	return total
+}
+
+var sentKey = []byte(`"bench_sent_ns":`)
+var seqKey = []byte(`"bench_seq":`)
+
+func intAfter(line, key []byte) (int64, bool) {
+	i := bytes.Index(line, key)
+	if i < 0 {
+		return 0, false
+	}
+	j := i + len(key)
+	k := j
+	for k < len(line) && line[k] >= '0' && line[k] <= '9' {
+		k++
+	}
+	v, err := strconv.ParseInt(string(line[j:k]), 10, 64)
+	return v, err == nil
+}
+
+func doOne(client *http.Client, t *target, body string, stream bool) sample {
+	req, err := http.NewRequest(http.MethodPost, t.URL, strings.NewReader(body))
+	if err != nil {
+		return sample{err: err.Error()}
+	}
+	req.Header.Set("Content-Type", "application/json")
+	for k, v := range t.Headers {
+		req.Header.Set(k, v)
+	}
+	start := time.Now()
+	resp, err := client.Do(req)
+	if err != nil {
+		return sample{err: err.Error()}
+	}
+	defer resp.Body.Close()
+	s := sample{status: resp.StatusCode, headers: resp.Header}
+	if !stream || resp.StatusCode != 200 {
+		data, err := io.ReadAll(resp.Body)
+		s.latency = time.Since(start).Microseconds()
+		if err != nil {
+			s.err = err.Error()
+		} else if resp.StatusCode != 200 {
+			s.err = fmt.Sprintf("status %d: %.200s", resp.StatusCode, data)
+		}
+		return s
+	}
+	reader := bufio.NewReaderSize(resp.Body, 64*1024)
+	s.ttfb = -1
+	for {
+		line, err := reader.ReadSlice('\n')
+		if len(line) > 0 && bytes.HasPrefix(line, []byte("data:")) {
+			now := time.Now()
+			if s.ttfb < 0 {
+				s.ttfb = now.Sub(start).Microseconds()
+			}
+			if sent, ok := intAfter(line, sentKey); ok {
+				seq, _ := intAfter(line, seqKey)
+				for int64(len(s.lags)) <= seq {
+					s.lags = append(s.lags, -1)
+				}
+				s.lags[seq] = (now.UnixNano() - sent) / 1000
+			}
+		}
+		if err == bufio.ErrBufferFull {
+			continue
+		}
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			s.err = err.Error()
+			break
+		}
+	}
+	s.latency = time.Since(start).Microseconds()
+	return s
+}
+
+// window runs `concurrency` clients against t for `d`; it returns the samples and wall time.
+func window(client *http.Client, t *target, concurrency int, d time.Duration, stream bool) ([]sample, time.Duration) {
+	var mu sync.Mutex
+	var all []sample
+	var wg sync.WaitGroup
+	start := time.Now()
+	deadline := start.Add(d)
+	for w := 0; w < concurrency; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			body := t.Bodies[w%len(t.Bodies)]
+			local := make([]sample, 0, 256)
+			for time.Now().Before(deadline) {
+				if t.Cycle {
+					body = t.Bodies[atomic.AddUint64(&t.next, 1)%uint64(len(t.Bodies))]
+				}
+				local = append(local, doOne(client, t, body, stream))
+			}
+			mu.Lock()
+			all = append(all, local...)
+			mu.Unlock()
+		}(w)
+	}
+	wg.Wait()
+	return all, time.Since(start)
+}
+
+func runLoad(args []string) {
+	var spec loadSpec
+	if err := json.NewDecoder(os.Stdin).Decode(&spec); err != nil {
+		fmt.Fprintln(os.Stderr, "bad spec:", err)
+		os.Exit(2)
+	}
+	if spec.TimeoutS == 0 {
+		spec.TimeoutS = 60
+	}
+	stream := spec.Mode == "stream"
+	clients := make([]*http.Client, len(spec.Targets))
+	results := make([]*targetResult, len(spec.Targets))
+	for i := range spec.Targets {
+		// One client (connection pool) per target, so no target reuses another's connections.
+		clients[i] = newClient(spec.Concurrency, time.Duration(spec.TimeoutS*float64(time.Second)))
+		results[i] = &targetResult{Name: spec.Targets[i].Name, Statuses: map[string]int{},
+			Headers: map[string]string{}}
+	}
+	warm := time.Duration(spec.WarmupS * float64(time.Second))
+	if warm > 0 {
+		for i := range spec.Targets {
+			window(clients[i], &spec.Targets[i], spec.Concurrency, warm, stream)
+		}
+	}
+	d := time.Duration(spec.WindowS * float64(time.Second))
+	n := len(spec.Targets)
+	for r := 0; r < spec.Rounds; r++ {
+		for k := 0; k < n; k++ {
+			i := (r + k) % n
+			t := &spec.Targets[i]
+			res := results[i]
+			// Connections left idle while the other targets ran may be closing on the server's
+			// keep-alive timeout (uvicorn: 5 s); a POST sent on one would fail with EOF.
+			clients[i].CloseIdleConnections()
+			before, extra := sumTicks(t.CPUPids), sumTicks(t.ExtraPids)
+			samples, took := window(clients[i], t, spec.Concurrency, d, stream)
+			res.CPUTicks += sumTicks(t.CPUPids) - before
+			res.ExtraTicks += sumTicks(t.ExtraPids) - extra
+			res.ElapsedS += took.Seconds()
+			for _, s := range samples {
+				res.Requests++
+				res.Statuses[strconv.Itoa(s.status)]++
+				if s.err != "" {
+					res.Errors++
+					if res.ErrorSample == "" {
+						res.ErrorSample = s.err
+					}
+					continue
+				}
+				res.LatencyUs = append(res.LatencyUs, s.latency)
+				if stream {
+					res.TTFBUs = append(res.TTFBUs, s.ttfb)
+					for idx, lag := range s.lags {
+						for len(res.ChunkLagUs) <= idx {
+							res.ChunkLagUs = append(res.ChunkLagUs, nil)
+						}
+						if lag >= 0 {
+							res.ChunkLagUs[idx] = append(res.ChunkLagUs[idx], lag)
+						}
+					}
+				}
+				for _, h := range []string{"X-History-Messages", "X-History-Tokens", "X-History-Dropped"} {
+					if v := s.headers.Get(h); v != "" {
+						res.Headers[h] = v
+					}
+				}
+			}
+		}
+	}
+	out := make([]*targetResult, n)
+	copy(out, results)
+	enc := json.NewEncoder(os.Stdout)
+	if err := enc.Encode(map[string]interface{}{"targets": out}); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+}

