@@ -8,6 +8,7 @@ nothing left to do.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +29,16 @@ class Migration:
 
 
 def sql_dir() -> Path:
-    """`sql/` beside the package (a checkout) or in the working directory (an installed copy)."""
-    beside = Path(__file__).resolve().parent.parent / "sql"
-    return beside if beside.is_dir() else Path.cwd() / "sql"
+    """`sql/` beside the package (a checkout), in the working directory, or installed with it.
+
+    `pip install .` puts the files under `<prefix>/share/chatproxy/sql` (pyproject data-files).
+    """
+    candidates = (
+        Path(__file__).resolve().parent.parent / "sql",
+        Path.cwd() / "sql",
+        Path(sys.prefix) / "share" / "chatproxy" / "sql",
+    )
+    return next((c for c in candidates if c.is_dir()), candidates[0])
 
 
 def discover(directory: Path | None = None) -> list[Migration]:

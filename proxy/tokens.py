@@ -8,6 +8,7 @@ warning is logged once. Counts are taken once, when a message is stored.
 from __future__ import annotations
 
 import logging
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,7 @@ class ModelTable:
     @classmethod
     def load(cls, path: str) -> ModelTable:
         try:
-            with Path(path).open("rb") as handle:
+            with _models_path(path).open("rb") as handle:
                 data = tomllib.load(handle)
         except OSError as exc:
             raise ConfigError(f"models_file: cannot read {path}: {exc.strerror}") from None
@@ -64,6 +65,18 @@ class ModelTable:
             for name, entry in data.get("models", {}).items()
         }
         return cls(defaults, models)
+
+
+def _models_path(path: str) -> Path:
+    """A relative path is tried in the working directory, then beside the package (a checkout),
+    then where `pip install .` put the shipped table."""
+    given = Path(path)
+    if given.is_absolute() or given.exists():
+        return given
+    for root in (Path(__file__).resolve().parent.parent, Path(sys.prefix) / "share" / "chatproxy"):
+        if (root / given).exists():
+            return root / given
+    return given
 
 
 def _model_info(where: str, entry: Any, base: ModelInfo | None) -> ModelInfo:

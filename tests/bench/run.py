@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows, raw = _measure(args, run, db, tmp, proxy_cpu, external is None)
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut cleanup short
         run.stop_all()
         if db.pgdata is not None:
             procs.stop_embedded(db.pgdata)
