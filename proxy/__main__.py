@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import signal
 import sys
@@ -154,7 +155,9 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
             log_config=logs.config(settings.log_level),
             log_level=settings.log_level,
             access_log=False,  # proxy/logs.py writes one line per request
-            timeout_graceful_shutdown=int(settings.shutdown_grace) or None,
+            # In-flight requests get this long after SIGTERM, then are cancelled (their streams
+            # stored as incomplete); rounded up to whole seconds, and 0 means none at all.
+            timeout_graceful_shutdown=math.ceil(settings.shutdown_grace),
             lifespan="on",
         )
     return 0

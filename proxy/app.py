@@ -89,8 +89,12 @@ def _lifespan(settings: Settings, http_client: httpx.AsyncClient | None) -> Any:
         finally:
             job.cancel()
             await asyncio.gather(job, return_exceptions=True)
-            if rt.writes:
-                await asyncio.wait(set(rt.writes), timeout=settings.shutdown_grace + 5)
+            # Requests cancelled at the grace deadline hand their write-backs over as they
+            # unwind, possibly while this waits: wait until none is left (or the deadline).
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + settings.shutdown_grace + 5
+            while rt.writes and (left := deadline - loop.time()) > 0:
+                await asyncio.wait(set(rt.writes), timeout=left)
             if http_client is None:
                 await http.aclose()
             await pool.close()

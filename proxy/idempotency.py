@@ -9,21 +9,26 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
 
 import asyncpg
 
 from proxy.errors import BadRequest, Conflict, Unprocessable
 
 TTL_HOURS = 24
+# A claim still 'running' after this long lost its request (a crash, a database outage during
+# the write): the key may be claimed again.
+STALE_MINUTES = 15
 MAX_KEY_LENGTH = 255
 
 
 @dataclass(frozen=True)
-class Replay:
+class Answer:
+    """A response as it was sent: what a retry with the same key gets back."""
+
     status_code: int
     headers: dict[str, str]
     body: bytes
+
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ def request_hash(session_id: str | None, raw_body: bytes) -> bytes:
 
 async def claim(
     conn: asyncpg.Connection, user_id: str, key: str, fingerprint: bytes
-) -> Claim | Replay:
+) -> Claim | Answer:
     """Win the key, or raise 409/422, or return the stored response to replay."""
     won = await conn.fetchval(
         f"""
@@ -62,6 +67,8 @@ async def claim(
             SET request_hash = EXCLUDED.request_hash, state = 'running', status_code = NULL,
                 headers = NULL, body = NULL, created_at = now()
             WHERE idempotency_keys.created_at < now() - interval '{TTL_HOURS} hours'
+               OR (idempotency_keys.state = 'running'
+                   AND idempotency_keys.created_at < now() - interval '{STALE_MINUTES} minutes')
         RETURNING true
         """,
         user_id,
@@ -88,22 +95,22 @@ async def claim(
             param="Idempotency-Key",
             code="idempotency_key_in_use",
         )
-    return Replay(row["status_code"], dict(row["headers"] or {}), bytes(row["body"]))
+    return Answer(row["status_code"], dict(row["headers"] or {}), bytes(row["body"]))
 
 
-async def finish(
-    conn: asyncpg.Connection, claimed: Claim, status_code: int, headers: dict[str, Any],
-    body: bytes,
-) -> None:
-    """Record the response; call in the turn's own transaction."""
+async def settle(conn: asyncpg.Connection, claimed: Claim, answer: Answer | None) -> None:
+    """Record the answer (call in the turn's own transaction), or release the key without one."""
+    if answer is None:
+        await release(conn, claimed)
+        return
     await conn.execute(
         "UPDATE idempotency_keys SET state = 'done', status_code = $3, headers = $4, body = $5 "
         "WHERE user_id = $1 AND key = $2",
         claimed.user_id,
         claimed.key,
-        status_code,
-        headers,
-        body,
+        answer.status_code,
+        answer.headers,
+        answer.body,
     )
 
 

@@ -96,9 +96,21 @@ class TurnContext:
 async def read_turn(
     conn: asyncpg.Connection, key_hash: bytes, session_id: str, limit: int | None
 ) -> TurnContext | None:
-    """Key, session and its newest `limit` messages in one round trip; None for a bad key."""
+    """Key, session and its newest `limit` messages in one round trip; None for a bad key.
+
+    A session idle for over an hour is touched (`updated_at`) by the same statement, so the
+    retention job, which re-checks the cutoff under the row lock, cannot delete it while the
+    turn waits for the upstream.
+    """
     rows = await conn.fetch(
         """
+        WITH touched AS (
+            UPDATE chat_sessions SET updated_at = now()
+            WHERE id = $2 AND is_active AND updated_at < now() - interval '1 hour'
+              AND user_id = (SELECT user_id FROM api_keys
+                             WHERE key_hash = $1 AND revoked_at IS NULL)
+            RETURNING id
+        )
         SELECT k.user_id, s.id AS sid, s.system_prompt, s.max_history_messages,
                s.max_history_tokens, m.seq, m.role, m.has_tool_calls, m.tokens, m.body
         FROM api_keys k

@@ -221,7 +221,8 @@ async def prune_after_turn(pool: asyncpg.Pool, settings: Settings, session_id: s
         return
     try:
         async with db.connection(pool, settings.db_acquire_timeout) as conn:
-            await prune_session(conn, session_id, settings.max_stored_messages)
+            pruned = await prune_session(conn, session_id, settings.max_stored_messages)
+        metrics.retention_deleted(0, pruned)
     except (DatabaseUnavailable, asyncpg.PostgresError) as exc:
         log.warning("pruning after a turn failed (%s); the hourly job will retry",
                     type(exc).__name__)

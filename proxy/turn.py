@@ -9,26 +9,35 @@ that a cancelled request cannot cut the write short.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import msgspec
 
-from proxy import db, history, messages, retention
+from proxy import db, history, idempotency, messages, metrics, retention
 from proxy.app import Runtime
 from proxy.errors import DatabaseUnavailable
+from proxy.idempotency import Answer
 from proxy.messages import NewMessage
 from proxy.tokens import REPLY_PRIMING, TOKENS_PER_MESSAGE
 
 HEAD_ROLES = frozenset({"system", "developer"})
+log = logging.getLogger("chatproxy.turn")
 
 
 class Turn(msgspec.Struct):
-    """What the write-back needs once the upstream has answered."""
+    """What the write-back needs once the upstream has answered.
+
+    `claim` is the request's Idempotency-Key, when it sent one: the stored response is recorded
+    in the turn's own transaction (or the key released when there is nothing to replay).
+    """
 
     session_id: str
     model: Any
     new: list[NewMessage]
     headers: dict[str, str]
+    claim: idempotency.Claim | None = None
+    settled: bool = False  # the claim is in the hands of the write-back (or the stream relay)
 
 
 def _reserved_output(body: dict[str, Any], default: int) -> int:
@@ -65,6 +74,7 @@ def prepare(
     # A request that opens with tool results answers the newest stored tool exchange.
     continued = bool(rest) and rest[0].get("role") == "tool"
     trimmed = history.trim(ctx.history, budget, ctx.max_history_tokens, continued=continued)
+    metrics.history(len(trimmed.messages), trimmed.tokens, trimmed.dropped)  # = X-History-*
     body["messages"] = [*head, *(msgspec.Raw(m.body) for m in trimmed.messages), *rest]
     headers = {
         "x-session-id": session_id,
@@ -75,14 +85,24 @@ def prepare(
     return Turn(session_id, model, new, headers), body
 
 
-async def persist(rt: Runtime, turn: Turn, reply: dict[str, Any], tokens: int, status: str) -> None:
+async def persist(
+    rt: Runtime,
+    turn: Turn,
+    reply: dict[str, Any],
+    tokens: int,
+    status: str,
+    answer: Answer | None = None,
+) -> None:
     """Store the turn: one statement, retried once on a fresh connection if the first one died.
 
     Never stores a turn twice: when the first attempt failed after its statement was sent (it
     may have committed before the connection died), the retry stores only if the turn is not
     there yet. Runs as its own task so that a request cancelled mid-write cannot cut it short.
+    With an Idempotency-Key, `answer` (the response as sent) is recorded in the same
+    transaction; without an answer to replay (an incomplete turn) the key is released instead.
     """
     rows = [*turn.new, NewMessage(reply, tokens, status)]
+    turn.settled = True
 
     async def write() -> None:
         in_doubt = False
@@ -91,15 +111,41 @@ async def persist(rt: Runtime, turn: Turn, reply: dict[str, Any], tokens: int, s
             try:
                 async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
                     sent = True
-                    await messages.store_turn(conn, turn.session_id, rows, unless_stored=in_doubt)
-                return await retention.prune_after_turn(rt.pool, rt.settings, turn.session_id)
+                    if turn.claim is None:
+                        count = await messages.store_turn(
+                            conn, turn.session_id, rows, unless_stored=in_doubt
+                        )
+                    else:
+                        async with conn.transaction():
+                            count = await messages.store_turn(
+                                conn, turn.session_id, rows, unless_stored=in_doubt
+                            )
+                            await idempotency.settle(conn, turn.claim, answer)
+                # 0 rows: the session went away meanwhile, or (in doubt) the first try stored it.
+                if count or in_doubt:
+                    metrics.turn_stored(status)
+                break
             except DatabaseUnavailable:
                 if attempt == 2:
                     raise
                 in_doubt = sent
+        await retention.prune_after_turn(rt.pool, rt.settings, turn.session_id)
 
     task = rt.track(asyncio.create_task(write()))
     await asyncio.shield(task)
+
+
+async def release_claim(rt: Runtime, claim: idempotency.Claim) -> None:
+    """Give an Idempotency-Key back when no turn was stored; survives a cancelled request."""
+
+    async def release() -> None:
+        try:
+            async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+                await idempotency.release(conn, claim)
+        except DatabaseUnavailable:
+            log.warning("an idempotency key could not be released: database unavailable")
+
+    await asyncio.shield(rt.track(asyncio.create_task(release())))
 
 
 def reply_tokens(rt: Runtime, model: Any, reply: dict[str, Any], usage: Any) -> int:

@@ -7,10 +7,13 @@ client's key and the proxy's own headers never go upstream.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
 
 import httpx
 
+from proxy import metrics
 from proxy.config import Settings, Upstream
 from proxy.errors import UpstreamError, UpstreamTimeout
 
@@ -82,9 +85,18 @@ async def open_stream(
     url: str,
     headers: Mapping[str, str],
     content: bytes | AsyncIterator[bytes] | None,
+    *,
+    state: dict[str, Any] | None = None,
+    name: str = "default",
 ) -> httpx.Response:
-    """Send a request and return the response with its body still unread (caller closes it)."""
+    """Send a request and return the response with its body still unread (caller closes it).
+
+    When the response headers arrive, the latency goes to the upstream metric (labelled with
+    the upstream's configured `name`) and, with `state` (the request's `scope["state"]`), to
+    the access log line. A transport failure records nothing: it has no upstream status.
+    """
     request = client.build_request(method, url, headers=headers, content=content)
+    started = time.perf_counter()
     try:
         response = await client.send(request, stream=True)
     except httpx.TimeoutException as exc:
@@ -93,10 +105,20 @@ async def open_stream(
         raise UpstreamTimeout("The upstream did not answer in time") from None
     except httpx.HTTPError:
         raise UpstreamError("The upstream could not be reached") from None
+    observed(state, name, response.status_code, time.perf_counter() - started)
     if response.is_redirect:
         await response.aclose()
         raise UpstreamError("The upstream answered with a redirect, which is not followed")
     return response
+
+
+def observed(state: dict[str, Any] | None, name: str, status: int, seconds: float) -> None:
+    """An upstream answered: its metric, and the access log's fields (proxy/logs.py)."""
+    metrics.upstream_latency(seconds, status, upstream=name)
+    if state is not None:
+        state["upstream"] = name
+        state["upstream_status"] = status
+        state["upstream_latency"] = seconds
 
 
 async def read_body(response: httpx.Response, limit: int = MAX_UPSTREAM_BODY) -> bytes:

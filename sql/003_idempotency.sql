@@ -1,4 +1,4 @@
--- 003_idempotency: Idempotency-Key records for /v1/chat/completions, and a turn id on messages.
+-- 003_idempotency: Idempotency-Key records for /v1/chat/completions.
 --
 -- A key is scoped to its user. While the first request runs the row is 'running' (a retry gets
 -- 409); once its turn is stored the row holds the exact response (a retry replays it). The row
@@ -18,7 +18,3 @@ CREATE TABLE idempotency_keys (
     PRIMARY KEY (user_id, key)
 );
 CREATE INDEX idempotency_keys_created_idx ON idempotency_keys (created_at);
-
--- The first message of each turn carries the turn's id, so a write retried after a lost
--- connection can tell whether the first attempt committed (and never stores a turn twice).
-ALTER TABLE chat_messages ADD COLUMN turn_id uuid;

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -99,7 +100,8 @@ def reply_to(body: dict[str, Any]) -> str:
 class FakeUpstream:
     """A uvicorn server in a thread; the request's `model` picks what it does.
 
-    `echo`          a completion (or a stream, with `stream: true`) answering the last message
+    `echo`          a completion (or a stream, with `stream: true`) answering the last message,
+                    after a random pause of up to 0.1 s
     `slow:N:D`      a stream of N chunks, D seconds apart, then [DONE]
     `hang`          never answers (until the caller goes away)
     `status:NNN`    that status with an OpenAI error body
@@ -113,7 +115,8 @@ class FakeUpstream:
         self._sock.bind(("127.0.0.1", 0))
         self.port: int = self._sock.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        config = uvicorn.Config(self._app, log_level="warning", lifespan="off", loop="asyncio")
+        config = uvicorn.Config(self._app, interface="asgi3", log_level="warning", lifespan="off",
+                                loop="asyncio")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run,
                                         kwargs={"sockets": [self._sock]}, daemon=True)
@@ -158,6 +161,8 @@ class FakeUpstream:
             _, count, delay = model.split(":")
             await self._stream(send, receive, int(count), float(delay))
             return
+        # A short random pause, so that concurrent turns finish out of order.
+        await asyncio.sleep(random.uniform(0, 0.1))
         if body.get("stream"):
             await self._stream(send, receive, 1, 0.0, reply_to(body))
             return
@@ -267,7 +272,7 @@ def serving(env: dict[str, str], log_path: Path) -> Iterator[Serve]:
 
 
 def serve_env(database_url: str, upstream_url: str, tmp: Path, **extra: str) -> dict[str, str]:
-    """The environment of a test server: an empty TOML file, the test database, the fake upstream."""
+    """A test server's environment: an empty TOML file, the test database, the fake upstream."""
     config = tmp / "chatproxy.toml"
     config.write_text("")
     env = {

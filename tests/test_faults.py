@@ -474,3 +474,20 @@ async def test_upstream_200_with_error_body_is_passed_through(
     assert r.content == raw
     if sid is not None:
         assert await stored(db, sid) == []
+
+
+def test_key_cache_forgets_refused_and_stale_keys_and_stays_bounded() -> None:
+    from proxy.keycache import KeyCache
+
+    now = [0.0]
+    cache = KeyCache(ttl=120, max_entries=2, clock=lambda: now[0])
+    cache.remember(b"a", "user_a")
+    assert cache.recent(b"a") == "user_a"
+    now[0] = 120.5
+    assert cache.recent(b"a") is None  # verified too long ago
+    cache.remember(b"a", "user_a")
+    cache.forget(b"a")  # the database refused it since
+    assert cache.recent(b"a") is None
+    for key in (b"x", b"y", b"z"):
+        cache.remember(key, "u")
+    assert [cache.recent(k) for k in (b"x", b"y", b"z")] == [None, "u", "u"]

@@ -11,13 +11,16 @@ import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from itertools import pairwise
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
 import respx
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from proxy.config import Settings
 from proxy.errors import PayloadTooLarge, SessionNotFound
@@ -296,6 +299,21 @@ async def test_malformed_session_id_in_a_path_is_404_on_every_route(
         assert r.json()["error"]["code"] in ("session_not_found", "not_found")
 
 
+@pytest.mark.parametrize(("bad", "status", "expected"), [
+    ("a\x00b", 404, SessionNotFound("a\x00b", param="source_session_id").body()),
+    ("sess_\ud800", 400, error("Invalid value for source_session_id: Input should be a valid "
+                               "string, unable to parse raw data as a unicode string",
+                               param="source_session_id")),
+], ids=["nul", "surrogate"])
+async def test_malformed_merge_source_is_refused_before_any_query(
+    client: Any, alice: User, bad: str, status: int, expected: dict[str, Any]
+) -> None:
+    sid = await new_session(client, alice)
+    r = await client.post(f"/v1/chat/sessions/{sid}/merge", headers=alice.headers,
+                          content=encode({"source_session_id": bad}))
+    assert (r.status_code, r.json()) == (status, expected)
+
+
 # --- text PostgreSQL cannot keep, round trip ------------------------------------------------------
 
 EDGES = ["\x00", "\ud800", "\udbff", "\udc00", "\udfff", "\U0001f600", "\U0010ffff", "\u2028",
@@ -306,13 +324,13 @@ CHARS = st.one_of(st.characters(), st.sampled_from(EDGES), st.integers(0xD800, 0
 def json_representable(text: str) -> bool:
     """A lone high surrogate right before a lone low one is, in JSON, one astral character."""
     return not any(
-        "\ud800" <= a <= "\udbff" and "\udc00" <= b <= "\udfff" for a, b in zip(text, text[1:])
+        "\ud800" <= a <= "\udbff" and "\udc00" <= b <= "\udfff" for a, b in pairwise(text)
     )
 
 
 TEXTS = st.one_of(
     st.text(CHARS, max_size=40),
-    st.text(CHARS, min_size=1, max_size=8).map(lambda t: t * 20_000),  # up to ~1 MB of JSON
+    st.text(CHARS, min_size=1, max_size=8).map(lambda t: t * 3_000),  # up to ~150 KB of JSON
 ).filter(json_representable)
 ROUND_TRIP = hsettings(max_examples=15, deadline=None,
                        suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -358,12 +376,13 @@ async def test_any_text_round_trips_exactly_through_a_turn(
     assert json.loads(r.content)["choices"][0]["message"]["content"] == reply
     assert json.loads(route.calls.last.request.content)["messages"] == [sent]
     assert await messages_of(client, alice, sid) == [("user", text), ("assistant", reply)]
-    # The stored turn goes upstream again as history, still exact.
-    await client.post(CHAT, content=encode({"model": "gpt-4o", "session_id": sid,
-                                            "messages": [{"role": "user", "content": "2"}]}),
-                      headers=alice.headers)
+    # The stored turn goes upstream again as history (what fits the budget), still exact.
+    r = await client.post(CHAT, content=encode({
+        "model": "gpt-4o", "session_id": sid, "messages": [{"role": "user", "content": "2"}]}),
+        headers=alice.headers)
+    injected = int(r.headers["x-history-messages"])
     history = json.loads(route.calls.last.request.content)["messages"]
-    assert history[:2] == [sent, {"role": "assistant", "content": reply}]
+    assert history[:-1] == [sent, {"role": "assistant", "content": reply}][2 - injected:]
     assert await exported(client, alice, sid) in (None, [
         ("user", text), ("assistant", reply), ("user", "2"), ("assistant", reply)])
 

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 from litestar import Request, Response, post
 
-from proxy import auth, codec, db, messages, turn
+from proxy import auth, codec, db, idempotency, messages, metrics, turn
 from proxy import upstream as up
 from proxy.app import Runtime, runtime
 from proxy.errors import (
@@ -104,6 +104,7 @@ def _check_message_fields(item: dict[str, Any], where: str) -> None:
 async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
     rt = runtime(request)
     key_hash = auth.client_key_hash(request.headers.get("authorization"))
+    idem_key = idempotency.check_key(request.headers.get("idempotency-key"))
     body = await read_json(request)
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object")
@@ -118,24 +119,51 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
         # Nothing to change: the client's bytes go upstream as they came.
         content = codec.dumps(body) if had_proxy_fields else await request.body()
         return await relay(
-            rt, target, "POST", "/chat/completions", "", request.headers.items(), content
+            rt, target, "POST", "/chat/completions", "", request.headers.items(), content,
+            state=request.scope["state"], stream=body.get("stream") is True,
         )
 
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         ctx = await messages.read_turn(conn, key_hash, session_id, override)
     if ctx is None:
         raise Unauthorized("Invalid API key")
+    state = request.scope["state"]  # the access log's fields (proxy/logs.py)
+    state["user_id"] = ctx.user_id
     if not ctx.session_found:
         raise SessionNotFound(session_id)
+    state["session_id"] = session_id
 
     current, upstream_body = turn.prepare(rt, body, items, ctx, session_id)
-    response = await up.open_stream(
-        rt.http, "POST", up.url_for(target, "/chat/completions"),
-        up.request_headers(target, request.headers.items()), codec.dumps(upstream_body),
+    if idem_key is not None:
+        fingerprint = idempotency.request_hash(session_id, await request.body())
+        async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+            outcome = await idempotency.claim(conn, ctx.user_id, idem_key, fingerprint)
+        if isinstance(outcome, idempotency.Answer):
+            return _replay(outcome)
+        current.claim = outcome
+    try:
+        response = await up.open_stream(
+            rt.http, "POST", up.url_for(target, "/chat/completions"),
+            up.request_headers(target, request.headers.items()), codec.dumps(upstream_body),
+            state=state, name=target.name,
+        )
+        if body.get("stream") is True:
+            return await stream_turn(rt, response, current, state)
+        return await _complete(rt, response, current)
+    finally:
+        # Whatever answered without storing a turn (an upstream error, a 200 that is not a
+        # completion) gives the key back, so that a retry runs again.
+        if current.claim is not None and not current.settled:
+            await turn.release_claim(rt, current.claim)
+
+
+def _replay(answer: idempotency.Answer) -> Response[Any]:
+    metrics.replay()
+    return Response(
+        answer.body,
+        status_code=answer.status_code,
+        headers={**answer.headers, "idempotent-replayed": "true"},
     )
-    if body.get("stream") is True:
-        return await stream_turn(rt, response, current)
-    return await _complete(rt, response, current)
 
 
 async def _complete(rt: Runtime, response: httpx.Response, current: turn.Turn) -> Response[Any]:
@@ -152,8 +180,10 @@ async def _complete(rt: Runtime, response: httpx.Response, current: turn.Turn) -
         return Response(raw, status_code=200, headers=headers)
     reply = turn.reply_message(message)
     tokens = turn.reply_tokens(rt, current.model, reply, answer.get("usage"))
-    await turn.persist(rt, current, reply, tokens, "complete")
-    return Response(raw, status_code=200, headers={**headers, **current.headers})
+    headers = {**headers, **current.headers}
+    sent = idempotency.Answer(200, headers, raw) if current.claim is not None else None
+    await turn.persist(rt, current, reply, tokens, "complete", sent)
+    return Response(raw, status_code=200, headers=headers)
 
 
 handlers = [chat_completions]

@@ -17,7 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from proxy import codec, db, document, lifecycle, retention, store
 from proxy.app import Runtime, runtime
 from proxy.errors import SessionNotFound
-from proxy.routes.parsing import authenticate, parse_model, read_json
+from proxy.routes.parsing import (
+    addressed,
+    authenticate,
+    is_session_id,
+    parse_model,
+    read_json,
+)
 from proxy.routes.passthrough import ClosingStream
 from proxy.routes.sessions import paths
 
@@ -37,6 +43,7 @@ async def restore_session(request: Request[Any, Any, Any], session_id: str) -> R
         session = await lifecycle.restore_session(conn, user_id, session_id)
     if session is None:
         raise SessionNotFound(session_id)
+    addressed(request, session_id)
     return _json(session)
 
 
@@ -48,6 +55,7 @@ async def clear_messages(request: Request[Any, Any, Any], session_id: str) -> Re
         cleared = await lifecycle.clear_messages(conn, user_id, session_id)
     if not cleared:
         raise SessionNotFound(session_id)
+    addressed(request, session_id)
     return Response(None, status_code=204)
 
 
@@ -69,6 +77,7 @@ async def export_session(request: Request[Any, Any, Any], session_id: str) -> Re
         found = await store.get_session(conn, user_id, session_id)
     if found is None:  # checked here so that a 404 is an answer, not a broken stream
         raise SessionNotFound(session_id)
+    addressed(request, session_id)
     return ClosingStream(
         _export_chunks(rt, user_id, session_id),
         media_type="application/json",
@@ -85,6 +94,7 @@ async def import_session(request: Request[Any, Any, Any]) -> Response[bytes]:
     )
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         session = await lifecycle.import_session(conn, user_id, doc)
+    addressed(request, session["id"])
     return _json(await _pruned(rt, user_id, session), 201)
 
 
@@ -103,6 +113,7 @@ async def fork_session(request: Request[Any, Any, Any], session_id: str) -> Resp
     name = ("session_name" in body.model_fields_set, body.session_name)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         session = await lifecycle.fork_session(conn, user_id, session_id, body.up_to_seq, name)
+    addressed(request, session_id)
     return _json(await _pruned(rt, user_id, session), 201)
 
 
@@ -117,10 +128,13 @@ async def merge_sessions(request: Request[Any, Any, Any], session_id: str) -> Re
     user_id = await authenticate(request)
     rt = runtime(request)
     body = parse_model(MergeBody, await read_json(request, empty={}))
+    if not is_session_id(body.source_session_id):  # e.g. a NUL, which PostgreSQL cannot take
+        raise SessionNotFound(body.source_session_id, param="source_session_id")
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         session = await lifecycle.merge_sessions(
             conn, user_id, session_id, body.source_session_id
         )
+    addressed(request, session_id)
     return _json(await _pruned(rt, user_id, session))
 
 

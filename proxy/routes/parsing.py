@@ -104,6 +104,12 @@ def query_bool(request: Request[Any, Any, Any], name: str) -> bool:
     raise BadRequest(f"{name} must be true or false", param=name)
 
 
+class ExactText(BaseModel):
+    """A request body whose strings are stored exactly (`codec.pack_text`): `parse_model` takes
+    lone surrogates in it, which pydantic alone refuses. Other bodies (names, ids) refuse them.
+    """
+
+
 def parse_model(model: type[T], data: Any) -> T:
     """Validate `data` against `model`; the first problem becomes a 400 naming its field."""
     if not isinstance(data, dict):
@@ -111,7 +117,9 @@ def parse_model(model: type[T], data: Any) -> T:
     try:
         return model.model_validate(data, strict=True)
     except ValidationError as exc:
-        if not any(e["type"] == "string_unicode" for e in exc.errors()):
+        if not issubclass(model, ExactText) or not any(
+            e["type"] == "string_unicode" for e in exc.errors()
+        ):
             _refuse(exc)
     # pydantic cannot hold a lone surrogate, which a client may send and must get back as sent:
     # validate a stand-in of the same length, then put the original characters back.
@@ -195,3 +203,11 @@ async def authenticate(
     # For the access log line (proxy/logs.py): the id only, never the key or the user's name.
     request.scope["state"]["user_id"] = user_id
     return user_id
+
+
+def addressed(request: Request[Any, Any, Any], session_id: str) -> None:
+    """Name the caller's session this request found (or created) in its access log line.
+
+    Only once found: an id that named no session of the caller's is never logged.
+    """
+    request.scope["state"]["session_id"] = session_id

@@ -8,13 +8,15 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Request, Response, delete, get, patch, post, put
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from proxy import codec, db, messages, store
 from proxy.app import runtime
 from proxy.errors import BadRequest, SessionNotFound
 from proxy.routes.parsing import (
     MAX_OFFSET,
+    ExactText,
+    addressed,
     authenticate,
     parse_model,
     query_bool,
@@ -31,7 +33,7 @@ def paths(suffix: str = "") -> list[str]:
     return [prefix + suffix for prefix in PREFIXES]
 
 
-class SessionFields(BaseModel):
+class SessionFields(ExactText):
     """The fields a client may set; anything else is 400 unknown_parameter."""
 
     model_config = ConfigDict(extra="forbid")
@@ -62,6 +64,7 @@ async def create_session(request: Request[Any, Any, Any]) -> Answer:
     fields.setdefault("max_history_messages", rt.settings.default_max_history_messages)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         session = await store.create_session(conn, user_id, fields)
+    addressed(request, session["id"])
     return _json(session, 201)
 
 
@@ -99,6 +102,7 @@ async def get_session(request: Request[Any, Any, Any], session_id: str) -> Answe
         session = await store.get_session(conn, user_id, session_id)
     if session is None:
         raise SessionNotFound(session_id)
+    addressed(request, session_id)
     return _json(session)
 
 
@@ -110,6 +114,7 @@ async def _update(request: Request[Any, Any, Any], session_id: str) -> Answer:
         session = await store.update_session(conn, user_id, session_id, _given(body))
     if session is None:
         raise SessionNotFound(session_id)
+    addressed(request, session_id)
     return _json(session)
 
 
@@ -131,6 +136,7 @@ async def delete_session(request: Request[Any, Any, Any], session_id: str) -> Re
         deleted = await store.soft_delete_session(conn, user_id, session_id)
     if not deleted:
         raise SessionNotFound(session_id)
+    addressed(request, session_id)
     return Response(None, status_code=204)
 
 
@@ -150,6 +156,7 @@ async def list_messages(request: Request[Any, Any, Any], session_id: str) -> Ans
             if session is None:
                 raise SessionNotFound(session_id)
             data = await messages.list_messages(conn, session_id, limit, offset, order == "desc")
+    addressed(request, session_id)
     return _json(_page(data, session["message_count"], limit, offset))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -17,13 +18,14 @@ from typing import Any
 import httpx
 from litestar import Response
 
-from proxy import codec
+from proxy import codec, metrics
 from proxy import upstream as up
 from proxy.app import Runtime
 from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
+from proxy.idempotency import Answer
 from proxy.routes.passthrough import ClosingStream
 from proxy.sse import DONE, EventSplitter, ReplyAssembler, event_data
-from proxy.turn import Turn, persist, reply_tokens
+from proxy.turn import Turn, persist, release_claim, reply_tokens
 
 log = logging.getLogger("chatproxy.stream")
 DRAIN_SECONDS = 2.0  # after [DONE], how long the end of the upstream body may take
@@ -34,8 +36,10 @@ def _error_event(error: ProxyError) -> bytes:
 
 
 async def stream_turn(
-    rt: Runtime, response: httpx.Response, current: Turn
+    rt: Runtime, response: httpx.Response, current: Turn, state: dict[str, Any] | None = None
 ) -> Response[Any]:
+    """The client's streamed answer; `state` (the request's `scope["state"]`, with the
+    upstream's name and the request's arrival) lets the relay measure the time to first byte."""
     headers = up.response_headers(response.headers)
     content_type = response.headers.get("content-type", "")
     if response.status_code != 200 or not content_type.startswith("text/event-stream"):
@@ -45,22 +49,37 @@ async def stream_turn(
         return Response(raw, status_code=response.status_code, headers=headers)
     headers.update(current.headers)
     headers["cache-control"] = "no-cache"
-    return ClosingStream(_relay(rt, response, current), status_code=200, headers=headers)
+    current.settled = True  # from here on the relay stores the turn or releases the claim
+    ttfb = None
+    if state is not None and isinstance(state.get("request_started"), float):
+        ttfb = (state["request_started"], str(state.get("upstream", "default")))
+    return ClosingStream(
+        _relay(rt, response, current, headers, ttfb), status_code=200, headers=headers
+    )
 
 
 async def _relay(
-    rt: Runtime, response: httpx.Response, current: Turn
+    rt: Runtime,
+    response: httpx.Response,
+    current: Turn,
+    headers: dict[str, str] | None = None,
+    ttfb: tuple[float, str] | None = None,
 ) -> AsyncGenerator[bytes, None]:
+    """The client's stream; `headers` are the response's, recorded for an idempotent replay."""
     splitter = EventSplitter()
     assembler = ReplyAssembler()
     done_event: bytes | None = None
     failure: ProxyError | None = None
     stored = False  # set before the write starts: however the stream ends, one write at most
+    sent: list[bytes] | None = [] if current.claim is not None else None  # for a replay
 
     def write(status: str) -> Awaitable[None]:
         reply = assembler.message()
         tokens = reply_tokens(rt, current.model, reply, assembler.usage)
-        return persist(rt, current, reply, tokens, status)
+        answer = None
+        if sent is not None and status == "complete" and done_event is not None:
+            answer = Answer(200, headers or {}, b"".join(sent) + done_event)
+        return persist(rt, current, reply, tokens, status, answer)
 
     chunks = response.aiter_bytes()
     try:
@@ -73,6 +92,11 @@ async def _relay(
                         break
                     if data is not None:
                         assembler.feed(data)
+                    if sent is not None:
+                        sent.append(event)
+                    if ttfb is not None:  # the first event: time to first byte
+                        metrics.stream_ttfb(time.perf_counter() - ttfb[0], upstream=ttfb[1])
+                        ttfb = None
                     yield event
                 if done_event is not None:
                     break
@@ -104,6 +128,8 @@ async def _relay(
             # request and store what arrived, in a task of its own.
             status = "complete" if done_event is not None and failure is None else "incomplete"
             pending = partial(write, status) if assembler.valid else None
+            if pending is None and current.claim is not None:
+                pending = partial(release_claim, rt, current.claim)
             rt.track(asyncio.create_task(_abandon(response, pending)))
 
 

@@ -97,12 +97,13 @@ def sessioned(b: Bench, p: Proxy, ids: list[str], stream: bool = False, cycle: b
             "bodies": [body(stream, s) for s in ids], "cpu_pids": [p.pid], "cycle": cycle}
 
 
-def ours(b: Bench, ids: list[str], stream: bool = False,
-         backends: list[int] | None = None) -> list[dict[str, Any]]:
-    """Every proxy under test, without a session and on sessions `ids` (one per client)."""
+def ours(b: Bench, ids: list[str], stream: bool = False, backends: list[int] | None = None,
+         cycle: bool = False) -> list[dict[str, Any]]:
+    """Every proxy under test, without a session and on sessions `ids` (one per client, or
+    with `cycle` each request on the next)."""
     targets = []
     for p in b.proxies:
-        for t in (plain(b, p, stream), sessioned(b, p, ids, stream)):
+        for t in (plain(b, p, stream), sessioned(b, p, ids, stream, cycle)):
             targets.append({**t, "extra_pids": backends or []})
     return targets
 
@@ -114,10 +115,10 @@ def peers(b: Bench, stream: bool = False) -> list[dict[str, Any]]:
 
 
 def load(mode: str, concurrency: int, targets: list[dict[str, Any]], rounds: int,
-         window: float, warmup: float = 0.3) -> dict[str, dict[str, Any]]:
+         window: float, warmup: float = 0.3, cpu: int | None = None) -> dict[str, dict[str, Any]]:
     spec = {"mode": mode, "concurrency": concurrency, "rounds": rounds, "window_s": window,
             "warmup_s": warmup, "timeout_s": 60, "targets": targets}
-    out = procs.run_tool("load", spec)
+    out = procs.run_tool("load", spec, cpu=cpu)
     results = {r["name"]: r for r in out["targets"]}
     for name, r in results.items():
         if r["errors"]:
@@ -147,8 +148,9 @@ def _limit(value: float | None) -> str:
 
 def latency_c1(b: Bench) -> None:
     section = "added latency at concurrency 1 (over the direct upstream)"
-    res = load("request", 1, [direct(b), *ours(b, b.sessions20[:1]), *peers(b)], b.rounds,
-               b.window)
+    # Turns go round the 64 sessions, as the turns of many users would.
+    res = load("request", 1, [direct(b), *ours(b, b.sessions20, cycle=True), *peers(b)],
+               b.rounds, b.window)
     b.raw["latency_c1"] = res
     base = latency_summary(res["direct"])
     b.row(section, "direct upstream p50 / p99",
@@ -210,11 +212,18 @@ def cpu_per_request(b: Bench, res: dict[str, dict[str, Any]]) -> None:
     for peer in b.peers:
         if peer.pid:
             b.row(section, peer.name, f"{per(res[peer.name]):.2f} ms")
-    direct_rps = latency_summary(res["direct"])["rps"]
     best = max(latency_summary(res[t["name"]])["rps"] for t in ours(b, b.sessions20))
+    headroom(b, best)
+
+
+def headroom(b: Bench, best: float) -> None:
+    """The mock's rate on its own core, with the load tool on the (now idle) proxy core."""
+    res = load("request", 64, [direct(b)], 2, 1.5, cpu=b.proxy_cpu)
+    b.raw["mock_headroom"] = res
+    direct_rps = latency_summary(res["direct"])["rps"]
     ratio = direct_rps / best if best else math.nan
-    b.row("mock upstream", "direct rate / best chatproxy rate (64 clients, same load tool)",
-          f"{ratio:.1f}x ({direct_rps:.0f} vs {best:.0f} req/s)", ">= 10x", ratio >= 10)
+    b.row("mock upstream", "its rate on one core / chatproxy's best rate (64 clients, same load "
+          "tool)", f"{ratio:.1f}x ({direct_rps:.0f} vs {best:.0f} req/s)", ">= 10x", ratio >= 10)
 
 
 # --- 3. streaming ---------------------------------------------------------------------------------

@@ -141,9 +141,15 @@ def start_tool(procs: Procs, *args: str) -> tuple[subprocess.Popen[Any], str]:
     return proc, line
 
 
-def run_tool(command: str, spec: Mapping[str, Any], timeout: float = 600) -> Any:
+def run_tool(command: str, spec: Mapping[str, Any], timeout: float = 600,
+             cpu: int | None = None) -> Any:
+    """Run a benchtool command on `spec`; `cpu`: pin it there (else it inherits CPU 0)."""
+    def pin() -> None:
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+
     done = subprocess.run([str(TOOL), command], input=json.dumps(spec), capture_output=True,
-                          text=True, timeout=timeout, check=False)
+                          text=True, timeout=timeout, check=False, preexec_fn=pin)
     if done.returncode != 0:
         raise SystemExit(f"bench: benchtool {command} failed: {done.stderr.strip()[:500]}")
     return json.loads(done.stdout)

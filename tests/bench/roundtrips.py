@@ -9,6 +9,7 @@ the kind runs again; round trips / requests served is the figure.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import phases
@@ -44,13 +45,15 @@ def round_trips(b: phases.Bench, run: procs.Procs, tmp: Any) -> None:
                     res = phases.load(mode, 4, [target], 1, 1.0, warmup=0)[target["name"]]
                     counts = procs.http_json(f"http://{http}/counts")
                     done = max(1, res["requests"] - res["errors"])
-                    per = counts["round_trips"] / done
+                    per = counts["round_trips"] / done if res["requests"] > res["errors"] \
+                        else math.nan
                     details[f"{p.name}: {label}"] = {
                         "requests": res["requests"], "errors": res["errors"],
                         "round_trips": counts["round_trips"],
                         "by_sql_per_request": {k: v / done for k, v in counts["by_sql"].items()},
                     }
-                    b.row(section, f"{p.name}, {label}", f"{per:.2f} per request",
+                    failed = f" ({res['errors']} requests failed)" if res["errors"] else ""
+                    b.row(section, f"{p.name}, {label}", f"{per:.2f} per request{failed}",
                           f"<= {limit}" if limit else "", check(per, limit) if limit else None)
             finally:
                 run.stop(server)

@@ -36,6 +36,7 @@ import spy
 from report import markdown, render
 
 RESULTS = procs.BENCH / "results"
+PHASES = ("streams", "latency", "throughput", "streaming", "history", "roundtrips")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,6 +57,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                         help="also measure tests/bench/variants/NAME.py, a patched chatproxy")
     parser.add_argument("--workers", type=int, default=0, metavar="N",
                         help="also measure `chatproxy serve --workers N` (unpinned) at 64 clients")
+    parser.add_argument("--only", default=",".join(PHASES), metavar="LIST",
+                        help=f"comma-separated subset of: {', '.join(PHASES)}")
     parser.add_argument("--serve", action="store_true",
                         help="set everything up, print the URLs and the key, wait for Ctrl-C")
     parser.add_argument("--profile", choices=("session", "plain", "stream"),
@@ -137,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             procs.stop_embedded(db.pgdata)
         if db.drop and external:
             asyncio.run(_drop(external, db.drop))
+    if args.serve:
+        return 0
     raw["machine"] = _machine()
     raw["args"] = vars(args)
     raw["elapsed_s"] = time.monotonic() - started
@@ -206,7 +211,7 @@ def _measure(args: argparse.Namespace, run: procs.Procs, db: procs.Database, tmp
                      proxy_cpu=proxy_cpu)
     if args.serve:
         print(json.dumps({"mock": mock, "proxies": {p.name: p.url for p in proxies}, "key": key,
-                          "sessions20": s20[:4], "database": db.url}, indent=2), flush=True)
+                          "sessions20": s20, "database": db.url}, indent=2), flush=True)
         try:
             while True:
                 time.sleep(3600)
@@ -220,19 +225,45 @@ def _measure(args: argparse.Namespace, run: procs.Procs, db: procs.Database, tmp
         b.raw["profile"] = summary
         print(summary)
         return b.rows, b.raw
-    _timed(f"{args.streams} open streams", lambda: phases.open_streams(b, args.streams))
-    _timed("latency at concurrency 1", lambda: phases.latency_c1(b))
-    backends = asyncio.run(seed.backend_pids(db.url)) if embedded else []
-    _timed("16 clients", lambda: phases.throughput(b, 16, backends))
-    res64 = _timed("64 clients", lambda: phases.throughput(b, 64, backends))
-    phases.cpu_per_request(b, res64)
-    _timed("streaming", lambda: phases.streaming(b))
-    _timed("history against session size", lambda: phases.history_size(b, groups))
-    _timed("database round trips", lambda: roundtrips.round_trips(b, run, tmp))
+    only = set(args.only.split(","))
+    if "streams" in only:
+        _timed(f"{args.streams} open streams", lambda: phases.open_streams(b, args.streams))
+    if "latency" in only:
+        _timed("latency at concurrency 1", lambda: phases.latency_c1(b))
+    if "throughput" in only:
+        backends = asyncio.run(seed.backend_pids(db.url)) if embedded else []
+        _timed("16 clients", lambda: phases.throughput(b, 16, backends))
+        res64 = _timed("64 clients", lambda: phases.throughput(b, 64, backends))
+        phases.cpu_per_request(b, res64)
+    if "streaming" in only:
+        _timed("streaming", lambda: phases.streaming(b))
+    if "history" in only:
+        _timed("history against session size", lambda: phases.history_size(b, groups))
+    if "roundtrips" in only:
+        _timed("database round trips", lambda: roundtrips.round_trips(b, run, tmp))
     if args.workers > 1:
         _timed(f"{args.workers} workers", lambda: scaling.workers(b, run, tmp, args.workers))
     b.raw["proxy_log_tail"] = (tmp / "chatproxy.log").read_text()[-4000:]
+    _failures(b)
     return b.rows, b.raw
+
+
+def _failures(b: phases.Bench) -> None:
+    """One row for every request any measurement saw fail (each must succeed)."""
+    failed: dict[str, int] = {}
+
+    def walk(where: str, value: Any) -> None:
+        if isinstance(value, dict):
+            if isinstance(value.get("errors"), int) and "requests" in value:
+                if value["errors"]:
+                    failed[where] = failed.get(where, 0) + value["errors"]
+                return
+            for key, item in value.items():
+                walk(f"{where}/{key}" if where else str(key), item)
+
+    walk("", b.raw)
+    shown = ", ".join(f"{k}: {v}" for k, v in failed.items()) or "none"
+    b.row("all measurements", "failed requests", shown, "none", not failed)
 
 
 def _notes(raw: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ Not handled (a prototype): HTTPS, proxies, `Expect: 100-continue`, HEAD.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -275,9 +276,12 @@ _original_open_stream: Any = None
 
 async def open_stream(client: httpx.AsyncClient, method: str, url: str,
                       headers: Mapping[str, str],
-                      content: bytes | AsyncIterator[bytes] | None) -> Any:
+                      content: bytes | AsyncIterator[bytes] | None, **extra: Any) -> Any:
+    """`proxy.upstream.open_stream`'s contract; `extra` (state, name) goes to its `observed`."""
+    from proxy import upstream
     from proxy.errors import UpstreamError, UpstreamTimeout
 
+    started = time.perf_counter()
     try:
         response = await _exchange(client, method, url, headers, content)
     except httpx.TimeoutException as exc:
@@ -286,6 +290,10 @@ async def open_stream(client: httpx.AsyncClient, method: str, url: str,
         raise UpstreamTimeout("The upstream did not answer in time") from None
     except httpx.HTTPError:
         raise UpstreamError("The upstream could not be reached") from None
+    observed = getattr(upstream, "observed", None)
+    if observed is not None:
+        observed(extra.get("state"), extra.get("name", "default"), response.status_code,
+                 time.perf_counter() - started)
     if response.is_redirect:
         await response.aclose()
         raise UpstreamError("The upstream answered with a redirect, which is not followed")

@@ -1,0 +1,128 @@
+"""SIGTERM to a real `chatproxy serve` with a stream in flight (issue 5, item 6).
+
+The server stops accepting connections at once, lets the stream run to its end within
+CHATPROXY_SHUTDOWN_GRACE and stores it complete; a stream still open at the deadline is cut and
+stored as incomplete. Either way the process exits on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.conftest import UPSTREAM_KEY, User
+from tests.fault_helpers import FakeUpstream, Serve, serve_env
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as upstream:
+        yield upstream
+
+
+def refuses_connections(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return False
+    except OSError:
+        return True
+
+
+async def stored(db: asyncpg.Connection, session_id: str) -> list[tuple[str, Any, str]]:
+    rows = await db.fetch(
+        "SELECT role, body, status FROM chat_messages WHERE session_id = $1 ORDER BY seq",
+        session_id,
+    )
+    return [(r["role"], json.loads(r["body"])["content"], r["status"]) for r in rows]
+
+
+async def stream_through_sigterm(
+    server: Serve, user: User, model: str
+) -> tuple[str, list[bytes], bool]:
+    """Open a streamed turn, SIGTERM the server after its first event, read what follows.
+
+    Returns the session id, the events read, and whether new connections were refused while
+    the stream was still open.
+    """
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        r = await client.post("/v1/chat/sessions", json={}, headers=user.headers)
+        assert r.status_code == 201, r.text
+        sid = r.json()["id"]
+        events: list[bytes] = []
+        refused = False
+        body = {"model": model, "session_id": sid, "stream": True,
+                "messages": [{"role": "user", "content": "count"}]}
+        async with client.stream("POST", "/v1/chat/completions", json=body,
+                                 headers=user.headers) as response:
+            assert response.status_code == 200
+            lines = response.aiter_lines()
+            try:
+                async for line in lines:
+                    if not line:
+                        continue
+                    events.append(line.encode())
+                    if len(events) == 2:  # the role chunk and a first part have arrived
+                        server.terminate()
+                        for _ in range(100):
+                            refused = await asyncio.to_thread(refuses_connections, server.port)
+                            if refused:
+                                break
+                            await asyncio.sleep(0.05)
+            except httpx.RemoteProtocolError:
+                pass  # cut at the deadline
+        return sid, events, refused
+
+
+async def test_sigterm_lets_the_stream_finish_and_stores_it_complete(
+    fake: FakeUpstream, database_url: str, alice: User, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    env = serve_env(database_url, fake.base_url, tmp_path, CHATPROXY_SHUTDOWN_GRACE="30",
+                    CHATPROXY_UPSTREAM_API_KEY=UPSTREAM_KEY)
+    server = Serve(env, tmp_path / "serve.log").start()
+    try:
+        sid, events, refused = await stream_through_sigterm(server, alice, "slow:8:0.25")
+        assert await asyncio.to_thread(server.wait, 60) == 0
+    finally:
+        server.stop()
+    assert refused, "a new connection was accepted after SIGTERM"
+    assert events[-1] == b"data: [DONE]"
+    assert len(events) == 1 + 8 + 1
+    whole = "".join(f"part{i} " for i in range(8))
+    assert await stored(db, sid) == [
+        ("user", "count", "complete"), ("assistant", whole, "complete")]
+
+
+@pytest.mark.parametrize("grace", ["0", "1"])
+async def test_a_stream_open_at_the_grace_deadline_is_stored_incomplete(
+    fake: FakeUpstream, database_url: str, alice: User, db: asyncpg.Connection, tmp_path: Path,
+    grace: str,
+) -> None:
+    env = serve_env(database_url, fake.base_url, tmp_path, CHATPROXY_SHUTDOWN_GRACE=grace,
+                    CHATPROXY_UPSTREAM_API_KEY=UPSTREAM_KEY)
+    server = Serve(env, tmp_path / "serve.log").start()
+    try:
+        sid, events, refused = await stream_through_sigterm(server, alice, "slow:200:0.25")
+        assert await asyncio.to_thread(server.wait, 60) == 0
+    finally:
+        server.stop()
+    assert refused
+    assert b"data: [DONE]" not in events
+    rows = await stored(db, sid)
+    assert [(role, status) for role, _, status in rows] == [
+        ("user", "complete"), ("assistant", "incomplete")]
+    assert rows[0][1] == "count"
+    received = "".join(json.loads(e[6:])["choices"][0]["delta"]["content"] for e in events)
+    # What reached the client was stored, and maybe a little more that was on its way.
+    assert rows[1][1].startswith(received)
+    assert rows[1][1] == "".join(f"part{i} " for i in range(len(rows[1][1].split())))
+    assert len(rows[1][1].split()) < 200
