@@ -22,7 +22,7 @@ from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
-from proxy import db, logs, metrics, retention
+from proxy import db, logs, metrics, openapi, retention
 from proxy.config import Settings, load_settings
 from proxy.errors import (
     BadRequest,
@@ -202,6 +202,8 @@ def create_app(settings: Settings, *, http_client: httpx.AsyncClient | None = No
         openapi_config=OpenAPIConfig(
             title="chatproxy",
             version="0.1.0",
+            description=openapi.DESCRIPTION,
+            components=openapi.components(),
             path="/schema",
             render_plugins=[SwaggerRenderPlugin(path="/")],
         ),

@@ -38,6 +38,9 @@ UNAVAILABLE = (
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.ConnectionFailureError,
     asyncpg.exceptions.PostgresConnectionError,
+    # A connection killed under a running operation can surface as "another operation is in
+    # progress" on its next use.
+    asyncpg.exceptions.InternalClientError,
 )
 
 

@@ -124,6 +124,50 @@ async def test_an_unhandled_error_logs_its_traceback_with_the_request_id(
     assert without_timing(access_lines(captured)[-1]) == access("GET", "/ready", 500, "req-500")
 
 
+async def test_session_and_upstream_fields_are_logged_once_known(
+    client, upstream, alice, captured
+) -> None:
+    upstream.post("/chat/completions").mock(side_effect=[
+        httpx.Response(200, json={"choices": [{"index": 0, "message": {
+            "role": "assistant", "content": "reply-text-0c4e"}}]}),
+        httpx.Response(429, json={"error": {"message": "slow down"}}),
+        httpx.ConnectError("refused"),
+    ])
+    created = await client.post("/v1/chat/sessions", headers={**alice.headers,
+                                "X-Request-Id": "r-create"}, json={})
+    sid = created.json()["id"]
+    for rid in ("r-turn", "r-429", "r-down"):
+        await client.post("/v1/chat/completions", headers={**alice.headers, "X-Request-Id": rid},
+                          json={"model": "gpt-4o", "session_id": sid,
+                                "messages": [{"role": "user", "content": "msg-text-5a1d"}]})
+    await client.get(f"/v1/chat/sessions/{sid}", headers={**alice.headers, "X-Request-Id": "r-get"})
+
+    lines = access_lines(captured)
+    latencies = [line.pop("upstream_latency_ms") for line in lines]
+    assert [isinstance(ms, float) and ms >= 0 for ms in latencies] == [
+        False, True, True, False, False]
+    for line in lines:
+        line["upstream_latency_ms"] = None
+
+    def turn(status: int, rid: str, upstream_status: int | None) -> dict[str, Any]:
+        line = access("POST", "/v1/chat/completions", status, rid, user_id=alice.id)
+        line["session_id"] = sid
+        if upstream_status is not None:
+            line.update(upstream="default", upstream_status=upstream_status)
+        return line
+
+    assert [without_timing(line) for line in lines] == [
+        {**access("POST", "/v1/chat/sessions", 201, "r-create", alice.id), "session_id": sid},
+        turn(200, "r-turn", 200),
+        turn(429, "r-429", 429),
+        turn(502, "r-down", None),  # a transport failure has no upstream status
+        {**access("GET", "/v1/chat/sessions/{session_id}", 200, "r-get", alice.id),
+         "session_id": sid},
+    ]
+    for secret in (alice.key, "msg-text-5a1d", "reply-text-0c4e"):
+        assert secret not in captured.getvalue()
+
+
 def test_formatter_writes_extras_and_survives_unencodable_text() -> None:
     record = logging.LogRecord("chatproxy.x", logging.WARNING, __file__, 1, "a %s b", ("\ud800",),
                                None)

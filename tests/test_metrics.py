@@ -3,6 +3,7 @@ several worker processes add up through the multiprocess directory."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -183,6 +184,72 @@ async def test_no_key_user_name_path_or_message_text_in_the_output(
         "raw-path-value-91ab", "admin-made-user-4d0e", user.json()["id"],
     ):
         assert secret not in text
+
+
+class Breaking(httpx.AsyncByteStream):
+    """A stream body that sends `head` and then breaks off."""
+
+    def __init__(self, head: bytes) -> None:
+        self.head = head
+
+    async def __aiter__(self) -> Any:
+        yield self.head
+        raise httpx.ReadError("connection reset")
+
+
+def sse(*contents: str, done: bool = True) -> bytes:
+    events = [
+        b'data: {"choices":[{"index":0,"delta":{"content":' + json.dumps(c).encode() + b"}}]}\n\n"
+        for c in contents
+    ]
+    return b"".join(events) + (b"data: [DONE]\n\n" if done else b"")
+
+
+async def test_turns_move_the_turn_history_upstream_and_ttfb_metrics(
+    client, upstream: respx.Router, alice
+) -> None:
+    stream = {"content-type": "text/event-stream"}
+    upstream.post("/chat/completions").mock(side_effect=[
+        httpx.Response(200, json=completion("one")),  # turn 1: 0 history messages
+        httpx.Response(200, json=completion("two")),  # turn 2: 2
+        httpx.Response(200, headers=stream, content=sse("th", "ree")),  # turn 3: 4
+        httpx.Response(200, headers=stream, stream=Breaking(sse("fo", done=False))),  # 6
+        httpx.Response(500, json={"error": {"message": "boom"}}),  # 8, nothing stored
+        httpx.ConnectError("refused"),  # 8, no upstream status: no upstream latency
+        httpx.Response(200, headers=stream, content=sse("five")),  # no session
+    ])
+    before = await scrape(client)
+    sid = (await client.post("/v1/chat/sessions", headers=alice.headers, json={})).json()["id"]
+    statuses, tokens = [], 0
+    for index in range(6):
+        r = await client.post("/v1/chat/completions", headers=alice.headers, json={
+            "model": "gpt-4o", "session_id": sid, "stream": index in (2, 3),
+            "messages": [{"role": "user", "content": f"u{index}"}]})
+        statuses.append(r.status_code)
+        tokens += int(r.headers.get("x-history-tokens", 0))
+    # The two failed turns injected the whole session as it stood after turn 4.
+    session = (await client.get(f"/v1/chat/sessions/{sid}", headers=alice.headers)).json()
+    tokens += 2 * session["total_tokens"]
+    r = await client.post("/v1/chat/completions", headers=alice.headers, json={
+        "model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    statuses.append(r.status_code)
+    assert statuses == [200, 200, 200, 200, 500, 502, 200]
+    after = await scrape(client)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("chatproxy_turns_stored_total", status="complete") == 3
+    assert moved("chatproxy_turns_stored_total", status="incomplete") == 1
+    assert moved("chatproxy_history_messages_injected_count") == 6
+    assert moved("chatproxy_history_messages_injected_sum") == 0 + 2 + 4 + 6 + 8 + 8
+    assert moved("chatproxy_history_messages_dropped_sum") == 0
+    assert moved("chatproxy_history_tokens_injected_count") == 6
+    assert moved("chatproxy_history_tokens_injected_sum") == tokens
+    upstream_count = "chatproxy_upstream_duration_seconds_count"
+    assert moved(upstream_count, upstream="default", status="200") == 5
+    assert moved(upstream_count, upstream="default", status="500") == 1
+    assert moved("chatproxy_stream_ttfb_seconds_count", upstream="default") == 3
 
 
 # --- several processes ------------------------------------------------------------------------

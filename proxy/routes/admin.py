@@ -7,9 +7,10 @@ from typing import Any
 from litestar import Request, Response, delete, get, post
 from pydantic import BaseModel, ConfigDict, Field
 
-from proxy import auth, db, store
+from proxy import auth, db, store, wire
 from proxy.app import runtime
 from proxy.errors import Conflict, NotFound, unknown_route
+from proxy.openapi import documented
 from proxy.routes.parsing import parse_model, read_json
 
 
@@ -41,7 +42,16 @@ def _admin(request: Request[Any, Any, Any]) -> Any:
     return rt
 
 
-@post("/admin/users", status_code=201)
+TAGS = ["admin"]
+
+
+def _doc(status: int, answer: Any, description: str, *errors: int, **more: Any) -> Any:
+    return documented(status, answer, description, 401, 403, 404, 503, *errors, admin=True,
+                      not_found="admin", **more)
+
+
+@post("/admin/users", status_code=201, tags=TAGS, summary="Create a user", **_doc(
+    201, wire.User, "The new user", 400, 409, 413, body=NewUser, body_required=True))
 async def create_user(request: Request[Any, Any, Any]) -> dict[str, Any]:
     rt = _admin(request)
     body = parse_model(NewUser, await read_json(request))
@@ -52,7 +62,7 @@ async def create_user(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return user
 
 
-@get("/admin/users")
+@get("/admin/users", tags=TAGS, summary="List users", **_doc(200, wire.UserList, "Every user"))
 async def list_users(request: Request[Any, Any, Any]) -> dict[str, Any]:
     rt = _admin(request)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
@@ -60,7 +70,9 @@ async def list_users(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return {"object": "list", "data": users}
 
 
-@post("/admin/users/{user_id:str}/keys", status_code=201)
+@post("/admin/users/{user_id:str}/keys", status_code=201, tags=TAGS, summary="Issue a key",
+      **_doc(201, wire.NewApiKey, "The new key; `key` is shown here only, never again", 400,
+             413, body=NewKey))
 async def create_key(request: Request[Any, Any, Any], user_id: str) -> dict[str, Any]:
     rt = _admin(request)
     body = parse_model(NewKey, await read_json(request, empty={}))
@@ -71,7 +83,8 @@ async def create_key(request: Request[Any, Any, Any], user_id: str) -> dict[str,
     return {k: key[k] for k in ("id", "object", "key", "prefix", "name", "user_id", "created_at")}
 
 
-@get("/admin/users/{user_id:str}/keys")
+@get("/admin/users/{user_id:str}/keys", tags=TAGS, summary="List a user's keys",
+     **_doc(200, wire.ApiKeyList, "The user's keys, without their secrets"))
 async def list_keys(request: Request[Any, Any, Any], user_id: str) -> dict[str, Any]:
     rt = _admin(request)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
@@ -82,7 +95,8 @@ async def list_keys(request: Request[Any, Any, Any], user_id: str) -> dict[str, 
     return {"object": "list", "data": keys}
 
 
-@delete("/admin/keys/{key_id:str}", status_code=204)
+@delete("/admin/keys/{key_id:str}", status_code=204, tags=TAGS, summary="Revoke a key",
+        **_doc(204, None, "Revoked: the key is refused from the next request on"))
 async def revoke_key(request: Request[Any, Any, Any], key_id: str) -> Response[None]:
     rt = _admin(request)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:

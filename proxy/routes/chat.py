@@ -21,6 +21,7 @@ from proxy.errors import (
     Unauthorized,
     UpstreamError,
 )
+from proxy.openapi import CHAT_COMPLETIONS
 from proxy.routes.parsing import authenticate, is_session_id, read_json
 from proxy.routes.passthrough import relay
 from proxy.routes.streaming import stream_turn
@@ -100,7 +101,7 @@ def _check_message_fields(item: dict[str, Any], where: str) -> None:
                          param=f"{where}.tool_calls")
 
 
-@post("/v1/chat/completions", status_code=200)
+@post("/v1/chat/completions", status_code=200, **CHAT_COMPLETIONS)
 async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
     rt = runtime(request)
     key_hash = auth.client_key_hash(request.headers.get("authorization"))

@@ -14,9 +14,10 @@ from typing import Any
 from litestar import Request, Response, delete, get, post
 from pydantic import BaseModel, ConfigDict, Field
 
-from proxy import codec, db, document, lifecycle, retention, store
+from proxy import codec, db, document, lifecycle, retention, store, wire
 from proxy.app import Runtime, runtime
 from proxy.errors import SessionNotFound
+from proxy.openapi import documented
 from proxy.routes.parsing import (
     addressed,
     authenticate,
@@ -28,6 +29,7 @@ from proxy.routes.passthrough import ClosingStream
 from proxy.routes.sessions import paths
 
 MAX_SEQ = 2**62
+TAGS = ["session lifecycle"]
 
 
 def _json(value: Any, status_code: int = 200) -> Response[bytes]:
@@ -35,7 +37,10 @@ def _json(value: Any, status_code: int = 200) -> Response[bytes]:
     return Response(codec.dumps(value), status_code=status_code, media_type="application/json")
 
 
-@post(paths("/{session_id:str}/restore"), status_code=200)
+@post(paths("/{session_id:str}/restore"), status_code=200, tags=TAGS,
+      summary="Restore a deleted session",
+      description="Resumes a soft-deleted session that the retention job has not purged yet.",
+      **documented(200, wire.Session, "The session, active again", 401, 404, 503))
 async def restore_session(request: Request[Any, Any, Any], session_id: str) -> Response[bytes]:
     user_id = await authenticate(request)
     rt = runtime(request)
@@ -47,7 +52,9 @@ async def restore_session(request: Request[Any, Any, Any], session_id: str) -> R
     return _json(session)
 
 
-@delete(paths("/{session_id:str}/messages"), status_code=204)
+@delete(paths("/{session_id:str}/messages"), status_code=204, tags=TAGS,
+        summary="Clear a session's history", description="The session stays; its history is "
+        "empty.", **documented(204, None, "Cleared", 401, 404, 503))
 async def clear_messages(request: Request[Any, Any, Any], session_id: str) -> Response[None]:
     user_id = await authenticate(request)
     rt = runtime(request)
@@ -69,7 +76,9 @@ async def _export_chunks(rt: Runtime, user_id: str, session_id: str) -> AsyncIte
                 yield chunk
 
 
-@get(paths("/{session_id:str}/export"))
+@get(paths("/{session_id:str}/export"), tags=TAGS, summary="Export a session",
+     **documented(200, wire.ExportDocument, "The export document: the session and every "
+                  "message, in order", 401, 404, 503))
 async def export_session(request: Request[Any, Any, Any], session_id: str) -> Response[Any]:
     user_id = await authenticate(request)
     rt = runtime(request)
@@ -85,7 +94,11 @@ async def export_session(request: Request[Any, Any, Any], session_id: str) -> Re
     )
 
 
-@post(paths("/import"), status_code=201)
+@post(paths("/import"), status_code=201, tags=TAGS, summary="Import a session",
+      **documented(201, wire.Session, "A new session (new id, the caller as owner) holding "
+                   "the document's messages", 400, 401, 413, 503,
+                   body=wire.ImportDocument, body_required=True,
+                   body_description="An export document (`GET .../export`)."))
 async def import_session(request: Request[Any, Any, Any]) -> Response[bytes]:
     user_id = await authenticate(request)
     rt = runtime(request)
@@ -105,7 +118,9 @@ class ForkBody(BaseModel):
     session_name: str | None = Field(default=None, max_length=1000)
 
 
-@post(paths("/{session_id:str}/fork"), status_code=201)
+@post(paths("/{session_id:str}/fork"), status_code=201, tags=TAGS, summary="Fork a session",
+      **documented(201, wire.Session, "A new session with a copy of the messages up to "
+                   "`up_to_seq` (default: all)", 400, 401, 404, 413, 503, body=ForkBody))
 async def fork_session(request: Request[Any, Any, Any], session_id: str) -> Response[bytes]:
     user_id = await authenticate(request)
     rt = runtime(request)
@@ -123,7 +138,12 @@ class MergeBody(BaseModel):
     source_session_id: str = Field(max_length=200)
 
 
-@post(paths("/{session_id:str}/merge"), status_code=200)
+@post(paths("/{session_id:str}/merge"), status_code=200, tags=TAGS,
+      summary="Merge another session into this one",
+      description="The source's messages are appended after this session's, in their order, "
+      "and the source is soft-deleted.",
+      **documented(200, wire.Session, "This session, with the source's messages", 400, 401,
+                   404, 413, 503, body=MergeBody, body_required=True))
 async def merge_sessions(request: Request[Any, Any, Any], session_id: str) -> Response[bytes]:
     user_id = await authenticate(request)
     rt = runtime(request)

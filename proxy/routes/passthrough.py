@@ -109,18 +109,19 @@ async def passthrough(request: Request[Any, Any, Any], path: str) -> Response[An
     await authenticate(request, stores_nothing=True)
     rt = runtime(request)
     path = path if path.startswith("/") else "/" + path
-    content: bytes | AsyncIterator[bytes] | None = (
-        request.stream() if request.method in ("POST", "PUT", "PATCH") else None
-    )
+    has_body = request.method in ("POST", "PUT", "PATCH")
+    content: bytes | AsyncIterator[bytes] | None = None
     target = rt.settings.default_upstream
     if rt.settings.upstreams:  # several upstreams: route by model
         if request.method == "GET" and path == "/models":
             return await merged_models(rt, request)
         if path.startswith(_MODEL_PATH):
             target = rt.settings.upstream_for(path[len(_MODEL_PATH):])
-        elif content is not None and _json_body(request):
+        elif has_body and _json_body(request):
             content = await request.body()
             target = rt.settings.upstream_for(_model_of(content))
+    if has_body and content is None:
+        content = request.stream()
     return await relay(
         rt, target, request.method, path, request.url.query, request.headers.items(), content,
         state=request.scope["state"],

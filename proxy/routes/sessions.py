@@ -8,11 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Request, Response, delete, get, patch, post, put
+from litestar.openapi.spec import OpenAPIType
 from pydantic import ConfigDict, Field
 
-from proxy import codec, db, messages, store
+from proxy import codec, db, messages, store, wire
 from proxy.app import runtime
 from proxy.errors import BadRequest, SessionNotFound
+from proxy.openapi import documented, query
 from proxy.routes.parsing import (
     MAX_OFFSET,
     ExactText,
@@ -55,7 +57,16 @@ def _json(value: Any, status_code: int = 200) -> Response[Any]:
     return Response(codec.dumps(value), status_code=status_code, media_type="application/json")
 
 
-@post(paths(), status_code=201)
+TAGS = ["sessions"]
+LIMIT = "page size"
+OFFSET = "how many to skip"
+SESSION_BODY = "Any of these fields; anything else is 400 `unknown_parameter`."
+
+
+@post(paths(), status_code=201, tags=TAGS, summary="Create a session", **documented(
+    201, wire.Session, "The new session", 400, 401, 413, 503,
+    body=SessionFields, body_description=SESSION_BODY,
+))
 async def create_session(request: Request[Any, Any, Any]) -> Answer:
     user_id = await authenticate(request)
     rt = runtime(request)
@@ -68,7 +79,15 @@ async def create_session(request: Request[Any, Any, Any]) -> Answer:
     return _json(session, 201)
 
 
-@get(paths())
+@get(paths(), tags=TAGS, summary="List the caller's sessions", **documented(
+    200, wire.SessionList, "The caller's sessions, most recent activity first", 400, 401, 503,
+    parameters=(
+        query("limit", OpenAPIType.INTEGER, LIMIT, minimum=1, maximum=100),
+        query("offset", OpenAPIType.INTEGER, OFFSET, minimum=0, maximum=MAX_OFFSET),
+        query("include_inactive", OpenAPIType.BOOLEAN,
+              "also list deleted sessions not yet purged (`true` / `false`)"),
+    ),
+))
 async def list_sessions(request: Request[Any, Any, Any]) -> Answer:
     user_id = await authenticate(request)
     rt = runtime(request)
@@ -94,7 +113,9 @@ def _page(data: list[dict[str, Any]], total: int, limit: int, offset: int) -> di
     }
 
 
-@get(paths("/{session_id:str}"))
+@get(paths("/{session_id:str}"), tags=TAGS, summary="Get a session", **documented(
+    200, wire.Session, "The session", 401, 404, 503,
+))
 async def get_session(request: Request[Any, Any, Any], session_id: str) -> Answer:
     user_id = await authenticate(request)
     rt = runtime(request)
@@ -118,17 +139,26 @@ async def _update(request: Request[Any, Any, Any], session_id: str) -> Answer:
     return _json(session)
 
 
-@put(paths("/{session_id:str}"))
+_UPDATE = documented(
+    200, wire.Session, "The updated session", 400, 401, 404, 413, 503,
+    body=SessionFields, body_description="The fields to change; the others stay as they are.",
+)
+
+
+@put(paths("/{session_id:str}"), tags=TAGS, summary="Update a session", **_UPDATE)
 async def put_session(request: Request[Any, Any, Any], session_id: str) -> Answer:
     return await _update(request, session_id)
 
 
-@patch(paths("/{session_id:str}"))
+@patch(paths("/{session_id:str}"), tags=TAGS, summary="Update a session", **_UPDATE)
 async def patch_session(request: Request[Any, Any, Any], session_id: str) -> Answer:
     return await _update(request, session_id)
 
 
-@delete(paths("/{session_id:str}"), status_code=204)
+@delete(paths("/{session_id:str}"), status_code=204, tags=TAGS, summary="Delete a session",
+        description="A soft delete: `is_active` becomes false and the session answers 404 "
+        "everywhere until it is restored, or purged by the retention job.",
+        **documented(204, None, "Deleted", 401, 404, 503))
 async def delete_session(request: Request[Any, Any, Any], session_id: str) -> Response[None]:
     user_id = await authenticate(request)
     rt = runtime(request)
@@ -140,7 +170,15 @@ async def delete_session(request: Request[Any, Any, Any], session_id: str) -> Re
     return Response(None, status_code=204)
 
 
-@get(paths("/{session_id:str}/messages"))
+@get(paths("/{session_id:str}/messages"), tags=TAGS, summary="List a session's messages",
+     **documented(
+         200, wire.MessageList, "The session's stored messages", 400, 401, 404, 503,
+         parameters=(
+             query("limit", OpenAPIType.INTEGER, LIMIT, minimum=1, maximum=500),
+             query("offset", OpenAPIType.INTEGER, OFFSET, minimum=0, maximum=MAX_OFFSET),
+             query("order", OpenAPIType.STRING, "by `seq`", enum=["asc", "desc"]),
+         ),
+     ))
 async def list_messages(request: Request[Any, Any, Any], session_id: str) -> Answer:
     user_id = await authenticate(request)
     rt = runtime(request)

@@ -127,7 +127,9 @@ async def _relay(
             # The client went away (cancelled or closed mid-stream): close the upstream
             # request and store what arrived, in a task of its own.
             status = "complete" if done_event is not None and failure is None else "incomplete"
-            pending = partial(write, status) if assembler.valid else None
+            pending: Callable[[], Awaitable[None]] | None = (
+                partial(write, status) if assembler.valid else None
+            )
             if pending is None and current.claim is not None:
                 pending = partial(release_claim, rt, current.claim)
             rt.track(asyncio.create_task(_abandon(response, pending)))

@@ -175,7 +175,7 @@ async def _drop(server_url: str, name: str) -> None:
 
 def _measure(args: argparse.Namespace, run: procs.Procs, db: procs.Database, tmp: Path,
              proxy_cpu: int | None, embedded: bool) -> tuple[list[Any], dict[str, Any]]:
-    _, line = procs.start_tool(run, "upstream", "-addr", "127.0.0.1:0")
+    mock_proc, line = procs.start_tool(run, "upstream", "-addr", "127.0.0.1:0")
     mock = "http://" + line.split()[1]
     port = procs.free_port()
     env = procs.chatproxy_env(db.env, f"{mock}/v1", port, tmp)
@@ -206,7 +206,8 @@ def _measure(args: argparse.Namespace, run: procs.Procs, db: procs.Database, tmp
         return s20, groups
 
     s20, groups = _timed("creating and seeding sessions", sessions)
-    b = phases.Bench(proxies=proxies, key=key, mock=mock, db=db, embedded=embedded,
+    b = phases.Bench(proxies=proxies, key=key, mock=mock, mock_pid=mock_proc.pid, db=db,
+                     embedded=embedded,
                      sessions20=s20, peers=_peers(args), rounds=args.rounds, window=args.window,
                      proxy_cpu=proxy_cpu)
     if args.serve:

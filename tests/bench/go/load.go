@@ -12,13 +12,9 @@ package main
 // window (all of the process's threads), summed over the windows.
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"io"
-	"net"
-	"net/http"
 	"os"
 	"strconv"
 	"strings"
@@ -39,6 +35,8 @@ type target struct {
 	// always sending body i.
 	Cycle bool `json:"cycle"`
 	next  uint64
+	reqs  [][]byte // the serialized requests, one per body
+	addr  string
 }
 
 type loadSpec struct {
@@ -72,21 +70,7 @@ type sample struct {
 	lags    []int64
 	status  int
 	err     string
-	headers http.Header
-}
-
-func newClient(concurrency int, timeout time.Duration) *http.Client {
-	tr := &http.Transport{
-		Proxy:               nil,
-		DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-		MaxIdleConns:        4 * concurrency,
-		MaxIdleConnsPerHost: 2 * concurrency,
-		MaxConnsPerHost:     0,
-		IdleConnTimeout:     90 * time.Second,
-		DisableCompression:  true,
-		ForceAttemptHTTP2:   false,
-	}
-	return &http.Client{Transport: tr, Timeout: timeout}
+	headers map[string]string
 }
 
 func cpuTicks(pid int) int64 {
@@ -130,66 +114,10 @@ func intAfter(line, key []byte) (int64, bool) {
 	return v, err == nil
 }
 
-func doOne(client *http.Client, t *target, body string, stream bool) sample {
-	req, err := http.NewRequest(http.MethodPost, t.URL, strings.NewReader(body))
-	if err != nil {
-		return sample{err: err.Error()}
-	}
-	req.Header.Set("Content-Type", "application/json")
-	for k, v := range t.Headers {
-		req.Header.Set(k, v)
-	}
-	start := time.Now()
-	resp, err := client.Do(req)
-	if err != nil {
-		return sample{err: err.Error()}
-	}
-	defer resp.Body.Close()
-	s := sample{status: resp.StatusCode, headers: resp.Header}
-	if !stream || resp.StatusCode != 200 {
-		data, err := io.ReadAll(resp.Body)
-		s.latency = time.Since(start).Microseconds()
-		if err != nil {
-			s.err = err.Error()
-		} else if resp.StatusCode != 200 {
-			s.err = fmt.Sprintf("status %d: %.200s", resp.StatusCode, data)
-		}
-		return s
-	}
-	reader := bufio.NewReaderSize(resp.Body, 64*1024)
-	s.ttfb = -1
-	for {
-		line, err := reader.ReadSlice('\n')
-		if len(line) > 0 && bytes.HasPrefix(line, []byte("data:")) {
-			now := time.Now()
-			if s.ttfb < 0 {
-				s.ttfb = now.Sub(start).Microseconds()
-			}
-			if sent, ok := intAfter(line, sentKey); ok {
-				seq, _ := intAfter(line, seqKey)
-				for int64(len(s.lags)) <= seq {
-					s.lags = append(s.lags, -1)
-				}
-				s.lags[seq] = (now.UnixNano() - sent) / 1000
-			}
-		}
-		if err == bufio.ErrBufferFull {
-			continue
-		}
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			s.err = err.Error()
-			break
-		}
-	}
-	s.latency = time.Since(start).Microseconds()
-	return s
-}
-
-// window runs `concurrency` clients against t for `d`; it returns the samples and wall time.
-func window(client *http.Client, t *target, concurrency int, d time.Duration, stream bool) ([]sample, time.Duration) {
+// window runs `concurrency` clients against t for `d`, each on a fresh keep-alive connection
+// (so none is left over from an earlier window, idle past the server's keep-alive timeout);
+// it returns the samples and the wall time.
+func window(t *target, concurrency int, d time.Duration, stream bool, timeout time.Duration) ([]sample, time.Duration) {
 	var mu sync.Mutex
 	var all []sample
 	var wg sync.WaitGroup
@@ -199,13 +127,17 @@ func window(client *http.Client, t *target, concurrency int, d time.Duration, st
 		wg.Add(1)
 		go func(w int) {
 			defer wg.Done()
-			body := t.Bodies[w%len(t.Bodies)]
+			conn := &rawConn{addr: t.addr}
+			defer conn.close()
+			req := t.reqs[w%len(t.reqs)]
 			local := make([]sample, 0, 256)
 			for time.Now().Before(deadline) {
 				if t.Cycle {
-					body = t.Bodies[atomic.AddUint64(&t.next, 1)%uint64(len(t.Bodies))]
+					req = t.reqs[atomic.AddUint64(&t.next, 1)%uint64(len(t.reqs))]
 				}
-				local = append(local, doOne(client, t, body, stream))
+				var s sample
+				conn.do(req, stream, timeout, &s)
+				local = append(local, s)
 			}
 			mu.Lock()
 			all = append(all, local...)
@@ -226,18 +158,25 @@ func runLoad(args []string) {
 		spec.TimeoutS = 60
 	}
 	stream := spec.Mode == "stream"
-	clients := make([]*http.Client, len(spec.Targets))
+	timeout := time.Duration(spec.TimeoutS * float64(time.Second))
 	results := make([]*targetResult, len(spec.Targets))
 	for i := range spec.Targets {
-		// One client (connection pool) per target, so no target reuses another's connections.
-		clients[i] = newClient(spec.Concurrency, time.Duration(spec.TimeoutS*float64(time.Second)))
-		results[i] = &targetResult{Name: spec.Targets[i].Name, Statuses: map[string]int{},
+		t := &spec.Targets[i]
+		for _, body := range t.Bodies {
+			req, addr, err := buildRequest(t, body)
+			if err != nil {
+				fmt.Fprintln(os.Stderr, "bad target:", err)
+				os.Exit(2)
+			}
+			t.reqs, t.addr = append(t.reqs, req), addr
+		}
+		results[i] = &targetResult{Name: t.Name, Statuses: map[string]int{},
 			Headers: map[string]string{}}
 	}
 	warm := time.Duration(spec.WarmupS * float64(time.Second))
 	if warm > 0 {
 		for i := range spec.Targets {
-			window(clients[i], &spec.Targets[i], spec.Concurrency, warm, stream)
+			window(&spec.Targets[i], spec.Concurrency, warm, stream, timeout)
 		}
 	}
 	d := time.Duration(spec.WindowS * float64(time.Second))
@@ -247,11 +186,8 @@ func runLoad(args []string) {
 			i := (r + k) % n
 			t := &spec.Targets[i]
 			res := results[i]
-			// Connections left idle while the other targets ran may be closing on the server's
-			// keep-alive timeout (uvicorn: 5 s); a POST sent on one would fail with EOF.
-			clients[i].CloseIdleConnections()
 			before, extra := sumTicks(t.CPUPids), sumTicks(t.ExtraPids)
-			samples, took := window(clients[i], t, spec.Concurrency, d, stream)
+			samples, took := window(t, spec.Concurrency, d, stream, timeout)
 			res.CPUTicks += sumTicks(t.CPUPids) - before
 			res.ExtraTicks += sumTicks(t.ExtraPids) - extra
 			res.ElapsedS += took.Seconds()
@@ -277,10 +213,8 @@ func runLoad(args []string) {
 						}
 					}
 				}
-				for _, h := range []string{"X-History-Messages", "X-History-Tokens", "X-History-Dropped"} {
-					if v := s.headers.Get(h); v != "" {
-						res.Headers[h] = v
-					}
+				for h, v := range s.headers {
+					res.Headers[h] = v
 				}
 			}
 		}
