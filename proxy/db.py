@@ -108,6 +108,14 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+async def _keep_session_state(conn: asyncpg.Connection) -> None:
+    """Skip asyncpg's reset query on release: one round trip saved on every request.
+
+    Safe because nothing here leaves session state behind: every advisory lock is released
+    explicitly, nothing LISTENs or SETs, and an open transaction is still rolled back.
+    """
+
+
 async def create_pool(url: str, settings: Settings) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         url,
@@ -117,6 +125,7 @@ async def create_pool(url: str, settings: Settings) -> asyncpg.Pool:
         command_timeout=60,
         max_inactive_connection_lifetime=300,
         init=_init_connection,
+        reset=_keep_session_state,
     )
     assert pool is not None
     return pool
