@@ -662,3 +662,15 @@ async def test_export_streams_in_chunks(db, database_url, alice) -> None:
     finally:
         await conn.execute("DELETE FROM chat_sessions WHERE user_id = $1", alice.id)
         await conn.close()
+
+
+async def test_a_fork_name_with_a_lone_surrogate_comes_back_exactly(client, alice) -> None:
+    sid = (await client.post("/v1/chat/sessions", json={}, headers=alice.headers)).json()["id"]
+    name = "branch \ud800 \x00 end"
+    r = await client.post(
+        f"/v1/chat/sessions/{sid}/fork",
+        content=json.dumps({"session_name": name}),
+        headers={**alice.headers, "content-type": "application/json"},
+    )
+    assert r.status_code == 201, r.text
+    assert json.loads(r.content)["session_name"] == name

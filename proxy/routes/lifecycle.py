@@ -19,6 +19,7 @@ from proxy.app import Runtime, runtime
 from proxy.errors import SessionNotFound
 from proxy.openapi import documented
 from proxy.routes.parsing import (
+    ExactText,
     addressed,
     authenticate,
     is_session_id,
@@ -111,7 +112,7 @@ async def import_session(request: Request[Any, Any, Any]) -> Response[bytes]:
     return _json(await _pruned(rt, user_id, session), 201)
 
 
-class ForkBody(BaseModel):
+class ForkBody(ExactText):
     model_config = ConfigDict(extra="forbid")
 
     up_to_seq: int | None = Field(default=None, ge=-MAX_SEQ, le=MAX_SEQ)

@@ -2,7 +2,9 @@
 
 Percentiles are nearest-rank over every sample a target collected in all of its windows.
 "Added" figures are differences between a proxy target and the direct upstream in the same
-interleaved run (p50 minus p50, p99 minus p99).
+interleaved run: an added p50 is the median, over rounds, of (the target's p50 in that round
+minus the direct upstream's p50 in that round); an added p99 is the p99 over all of the
+target's samples minus the direct upstream's.
 """
 
 from __future__ import annotations
@@ -23,6 +25,20 @@ def pct(values: Sequence[float], q: float) -> float:
 
 def ms(us: float) -> float:
     return us / 1000.0
+
+
+def round_added(result: dict[str, Any], base: dict[str, Any],
+                key: str = "round_p50_us") -> list[float]:
+    """Per round: the target's p50 minus the direct upstream's p50 in the same round, in ms."""
+    return [ms(a - b) for a, b in zip(result.get(key) or [], base.get(key) or [], strict=False)
+            if a >= 0 and b >= 0]
+
+
+def added_p50(result: dict[str, Any], base: dict[str, Any], key: str = "round_p50_us") -> float:
+    """The median over rounds of the per-round added p50: a noise burst that hit one round's
+    window (other work on the machine) moves one value, not the result."""
+    values = round_added(result, base, key)
+    return pct(values, 50) if values else math.nan
 
 
 @dataclass

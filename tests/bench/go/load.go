@@ -16,6 +16,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -50,18 +51,22 @@ type loadSpec struct {
 }
 
 type targetResult struct {
-	Name        string            `json:"name"`
-	Requests    int               `json:"requests"`
-	Errors      int               `json:"errors"`
-	ErrorSample string            `json:"error_sample,omitempty"`
-	Statuses    map[string]int    `json:"statuses"`
-	ElapsedS    float64           `json:"elapsed_s"`
-	LatencyUs   []int64           `json:"latency_us"`
-	TTFBUs      []int64           `json:"ttfb_us,omitempty"`
-	ChunkLagUs  [][]int64         `json:"chunk_lag_us,omitempty"` // by chunk index
-	CPUTicks    int64             `json:"cpu_ticks"`
-	ExtraTicks  int64             `json:"extra_cpu_ticks"`
-	Headers     map[string]string `json:"headers_seen,omitempty"`
+	Name        string         `json:"name"`
+	Requests    int            `json:"requests"`
+	Errors      int            `json:"errors"`
+	ErrorSample string         `json:"error_sample,omitempty"`
+	Statuses    map[string]int `json:"statuses"`
+	ElapsedS    float64        `json:"elapsed_s"`
+	LatencyUs   []int64        `json:"latency_us"`
+	TTFBUs      []int64        `json:"ttfb_us,omitempty"`
+	ChunkLagUs  [][]int64      `json:"chunk_lag_us,omitempty"` // by chunk index
+	CPUTicks    int64          `json:"cpu_ticks"`
+	ExtraTicks  int64          `json:"extra_cpu_ticks"`
+	// Per round (window), the p50 of that window's latencies and (streams) times to first
+	// event: drift and noise bursts can then be compared round by round.
+	RoundP50Us     []int64           `json:"round_p50_us"`
+	RoundTTFBP50Us []int64           `json:"round_ttfb_p50_us,omitempty"`
+	Headers        map[string]string `json:"headers_seen,omitempty"`
 }
 
 type sample struct {
@@ -148,6 +153,16 @@ func window(t *target, concurrency int, d time.Duration, stream bool, timeout ti
 	return all, time.Since(start)
 }
 
+// median is the nearest-rank p50 (-1 for no values).
+func median(values []int64) int64 {
+	if len(values) == 0 {
+		return -1
+	}
+	sorted := append([]int64(nil), values...)
+	sort.Slice(sorted, func(i, j int) bool { return sorted[i] < sorted[j] })
+	return sorted[(len(sorted)+1)/2-1]
+}
+
 func runLoad(args []string) {
 	var spec loadSpec
 	if err := json.NewDecoder(os.Stdin).Decode(&spec); err != nil {
@@ -191,6 +206,17 @@ func runLoad(args []string) {
 			res.CPUTicks += sumTicks(t.CPUPids) - before
 			res.ExtraTicks += sumTicks(t.ExtraPids) - extra
 			res.ElapsedS += took.Seconds()
+			var lat, ttfb []int64
+			for _, s := range samples {
+				if s.err == "" {
+					lat = append(lat, s.latency)
+					ttfb = append(ttfb, s.ttfb)
+				}
+			}
+			res.RoundP50Us = append(res.RoundP50Us, median(lat))
+			if stream {
+				res.RoundTTFBP50Us = append(res.RoundTTFBP50Us, median(ttfb))
+			}
 			for _, s := range samples {
 				res.Requests++
 				res.Statuses[strconv.Itoa(s.status)]++
