@@ -516,3 +516,17 @@ async def test_the_retry_guard_still_stores_a_turn_that_repeats_an_older_one(
     found = await db.fetch(
         "SELECT seq FROM chat_messages WHERE session_id = $1 ORDER BY seq", sid)
     assert [r["seq"] for r in found] == [1, 2, 3, 4, 5, 6]
+
+
+async def test_a_sessionless_stream_the_upstream_breaks_ends_with_an_error_event(
+    client: Client, upstream: respx.Router, alice: User
+) -> None:
+    events = hello("cut")[:2]
+    upstream.post("/chat/completions").mock(
+        return_value=streaming(Upstream(*events, httpx.ReadError("reset")))
+    )
+    r = await chat(client, alice, None, u("hi"), stream=True)
+    assert r.status_code == 200
+    assert r.content == b"".join(events) + b"\n\n" + error_event(
+        "The upstream broke off the stream"
+    )

@@ -26,6 +26,7 @@ from proxy import codec, metrics
 from proxy import upstream as up
 from proxy.app import Runtime, runtime
 from proxy.config import Upstream
+from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
 from proxy.routes.models import merged_models
 from proxy.routes.parsing import authenticate
 
@@ -60,8 +61,16 @@ async def _body_chunks(
                 metrics.stream_ttfb(time.perf_counter() - ttfb[0], upstream=ttfb[1])
                 ttfb = None
             yield chunk
-    except httpx.HTTPError:
-        return  # the upstream broke off: end the client's body where it stopped
+    except httpx.HTTPError as exc:
+        # The upstream broke off. An event stream ends with an error event (as a session
+        # turn's does), so an SDK sees the failure; any other body ends where it stopped.
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            failure: ProxyError = (
+                UpstreamTimeout("The upstream stopped sending before the reply was complete")
+                if isinstance(exc, httpx.TimeoutException)
+                else UpstreamError("The upstream broke off the stream")
+            )
+            yield b"\n\ndata: " + codec.dumps(failure.body()) + b"\n\n"
     finally:
         await response.aclose()
 

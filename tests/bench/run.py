@@ -45,6 +45,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                         help="another OpenAI-compatible proxy's base URL (…/v1) to measure too")
     parser.add_argument("--peer-key", action="append", default=[], metavar="KEY",
                         help="bearer key for the peer of the same position (one: for all)")
+    parser.add_argument("--mock-addr", default="127.0.0.1:0", metavar="HOST:PORT",
+                        help="where the mock upstream listens (fix it to point a peer at it)")
     parser.add_argument("--peer-pid", action="append", default=[], type=int, metavar="PID",
                         help="the peer's server process, to report its CPU per request")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per measurement")
@@ -175,7 +177,7 @@ async def _drop(server_url: str, name: str) -> None:
 
 def _measure(args: argparse.Namespace, run: procs.Procs, db: procs.Database, tmp: Path,
              proxy_cpu: int | None, embedded: bool) -> tuple[list[Any], dict[str, Any]]:
-    mock_proc, line = procs.start_tool(run, "upstream", "-addr", "127.0.0.1:0")
+    mock_proc, line = procs.start_tool(run, "upstream", "-addr", args.mock_addr)
     mock = "http://" + line.split()[1]
     port = procs.free_port()
     env = procs.chatproxy_env(db.env, f"{mock}/v1", port, tmp)
