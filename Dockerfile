@@ -19,6 +19,9 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
+# sql/ and config/models.toml are data files of the distribution (pyproject.toml).
+COPY sql ./sql
+COPY config ./config
 RUN pip wheel --wheel-dir /wheels .
 
 # --- runtime: no compiler, no build tools, not root ---------------------------------------------

@@ -1,0 +1,1 @@
+"""chatproxy: an OpenAI-compatible chat proxy with server-side conversation history."""

@@ -1,0 +1,220 @@
+"""create_app(): the lifespan (pool, HTTP client, tokenizer), the routes and the error handlers.
+
+Nothing happens at import. The lifespan owns every collaborator a request uses and puts them on
+`app.state.rt` as one `Runtime`; handlers reach it through `runtime(request)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import httpx
+from litestar import Litestar, Request, Response
+from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+
+from proxy import db, logs, metrics, openapi, retention
+from proxy.config import Settings, load_settings
+from proxy.errors import (
+    BadRequest,
+    InternalError,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    ProxyError,
+    error_bytes,
+    unknown_route,
+)
+from proxy.keycache import KeyCache
+from proxy.migrate import migrate
+from proxy.tokens import ModelTable, TokenCounter
+from proxy.upstream import make_client
+
+log = logging.getLogger("chatproxy")
+
+
+@dataclass
+class Runtime:
+    """Everything a request needs, owned by the lifespan."""
+
+    settings: Settings
+    pool: asyncpg.Pool
+    http: httpx.AsyncClient
+    tokens: TokenCounter
+    # Write-backs detached from their request (a client that went away); shutdown awaits them.
+    writes: set[asyncio.Task[Any]] = field(default_factory=set)
+    # Keys the database confirmed lately; consulted only while it is down (proxy/keycache.py).
+    keys: KeyCache = field(default_factory=KeyCache)
+
+    def track(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        self.writes.add(task)
+        task.add_done_callback(self.writes.discard)
+        return task
+
+
+def runtime(request: Request[Any, Any, Any]) -> Runtime:
+    rt: Runtime = request.app.state.rt
+    return rt
+
+
+def _lifespan(settings: Settings, http_client: httpx.AsyncClient | None) -> Any:
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        table = ModelTable.load(settings.models_file)
+        tokens = TokenCounter(table)
+        encodings = {table.defaults.encoding} | {m.encoding for _, m in table._models}
+        await asyncio.to_thread(lambda: [tokens.encoding(name) for name in encodings])
+        url = await asyncio.to_thread(db.database_url, settings)
+        pool = await db.create_pool(url, settings)
+        async with pool.acquire() as conn:
+            applied = await migrate(conn)
+        if applied:
+            log.info("applied migrations: %s", ", ".join(applied))
+        log.info("database: %s", db.describe(settings))
+        for upstream in settings.all_upstreams():
+            log.info("upstream %s: %s", upstream.name, upstream.base_url)
+        http = http_client or make_client(settings)
+        app.state.rt = rt = Runtime(settings, pool, http, tokens)
+        job = asyncio.create_task(retention.run_hourly(pool, settings))  # retention, pruning
+        try:
+            yield
+        finally:
+            job.cancel()
+            await asyncio.gather(job, return_exceptions=True)
+            # Requests cancelled at the grace deadline hand their write-backs over as they
+            # unwind, possibly while this waits: wait until none is left (or the deadline).
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + settings.shutdown_grace + 5
+            while rt.writes and (left := deadline - loop.time()) > 0:
+                await asyncio.wait(set(rt.writes), timeout=left)
+            if http_client is None:
+                await http.aclose()
+            await pool.close()
+
+    return lifespan
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+def _render(error: ProxyError, headers: dict[str, str] | None = None) -> Response[bytes]:
+    return Response(
+        error_bytes(error),
+        status_code=error.status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def _request_id(request: Request[Any, Any, Any]) -> str | None:
+    value: str | None = request.scope.get("state", {}).get("request_id")
+    return value
+
+
+def handle_proxy_error(request: Request[Any, Any, Any], exc: ProxyError) -> Response[bytes]:
+    return _render(exc)
+
+
+def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    """Litestar's own errors (routing, body size, parameter validation) in the OpenAI envelope."""
+    error: ProxyError
+    headers = None
+    if exc.status_code == 404:
+        error = unknown_route(request.method, request.url.path)
+    elif exc.status_code == 405:
+        error = MethodNotAllowed(f"Method {request.method} not allowed on {request.url.path}")
+        allow = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow")
+        headers = {"Allow": allow} if allow else None
+    elif exc.status_code == 413:
+        error = PayloadTooLarge("Request body too large")
+    elif exc.status_code < 500:
+        error = _bad_request(exc)
+        error.status = exc.status_code
+    else:
+        return handle_internal_error(request, exc)
+    return _render(error, headers)
+
+
+def _bad_request(exc: HTTPException) -> ProxyError:
+    """A 4xx from Litestar; a parameter validation failure names its parameter."""
+    extra = exc.extra
+    first = extra[0] if isinstance(extra, list) and extra else None
+    key = first.get("key") if isinstance(first, dict) else None
+    if isinstance(key, str) and key:
+        return BadRequest(f"Invalid value for {key}", param=key)
+    missing = _MISSING_PARAMETER.match(exc.detail)
+    if missing:
+        return BadRequest(
+            f"Missing required parameter: {missing[1]}",
+            param=missing[1],
+            code="missing_required_parameter",
+        )
+    return BadRequest("Malformed request")
+
+
+# Litestar's wording for a required query/header/cookie parameter that was not sent.
+_MISSING_PARAMETER = re.compile(r"Missing required \w+ parameter '([^']{1,100})'")
+
+
+def handle_internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    log.error(
+        "unhandled error on %s %s (request id %s)",
+        request.method,
+        request.scope.get("path"),
+        _request_id(request),
+        exc_info=exc,
+    )
+    return _render(InternalError())
+
+
+# --- the app ----------------------------------------------------------------------------------
+
+
+def create_app(settings: Settings, *, http_client: httpx.AsyncClient | None = None) -> Litestar:
+    from proxy.routes import admin, chat, health, lifecycle, passthrough, sessions
+    from proxy.routes import metrics as metrics_route
+
+    app = Litestar(
+        route_handlers=[
+            *health.handlers,
+            *metrics_route.handlers,
+            *admin.handlers,
+            *sessions.handlers,
+            *lifecycle.handlers,
+            *chat.handlers,
+            *passthrough.handlers,
+        ],
+        lifespan=[_lifespan(settings, http_client), metrics.lifespan],
+        exception_handlers={
+            ProxyError: handle_proxy_error,
+            HTTPException: handle_http_exception,
+            Exception: handle_internal_error,
+        },
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="chatproxy",
+            version="0.1.0",
+            description=openapi.DESCRIPTION,
+            components=openapi.components(),
+            path="/schema",
+            render_plugins=[SwaggerRenderPlugin(path="/")],
+        ),
+        logging_config=None,
+        debug=False,
+    )
+    # Outside routing and error handling, so unknown routes and errors get a request id and a line.
+    app.asgi_handler = logs.access_log(app.asgi_handler)
+    return app
+
+
+def app_from_env() -> Litestar:
+    """The uvicorn factory used by `chatproxy serve` (each worker builds its own app)."""
+    return create_app(load_settings(os.environ))

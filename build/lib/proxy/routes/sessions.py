@@ -1,0 +1,209 @@
+"""The sessions API (contract §5), under `/v1/chat/sessions` and `/chat/sessions`.
+
+Every lookup is scoped to the caller: another user's session is the same 404 as a missing one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, Response, delete, get, patch, post, put
+from litestar.openapi.spec import OpenAPIType
+from pydantic import ConfigDict, Field
+
+from proxy import codec, db, messages, store, wire
+from proxy.app import runtime
+from proxy.errors import BadRequest, SessionNotFound
+from proxy.openapi import documented, query
+from proxy.routes.parsing import (
+    MAX_OFFSET,
+    ExactText,
+    addressed,
+    authenticate,
+    parse_model,
+    query_bool,
+    query_int,
+    read_json,
+)
+
+PREFIXES = ["/v1/chat/sessions", "/chat/sessions"]
+# What the handlers answer: JSON objects (so the OpenAPI schema says so), encoded by `_json`.
+Answer = Response[dict[str, Any]]
+
+
+def paths(suffix: str = "") -> list[str]:
+    return [prefix + suffix for prefix in PREFIXES]
+
+
+class SessionFields(ExactText):
+    """The fields a client may set; anything else is 400 unknown_parameter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    session_name: str | None = Field(default=None, max_length=1000)
+    model: str | None = Field(default=None, max_length=200)
+    system_prompt: str | None = None
+    max_history_messages: int = Field(default=20, ge=0, le=1000)
+    max_history_tokens: int | None = Field(default=None, ge=0, le=100_000_000)
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=64)
+
+
+def _given(body: SessionFields) -> dict[str, Any]:
+    return {name: getattr(body, name) for name in body.model_fields_set}
+
+
+def _json(value: Any, status_code: int = 200) -> Response[Any]:
+    # Encoded here: session text may hold lone surrogates, which only codec.dumps writes.
+    return Response(codec.dumps(value), status_code=status_code, media_type="application/json")
+
+
+TAGS = ["sessions"]
+LIMIT = "page size"
+OFFSET = "how many to skip"
+SESSION_BODY = "Any of these fields; anything else is 400 `unknown_parameter`."
+
+
+@post(paths(), status_code=201, tags=TAGS, summary="Create a session", **documented(
+    201, wire.Session, "The new session", 400, 401, 413, 503,
+    body=SessionFields, body_description=SESSION_BODY,
+))
+async def create_session(request: Request[Any, Any, Any]) -> Answer:
+    user_id = await authenticate(request)
+    rt = runtime(request)
+    body = parse_model(SessionFields, await read_json(request, empty={}))
+    fields = _given(body)
+    fields.setdefault("max_history_messages", rt.settings.default_max_history_messages)
+    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+        session = await store.create_session(conn, user_id, fields)
+    addressed(request, session["id"])
+    return _json(session, 201)
+
+
+@get(paths(), tags=TAGS, summary="List the caller's sessions", **documented(
+    200, wire.SessionList, "The caller's sessions, most recent activity first", 400, 401, 503,
+    parameters=(
+        query("limit", OpenAPIType.INTEGER, LIMIT, minimum=1, maximum=100),
+        query("offset", OpenAPIType.INTEGER, OFFSET, minimum=0, maximum=MAX_OFFSET),
+        query("include_inactive", OpenAPIType.BOOLEAN,
+              "also list deleted sessions not yet purged (`true` / `false`)"),
+    ),
+))
+async def list_sessions(request: Request[Any, Any, Any]) -> Answer:
+    user_id = await authenticate(request)
+    rt = runtime(request)
+    limit = query_int(request, "limit", 20, 1, 100)
+    offset = query_int(request, "offset", 0, 0, MAX_OFFSET)
+    include_inactive = query_bool(request, "include_inactive")
+    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
+            data, total = await store.list_sessions(
+                conn, user_id, limit, offset, include_inactive
+            )
+    return _json(_page(data, total, limit, offset))
+
+
+def _page(data: list[dict[str, Any]], total: int, limit: int, offset: int) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": data,
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+        "has_more": offset + len(data) < total,
+    }
+
+
+@get(paths("/{session_id:str}"), tags=TAGS, summary="Get a session", **documented(
+    200, wire.Session, "The session", 401, 404, 503,
+))
+async def get_session(request: Request[Any, Any, Any], session_id: str) -> Answer:
+    user_id = await authenticate(request)
+    rt = runtime(request)
+    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+        session = await store.get_session(conn, user_id, session_id)
+    if session is None:
+        raise SessionNotFound(session_id)
+    addressed(request, session_id)
+    return _json(session)
+
+
+async def _update(request: Request[Any, Any, Any], session_id: str) -> Answer:
+    user_id = await authenticate(request)
+    rt = runtime(request)
+    body = parse_model(SessionFields, await read_json(request, empty={}))
+    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+        session = await store.update_session(conn, user_id, session_id, _given(body))
+    if session is None:
+        raise SessionNotFound(session_id)
+    addressed(request, session_id)
+    return _json(session)
+
+
+_UPDATE = documented(
+    200, wire.Session, "The updated session", 400, 401, 404, 413, 503,
+    body=SessionFields, body_description="The fields to change; the others stay as they are.",
+)
+
+
+@put(paths("/{session_id:str}"), tags=TAGS, summary="Update a session", **_UPDATE)
+async def put_session(request: Request[Any, Any, Any], session_id: str) -> Answer:
+    return await _update(request, session_id)
+
+
+@patch(paths("/{session_id:str}"), tags=TAGS, summary="Update a session", **_UPDATE)
+async def patch_session(request: Request[Any, Any, Any], session_id: str) -> Answer:
+    return await _update(request, session_id)
+
+
+@delete(paths("/{session_id:str}"), status_code=204, tags=TAGS, summary="Delete a session",
+        description="A soft delete: `is_active` becomes false and the session answers 404 "
+        "everywhere until it is restored, or purged by the retention job.",
+        **documented(204, None, "Deleted", 401, 404, 503))
+async def delete_session(request: Request[Any, Any, Any], session_id: str) -> Response[None]:
+    user_id = await authenticate(request)
+    rt = runtime(request)
+    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+        deleted = await store.soft_delete_session(conn, user_id, session_id)
+    if not deleted:
+        raise SessionNotFound(session_id)
+    addressed(request, session_id)
+    return Response(None, status_code=204)
+
+
+@get(paths("/{session_id:str}/messages"), tags=TAGS, summary="List a session's messages",
+     **documented(
+         200, wire.MessageList, "The session's stored messages", 400, 401, 404, 503,
+         parameters=(
+             query("limit", OpenAPIType.INTEGER, LIMIT, minimum=1, maximum=500),
+             query("offset", OpenAPIType.INTEGER, OFFSET, minimum=0, maximum=MAX_OFFSET),
+             query("order", OpenAPIType.STRING, "by `seq`", enum=["asc", "desc"]),
+         ),
+     ))
+async def list_messages(request: Request[Any, Any, Any], session_id: str) -> Answer:
+    user_id = await authenticate(request)
+    rt = runtime(request)
+    limit = query_int(request, "limit", 50, 1, 500)
+    offset = query_int(request, "offset", 0, 0, MAX_OFFSET)
+    order = request.query_params.get("order", "asc")
+    if order not in ("asc", "desc"):
+        raise BadRequest("order must be asc or desc", param="order")
+    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+        # One snapshot, so that `total` and `has_more` agree with the page.
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            session = await store.get_session(conn, user_id, session_id)
+            if session is None:
+                raise SessionNotFound(session_id)
+            data = await messages.list_messages(conn, session_id, limit, offset, order == "desc")
+    addressed(request, session_id)
+    return _json(_page(data, session["message_count"], limit, offset))
+
+
+handlers = [
+    create_session,
+    list_sessions,
+    get_session,
+    put_session,
+    patch_session,
+    delete_session,
+    list_messages,
+]

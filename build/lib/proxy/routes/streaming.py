@@ -1,0 +1,162 @@
+"""A streamed turn: events relayed as they arrive, the reply stored before `data: [DONE]`.
+
+Each whole event goes to the client the moment it is complete, byte for byte. The final
+`[DONE]` is held until the turn is stored. However the stream ends early — the client went away
+(the body iterator is cancelled or closed) or the upstream broke off — what arrived is stored
+with status "incomplete" by a task of its own, so the write outlives the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import httpx
+from litestar import Response
+
+from proxy import codec, metrics
+from proxy import upstream as up
+from proxy.app import Runtime
+from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
+from proxy.idempotency import Answer
+from proxy.routes.passthrough import ClosingStream
+from proxy.sse import DONE, EventSplitter, ReplyAssembler, event_data
+from proxy.turn import Turn, persist, release_claim, reply_tokens
+
+log = logging.getLogger("chatproxy.stream")
+DRAIN_SECONDS = 2.0  # after [DONE], how long the end of the upstream body may take
+
+
+def _error_event(error: ProxyError) -> bytes:
+    return b"data: " + codec.dumps(error.body()) + b"\n\n"
+
+
+async def stream_turn(
+    rt: Runtime, response: httpx.Response, current: Turn, state: dict[str, Any] | None = None
+) -> Response[Any]:
+    """The client's streamed answer; `state` (the request's `scope["state"]`, with the
+    upstream's name and the request's arrival) lets the relay measure the time to first byte."""
+    headers = up.response_headers(response.headers)
+    content_type = response.headers.get("content-type", "")
+    if response.status_code != 200 or not content_type.startswith("text/event-stream"):
+        # An upstream error (or a 200 that is not a stream) before the first event: passed
+        # through unchanged, nothing stored.
+        raw = await up.read_body(response)
+        return Response(raw, status_code=response.status_code, headers=headers)
+    headers.update(current.headers)
+    headers["cache-control"] = "no-cache"
+    current.settled = True  # from here on the relay stores the turn or releases the claim
+    ttfb = None
+    if state is not None and isinstance(state.get("request_started"), float):
+        ttfb = (state["request_started"], str(state.get("upstream", "default")))
+    return ClosingStream(
+        _relay(rt, response, current, headers, ttfb), status_code=200, headers=headers
+    )
+
+
+async def _relay(
+    rt: Runtime,
+    response: httpx.Response,
+    current: Turn,
+    headers: dict[str, str] | None = None,
+    ttfb: tuple[float, str] | None = None,
+) -> AsyncGenerator[bytes, None]:
+    """The client's stream; `headers` are the response's, recorded for an idempotent replay."""
+    splitter = EventSplitter()
+    assembler = ReplyAssembler()
+    done_event: bytes | None = None
+    failure: ProxyError | None = None
+    stored = False  # set before the write starts: however the stream ends, one write at most
+    sent: list[bytes] | None = [] if current.claim is not None else None  # for a replay
+
+    def write(status: str) -> Awaitable[None]:
+        reply = assembler.message()
+        tokens = reply_tokens(rt, current.model, reply, assembler.usage)
+        answer = None
+        if sent is not None and status == "complete" and done_event is not None:
+            answer = Answer(200, headers or {}, b"".join(sent) + done_event)
+        return persist(rt, current, reply, tokens, status, answer)
+
+    chunks = response.aiter_bytes()
+    try:
+        try:
+            async for chunk in chunks:
+                for event in splitter.feed(chunk):
+                    data = event_data(event)
+                    if data == DONE:
+                        done_event = event
+                        break
+                    if data is not None:
+                        assembler.feed(data)
+                    if sent is not None:
+                        sent.append(event)
+                    if ttfb is not None:  # the first event: time to first byte
+                        metrics.stream_ttfb(time.perf_counter() - ttfb[0], upstream=ttfb[1])
+                        ttfb = None
+                    yield event
+                if done_event is not None:
+                    break
+            else:
+                # The body ended. An unterminated last event is discarded (as SSE says),
+                # unless it is the [DONE] of an upstream that forgot the blank line.
+                if event_data(splitter.pending) == DONE:
+                    done_event = b"data: [DONE]\n\n"
+        except httpx.TimeoutException:
+            failure = UpstreamTimeout("The upstream stopped sending before the reply was complete")
+        except httpx.HTTPError:
+            failure = UpstreamError("The upstream broke off the stream")
+        if done_event is None and failure is None:
+            failure = UpstreamError("The upstream ended the stream before [DONE]")
+        await _finish(response, chunks if failure is None else None)
+        if assembler.valid:
+            stored = True
+            try:
+                await write("complete" if failure is None else "incomplete")
+            except ProxyError as exc:
+                failure = exc
+        if failure is None and done_event is not None:
+            yield done_event
+        else:
+            yield _error_event(failure or UpstreamError("The stream failed"))
+    finally:
+        if not stored:
+            # The client went away (cancelled or closed mid-stream): close the upstream
+            # request and store what arrived, in a task of its own.
+            status = "complete" if done_event is not None and failure is None else "incomplete"
+            pending: Callable[[], Awaitable[None]] | None = (
+                partial(write, status) if assembler.valid else None
+            )
+            if pending is None and current.claim is not None:
+                pending = partial(release_claim, rt, current.claim)
+            rt.track(asyncio.create_task(_abandon(response, pending)))
+
+
+async def _finish(response: httpx.Response, rest: AsyncIterator[bytes] | None) -> None:
+    """Close the upstream response; after [DONE], read the `rest` of its body first, so that
+    the connection goes back to the pool instead of being closed.
+
+    The drain is bounded: an upstream that keeps the body open after [DONE] is cut off.
+    """
+    if rest is not None and not response.is_closed:
+        try:
+            async with asyncio.timeout(DRAIN_SECONDS):
+                async for _ in rest:
+                    pass
+        except (TimeoutError, httpx.HTTPError, httpx.StreamError):
+            pass
+    await response.aclose()
+
+
+async def _abandon(
+    response: httpx.Response, write: Callable[[], Awaitable[None]] | None
+) -> None:
+    await response.aclose()
+    if write is not None:
+        try:
+            await write()
+        except ProxyError:
+            log.warning("an incomplete streamed turn could not be stored: database unavailable")

@@ -1,0 +1,126 @@
+"""Server-sent events from an OpenAI-compatible stream, and the reply assembled from them. Pure.
+
+`EventSplitter` cuts the byte stream into whole events without changing a byte, so each event
+can be forwarded as soon as it is complete. `ReplyAssembler` folds chat.completion.chunk deltas
+for choice 0 into the assistant message: content, refusal and tool calls by index.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy import codec
+
+_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+DONE = b"[DONE]"
+
+
+class EventSplitter:
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """Whole events (each with its trailing blank line) completed by `chunk`."""
+        buffer = self._buffer + chunk
+        events = []
+        start = 0
+        while match := _BOUNDARY.search(buffer, start):
+            events.append(buffer[start : match.end()])
+            start = match.end()
+        self._buffer = buffer[start:]
+        return events
+
+    @property
+    def pending(self) -> bytes:
+        return self._buffer
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The joined `data:` lines of one event, or None when it has none."""
+    lines = [
+        line[5:].removeprefix(b" ")
+        for line in event.splitlines()
+        if line.startswith(b"data:")
+    ]
+    return b"\n".join(lines) if lines else None
+
+
+@dataclass
+class ReplyAssembler:
+    content: list[str] = field(default_factory=list)
+    refusal: list[str] = field(default_factory=list)
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    valid_chunks: int = 0
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    saw_content: bool = False
+
+    def feed(self, data: bytes) -> None:
+        try:
+            chunk = codec.loads(data)
+        except codec.InvalidJSON:
+            return
+        if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
+            return
+        self.valid_chunks += 1
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        for choice in chunk["choices"]:
+            if isinstance(choice, dict) and choice.get("index", 0) == 0:
+                self._choice(choice)
+
+    def _choice(self, choice: dict[str, Any]) -> None:
+        if isinstance(choice.get("finish_reason"), str):
+            self.finish_reason = choice["finish_reason"]
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            return
+        if isinstance(delta.get("content"), str):
+            self.content.append(delta["content"])
+            self.saw_content = True
+        if isinstance(delta.get("refusal"), str):
+            self.refusal.append(delta["refusal"])
+        for call in delta.get("tool_calls") or ():
+            if isinstance(call, dict):
+                self._tool_call(call)
+
+    def _tool_call(self, delta: dict[str, Any]) -> None:
+        index = delta.get("index", 0)
+        if not isinstance(index, int):
+            return
+        call = self.tool_calls.setdefault(
+            index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+        )
+        if isinstance(delta.get("id"), str):
+            call["id"] = delta["id"]
+        if isinstance(delta.get("type"), str):
+            call["type"] = delta["type"]
+        function = delta.get("function")
+        if isinstance(function, dict):
+            for key in ("name", "arguments"):
+                if isinstance(function.get(key), str):
+                    call["function"][key] += function[key]
+
+    @property
+    def valid(self) -> bool:
+        return self.valid_chunks > 0
+
+    def message(self) -> dict[str, Any]:
+        """The assistant message as the non-streamed API would have returned it.
+
+        `content` is null only beside a refusal or tool calls, as in the non-streamed API: a
+        reply cut off before its first word is stored with `""`, which an upstream accepts back
+        as history (an assistant message with null content and nothing else it refuses).
+        """
+        empty = not self.refusal and not self.tool_calls
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": "".join(self.content) if self.saw_content or empty else None,
+        }
+        if self.refusal:
+            message["refusal"] = "".join(self.refusal)
+        if self.tool_calls:
+            message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        return message

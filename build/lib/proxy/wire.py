@@ -1,0 +1,218 @@
+"""The objects on the wire (contract §3-§6), as pydantic models for the OpenAPI schema only.
+
+Nothing parses or encodes with these: the handlers build plain dicts (`proxy.store`,
+`proxy.messages`, `proxy.document`) and validate input with their own models. These say what
+those dicts hold, so that `/schema` documents it; `tests/test_openapi.py` checks real answers
+against them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+Content = str | list[dict[str, Any]] | None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="`invalid_request_error` or `server_error`")
+    param: str | None = Field(description="the field the error is about, when there is one")
+    code: str | None = Field(description="e.g. `session_not_found`, `invalid_value`")
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope: every error the proxy itself produces has this shape."""
+
+    error: ErrorDetail
+
+
+# --- sessions -----------------------------------------------------------------------------------
+
+
+class Session(BaseModel):
+    """A chat session. Timestamps are ISO 8601 UTC (`2024-12-15T10:30:00Z`)."""
+
+    id: str = Field(examples=["sess_3kTq9vYb2LwQ8cRm"])
+    object: Literal["chat.session"]
+    session_id: str = Field(description="the same as `id`")
+    session_name: str | None
+    model: str | None
+    system_prompt: str | None = Field(
+        description="sent as a system message when a request opens with none")
+    max_history_messages: int = Field(ge=0, le=1000)
+    max_history_tokens: int | None
+    metadata: dict[str, str]
+    message_count: int
+    total_tokens: int = Field(description="the sum of the stored messages' `tokens`")
+    is_active: bool = Field(description="false once deleted (until restored or purged)")
+    created_at: datetime
+    updated_at: datetime
+    last_message_at: datetime | None
+
+
+class SessionList(BaseModel):
+    object: Literal["list"]
+    data: list[Session] = Field(description="most recent activity first")
+    total: int
+    limit: int
+    offset: int
+    has_more: bool
+
+
+class Message(BaseModel):
+    """A stored message; `content` exactly as the client or upstream sent it."""
+
+    id: str = Field(examples=["msg_42"])
+    object: Literal["chat.message"]
+    session_id: str
+    seq: int = Field(description="unique and increasing within the session")
+    role: Role
+    content: Content = Field(description="a string, an array of content parts, or null")
+    name: str | None = None
+    refusal: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    tokens: int
+    status: Literal["complete", "incomplete"] = Field(
+        description="`incomplete`: the stream ended before the reply was whole")
+    created_at: datetime
+
+
+class MessageList(BaseModel):
+    object: Literal["list"]
+    data: list[Message]
+    total: int
+    limit: int
+    offset: int
+    has_more: bool
+
+
+class ExportDocument(BaseModel):
+    """A whole session: every message, in order. `POST .../import` takes it back."""
+
+    format: Literal["chatproxy.session.v1"]
+    session: Session
+    messages: list[Message]
+
+
+class ImportSession(BaseModel):
+    """The session part of an import: its settings (anything else in it is ignored)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    session_name: str | None = Field(default=None, max_length=1000)
+    model: str | None = Field(default=None, max_length=200)
+    system_prompt: str | None = None
+    max_history_messages: int | None = Field(default=None, ge=0, le=1000)
+    max_history_tokens: int | None = Field(default=None, ge=0, le=100_000_000)
+    metadata: dict[str, str] | None = Field(default=None, max_length=64)
+
+
+class ImportMessage(BaseModel):
+    """A message to import: `role` and `content` are required; the envelope (`id`, `object`,
+    `session_id`) is ignored; `tokens` is counted when left out; other fields are kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Role
+    content: Content
+    seq: int | None = Field(default=None, description="when given, increasing")
+    tokens: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    status: Literal["complete", "incomplete"] = "complete"
+    created_at: datetime | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class ImportDocument(BaseModel):
+    """An export document (`GET .../export`), or one written by hand."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: Literal["chatproxy.session.v1"]
+    session: ImportSession
+    messages: list[ImportMessage]
+
+
+# --- admin --------------------------------------------------------------------------------------
+
+
+class User(BaseModel):
+    id: str = Field(examples=["user_7hKq2mXw"])
+    name: str
+    created_at: datetime
+
+
+class UserList(BaseModel):
+    object: Literal["list"]
+    data: list[User]
+
+
+class ApiKey(BaseModel):
+    """A key without its secret."""
+
+    id: str = Field(examples=["key_4bNf8sQz"])
+    object: Literal["api_key"]
+    user_id: str
+    prefix: str = Field(description="the key's first characters, to recognise it")
+    name: str | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class NewApiKey(BaseModel):
+    """A key as issued: `key` appears here and nowhere else, ever."""
+
+    id: str
+    object: Literal["api_key"]
+    key: str = Field(examples=["sk-cp-..."])
+    prefix: str
+    name: str | None
+    user_id: str
+    created_at: datetime
+
+
+class ApiKeyList(BaseModel):
+    object: Literal["list"]
+    data: list[ApiKey]
+
+
+# --- chat completions ---------------------------------------------------------------------------
+
+
+class ChatMessage(BaseModel):
+    """An OpenAI chat message; fields not listed are forwarded as they are."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Role
+    content: Content = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's chat completion request, plus the proxy's two fields; every other field is
+    forwarded to the upstream unchanged."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(description="also picks the upstream (`[[upstreams]]` patterns)")
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool | None = None
+    session_id: str | None = Field(
+        default=None,
+        description="inject this session's history and store the turn in it (or send the "
+        "`X-Session-Id` header); removed before the request goes upstream",
+    )
+    max_history_messages: int | None = Field(
+        default=None, ge=0, le=1000,
+        description="this request's history window instead of the session's; removed before "
+        "the request goes upstream",
+    )
