@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
+from http.cookiejar import CookieJar
 from typing import Any
 
 import httpx
@@ -16,6 +17,7 @@ import httpx
 from proxy import metrics
 from proxy.config import Settings, Upstream
 from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.transport import FastTransport
 
 MAX_UPSTREAM_BODY = 64 * 1024 * 1024  # a non-streamed answer larger than this is a 502
 
@@ -40,20 +42,58 @@ _DROP_RESPONSE = frozenset(
 )
 
 
+class _EmptyJar(CookieJar):
+    def set_cookie(self, cookie: Any) -> None:
+        return None
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
+
+
+class _NoCookies(httpx.Cookies):
+    """A jar that keeps nothing: one user's upstream cookies must never ride another's request."""
+
+    def __init__(self) -> None:
+        super().__init__(_EmptyJar())
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None  # also skips building a urllib request per response to look for Set-Cookie
+
+    def set_cookie_header(self, request: httpx.Request) -> None:
+        return None
+
+
+class UpstreamClient(httpx.AsyncClient):
+    """`httpx.AsyncClient` without a cookie jar (`cookies` is always empty, and stays so)."""
+
+    _no_cookies = _NoCookies()
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._no_cookies
+
+    @cookies.setter
+    def cookies(self, value: Any) -> None:
+        return None
+
+
 def make_client(
     settings: Settings, transport: httpx.AsyncBaseTransport | None = None
 ) -> httpx.AsyncClient:
-    """The process's one upstream client; `transport` lets tests put a mock underneath."""
+    """The process's one upstream client; `transport` lets tests put a mock underneath.
+
+    Without one, the client sends through `FastTransport` (proxy/transport.py).
+    """
     timeout = httpx.Timeout(
         connect=settings.upstream_connect_timeout,
         read=settings.upstream_timeout,
         write=settings.upstream_timeout,
         pool=settings.upstream_connect_timeout,
     )
-    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=256, keepalive_expiry=60)
-    return httpx.AsyncClient(
+    if transport is None:
+        transport = FastTransport(max_keepalive=256, keepalive_expiry=60.0)
+    return UpstreamClient(
         timeout=timeout,
-        limits=limits,
         follow_redirects=False,
         trust_env=False,
         transport=transport,
@@ -71,6 +111,19 @@ def request_headers(upstream: Upstream, incoming: Iterable[tuple[str, str]]) -> 
 
 def response_headers(headers: httpx.Headers) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in _DROP_RESPONSE}
+
+
+_URLS: dict[str, httpx.URL] = {}  # parsed once: httpx parses a str URL on every request
+_URL_CACHE = 1024
+
+
+def _parsed(url: str) -> httpx.URL:
+    parsed = _URLS.get(url)
+    if parsed is None:
+        parsed = httpx.URL(url)
+        if len(_URLS) < _URL_CACHE:
+            _URLS[url] = parsed
+    return parsed
 
 
 def url_for(upstream: Upstream, path: str, query: str = "") -> str:
@@ -95,7 +148,7 @@ async def open_stream(
     the upstream's configured `name`) and, with `state` (the request's `scope["state"]`), to
     the access log line. A transport failure records nothing: it has no upstream status.
     """
-    request = client.build_request(method, url, headers=headers, content=content)
+    request = client.build_request(method, _parsed(url), headers=headers, content=content)
     started = time.perf_counter()
     try:
         response = await client.send(request, stream=True)

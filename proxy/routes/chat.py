@@ -119,9 +119,10 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
         await authenticate(request, stores_nothing=True)
         # Nothing to change: the client's bytes go upstream as they came.
         content = codec.dumps(body) if had_proxy_fields else await request.body()
+        streamed = body.get("stream") is True
         return await relay(
             rt, target, "POST", "/chat/completions", "", request.headers.items(), content,
-            state=request.scope["state"], stream=body.get("stream") is True,
+            state=request.scope["state"], stream=streamed, whole=not streamed,
         )
 
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:

@@ -86,16 +86,25 @@ async def relay(
     *,
     state: dict[str, Any] | None = None,
     stream: bool = False,
+    whole: bool = False,
 ) -> Response[Any]:
     """Send one request upstream and stream its answer back as it arrives.
 
     `state` is the request's `scope["state"]` (the access log's upstream fields); `stream`
     says the answer is a streamed chat completion, whose time to first byte is measured.
+    `whole` says the answer is one JSON document (a chat completion without `stream`): it is
+    read whole and sent as a plain response, cheaper than a streamed one; an answer that
+    breaks off is then a 502 instead of a body cut short.
     """
     response = await up.open_stream(
         rt.http, method, up.url_for(target, path, query), up.request_headers(target, headers),
         content, state=state, name=target.name,
     )
+    if whole:
+        raw = await up.read_body(response)
+        return Response(
+            raw, status_code=response.status_code, headers=up.response_headers(response.headers)
+        )
     started = state.get("request_started") if state is not None else None
     ttfb = None
     if stream and response.status_code == 200 and isinstance(started, float):
