@@ -491,3 +491,22 @@ def test_key_cache_forgets_refused_and_stale_keys_and_stays_bounded() -> None:
     for key in (b"x", b"y", b"z"):
         cache.remember(key, "u")
     assert [cache.recent(k) for k in (b"x", b"y", b"z")] == [None, "u", "u"]
+
+
+class _BreaksOff(httpx.AsyncByteStream):
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b'{"id": "chatcmpl-1", "choices": ['
+        raise httpx.ReadError("connection reset")
+
+
+@pytest.mark.parametrize("with_session", [False, True])
+async def test_a_non_streamed_answer_that_breaks_off_is_502(
+    client: Any, upstream: respx.Router, alice: User, db: asyncpg.Connection, with_session: bool
+) -> None:
+    upstream.post("/chat/completions").mock(return_value=httpx.Response(
+        200, stream=_BreaksOff(), headers={"content-type": "application/json"}))
+    sid = await new_session(client, alice) if with_session else None
+    r = await client.post("/v1/chat/completions", json=chat(sid), headers=alice.headers)
+    assert (r.status_code, r.json()) == (502, error_502("The upstream's answer broke off"))
+    if sid is not None:
+        assert await stored(db, sid) == []
