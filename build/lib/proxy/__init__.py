@@ -1,1 +1,0 @@
-"""chatproxy: an OpenAI-compatible chat proxy with server-side conversation history."""
