@@ -1,9 +1,8 @@
-"""Variant: `lean` plus `synchronous_commit = off` on the proxy's connections.
+"""Variant: the shipped server with `synchronous_commit = off` on the proxy's connections.
 
 For measurement only: it shows what waiting for the WAL flush of each turn's commit costs.
-It is not a proposal as it stands: with it, a turn the client was answered for can be lost if
-PostgreSQL itself crashes within about 3 x wal_writer_delay (the data stays consistent; the
-turn is visible to every later read at once, as now).
+It is not a proposal: with it, a turn the client was answered for can be lost if PostgreSQL
+itself crashes within about 3 x wal_writer_delay (the data stays consistent).
 """
 
 from __future__ import annotations
@@ -12,12 +11,8 @@ import functools
 
 import _base
 import asyncpg
-import noreset
-import rawhttp
 
 if __name__ == "__main__":
-    noreset.apply()
-    rawhttp.apply()
     asyncpg.create_pool = functools.partial(
         asyncpg.create_pool, server_settings={"synchronous_commit": "off"})
     _base.serve()
