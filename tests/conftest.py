@@ -11,6 +11,7 @@ import os
 import secrets
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -58,23 +59,34 @@ def server_url() -> Iterator[str]:
     yield server.get_uri()
 
 
-@pytest.fixture(scope="session")
-async def database_url(server_url: str) -> AsyncIterator[str]:
-    """A fresh, migrated database for this test run."""
-    name = "chatproxy_test_" + secrets.token_hex(4)
+@asynccontextmanager
+async def fresh_database(
+    server_url: str, prefix: str = "chatproxy_test_", *, migrated: bool = True
+) -> AsyncIterator[str]:
+    """A new database on the test server (migrated by the real code unless told otherwise),
+    dropped afterwards. For tests that must own every row, or break their database."""
+    name = prefix + secrets.token_hex(4)
     admin = await asyncpg.connect(server_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = with_database(server_url, name)
-    conn = await asyncpg.connect(url)
     try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        url = with_database(server_url, name)
+        if migrated:
+            conn = await asyncpg.connect(url)
+            try:
+                await migrate(conn)
+            finally:
+                await conn.close()
         yield url
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def database_url(server_url: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test run."""
+    async with fresh_database(server_url) as url:
+        yield url
 
 
 @pytest.fixture

@@ -261,6 +261,11 @@ class Serve:
             self.process.kill()
             self.process.wait(timeout=10)
 
+    def restart(self) -> None:
+        """Stop, then start again on the same port."""
+        self.stop()
+        self.start()
+
 
 @contextmanager
 def serving(env: dict[str, str], log_path: Path) -> Iterator[Serve]:

@@ -18,8 +18,7 @@ import pytest
 
 from proxy import codec, lifecycle, messages, store
 from proxy.messages import NewMessage
-from tests.conftest import ROOT, User, make_user
-from tests.scratch_db import fresh_database
+from tests.conftest import ROOT, User, fresh_database, make_user
 from tests.test_lifecycle import CONVO, bodies
 
 

@@ -8,15 +8,8 @@ history the proxy injected.
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -26,70 +19,9 @@ import pytest
 
 from tests.conftest import ROOT, UPSTREAM_KEY, User
 from tests.fake_upstream import FakeUpstream
+from tests.fault_helpers import Serve
 
 pytestmark = pytest.mark.e2e
-
-START_TIMEOUT = 90.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class ProxyProcess:
-    """`chatproxy serve` in a subprocess; `restart()` stops it and starts it on the same port."""
-
-    def __init__(self, env: dict[str, str], workdir: Path):
-        self.env = env
-        self.workdir = workdir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = workdir / "chatproxy.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def command(self) -> list[str]:
-        script = shutil.which("chatproxy", path=str(Path(sys.executable).parent))
-        base = [script] if script else [sys.executable, "-m", "proxy"]
-        return [*base, "serve", "--port", str(self.port)]
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.command(), env=self.env, cwd=self.workdir, stdout=log, stderr=log
-            )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"chatproxy serve exited early:\n{self.tail()}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"chatproxy serve did not become ready:\n{self.tail()}")
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
 
 @pytest.fixture(scope="module")
 def fake() -> Iterator[FakeUpstream]:
@@ -102,12 +34,10 @@ def fake() -> Iterator[FakeUpstream]:
 @pytest.fixture(scope="module")
 def proxy(
     database_url: str, fake: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ProxyProcess]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("CHATPROXY_") and k != "OPENAI_API_KEY"}
+) -> Iterator[Serve]:
     workdir = tmp_path_factory.mktemp("chatproxy-e2e")
     (workdir / "empty.toml").write_text("")
-    env.update({
+    env = {
         "CHATPROXY_CONFIG": str(workdir / "empty.toml"),
         "CHATPROXY_DATABASE_URL": database_url,
         "CHATPROXY_UPSTREAM_BASE_URL": fake.url + "/v1",
@@ -115,15 +45,17 @@ def proxy(
         "CHATPROXY_MODELS_FILE": str(ROOT / "config" / "models.toml"),
         "CHATPROXY_LOG_LEVEL": "warning",
         "CHATPROXY_SHUTDOWN_GRACE": "5",
-    })
-    server = ProxyProcess(env, workdir)
+    }
+    server = Serve(env, workdir / "chatproxy.log")
     server.start()
-    yield server
-    server.stop()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture
-async def sdk(proxy: ProxyProcess, alice: User) -> AsyncIterator[openai.AsyncOpenAI]:
+async def sdk(proxy: Serve, alice: User) -> AsyncIterator[openai.AsyncOpenAI]:
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=alice.key, max_retries=0,
                                 timeout=60)
     yield client
@@ -131,7 +63,7 @@ async def sdk(proxy: ProxyProcess, alice: User) -> AsyncIterator[openai.AsyncOpe
 
 
 @pytest.fixture
-async def api(proxy: ProxyProcess, alice: User) -> AsyncIterator[httpx.AsyncClient]:
+async def api(proxy: Serve, alice: User) -> AsyncIterator[httpx.AsyncClient]:
     """Plain HTTP to the proxy, for the sessions API."""
     async with httpx.AsyncClient(base_url=proxy.url, headers=alice.headers,
                                  timeout=30) as client:
@@ -317,7 +249,7 @@ async def test_a_full_tool_round_trip(
 
 
 async def test_a_restart_in_the_middle_of_a_conversation(
-    sdk: openai.AsyncOpenAI, api: httpx.AsyncClient, fake: FakeUpstream, proxy: ProxyProcess
+    sdk: openai.AsyncOpenAI, api: httpx.AsyncClient, fake: FakeUpstream, proxy: Serve
 ) -> None:
     sid = await new_session(api)
     await sdk.chat.completions.create(

@@ -8,7 +8,6 @@ black-holed network would.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -19,8 +18,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from proxy.app import create_app
-from proxy.migrate import migrate
-from tests.conftest import User, configured, make_user, with_database
+from tests.conftest import User, configured, fresh_database, make_user
 
 UNAVAILABLE = {"error": {"message": "The database is unavailable, try again shortly",
                          "type": "server_error", "param": None, "code": "database_unavailable"}}
@@ -34,22 +32,16 @@ async def test_health_and_ready(client) -> None:
 
 
 @pytest.fixture
-async def doomed_database(server_url: str) -> AsyncIterator[tuple[str, asyncpg.Connection]]:
+async def doomed_database(
+    server_url: str,
+) -> AsyncIterator[tuple[str, asyncpg.Connection]]:
     """A migrated database of this test's own, and a server connection that can drop it."""
-    name = "chatproxy_doomed_" + secrets.token_hex(4)
-    admin = await asyncpg.connect(server_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = with_database(server_url, name)
-    conn = await asyncpg.connect(url)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    try:
-        yield url, admin
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with fresh_database(server_url, "chatproxy_doomed_") as url:
+        admin = await asyncpg.connect(server_url)
+        try:
+            yield url, admin
+        finally:
+            await admin.close()
 
 
 async def test_ready_is_503_once_the_database_is_dropped(settings, doomed_database) -> None:

@@ -10,7 +10,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 
 from proxy import logs, metrics
 from tests.conftest import ROOT
+from tests.fault_helpers import free_port
 from tests.test_metrics import parse, value
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -205,12 +205,6 @@ def test_uvicorn_lines_go_through_the_json_config() -> None:
 
 
 # --- the real server ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def with_password(url: str) -> tuple[str, str]:

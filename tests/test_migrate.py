@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,20 +10,14 @@ import asyncpg
 import pytest
 
 from proxy.migrate import MIGRATION_LOCK, MigrationError, discover, migrate, sql_dir
-from tests.conftest import with_database
+from tests.conftest import fresh_database
 
 
 @pytest.fixture
 async def empty_database(server_url: str) -> AsyncIterator[str]:
     """A brand-new database with nothing in it, dropped afterwards."""
-    name = "chatproxy_mig_" + secrets.token_hex(4)
-    admin = await asyncpg.connect(server_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield with_database(server_url, name)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with fresh_database(server_url, "chatproxy_mig_", migrated=False) as url:
+        yield url
 
 
 async def applied_names(conn: asyncpg.Connection) -> list[str]:

@@ -22,8 +22,7 @@ from proxy.config import Settings
 from proxy.messages import NewMessage
 from proxy.retention import Report
 from proxy.upstream import make_client
-from tests.conftest import User, make_user
-from tests.scratch_db import fresh_database
+from tests.conftest import User, fresh_database, make_user
 
 WEEK = timedelta(days=7)
 SECOND = timedelta(seconds=1)

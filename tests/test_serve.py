@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.fault_helpers import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 CHATPROXY = str(Path(sys.executable).parent / "chatproxy")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def cluster_running(pgdata: Path) -> bool:
