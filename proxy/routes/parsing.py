@@ -33,17 +33,18 @@ def is_session_id(value: object) -> bool:
     )
 
 
-def _json_content_type(request: Request[Any, Any, Any]) -> bool:
+def json_content_type(request: Request[Any, Any, Any], *, missing: bool = True) -> bool:
+    """Whether the body is declared JSON; `missing` is the answer without a Content-Type."""
     value = request.headers.get("content-type")
     if value is None:
-        return True
+        return missing
     media = value.split(";", 1)[0].strip().lower()
     return media == "application/json" or media.endswith("+json")
 
 
 async def read_json(request: Request[Any, Any, Any], *, empty: Any = None) -> Any:
     """The decoded body; `empty` when there is none (or 400 when `empty` is None)."""
-    if not _json_content_type(request):
+    if not json_content_type(request):
         raise BadRequest("Content-Type must be application/json", code="invalid_value")
     raw = await request.body()
     if not raw.strip():

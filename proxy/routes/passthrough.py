@@ -28,7 +28,7 @@ from proxy.app import Runtime, runtime
 from proxy.config import Upstream
 from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
 from proxy.routes.models import merged_models
-from proxy.routes.parsing import authenticate
+from proxy.routes.parsing import authenticate, json_content_type
 
 
 class _ClosingStreamingResponse(ASGIStreamingResponse):
@@ -135,7 +135,7 @@ async def passthrough(request: Request[Any, Any, Any], path: str) -> Response[An
             return await merged_models(rt, request)
         if path.startswith(_MODEL_PATH):
             target = rt.settings.upstream_for(path[len(_MODEL_PATH):])
-        elif has_body and _json_body(request):
+        elif has_body and json_content_type(request, missing=False):
             content = await request.body()
             target = rt.settings.upstream_for(_model_of(content))
     if has_body and content is None:
@@ -153,11 +153,6 @@ class _Model(msgspec.Struct):
     """The one field routing reads; msgspec skips the rest of the body without building it."""
 
     model: Any = None
-
-
-def _json_body(request: Request[Any, Any, Any]) -> bool:
-    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    return media == "application/json" or media.endswith("+json")
 
 
 def _model_of(raw: bytes) -> Any:
