@@ -105,7 +105,7 @@ def _lifespan(settings: Settings, http_client: httpx.AsyncClient | None) -> Any:
 # --- errors -----------------------------------------------------------------------------------
 
 
-def _render(error: ProxyError, headers: dict[str, str] | None = None) -> Response[bytes]:
+def render_error(error: ProxyError, headers: dict[str, str] | None = None) -> Response[bytes]:
     return Response(
         error_bytes(error),
         status_code=error.status,
@@ -114,13 +114,8 @@ def _render(error: ProxyError, headers: dict[str, str] | None = None) -> Respons
     )
 
 
-def _request_id(request: Request[Any, Any, Any]) -> str | None:
-    value: str | None = request.scope.get("state", {}).get("request_id")
-    return value
-
-
 def handle_proxy_error(request: Request[Any, Any, Any], exc: ProxyError) -> Response[bytes]:
-    return _render(exc)
+    return render_error(exc)
 
 
 def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
@@ -140,7 +135,7 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
         error.status = exc.status_code
     else:
         return handle_internal_error(request, exc)
-    return _render(error, headers)
+    return render_error(error, headers)
 
 
 def _bad_request(exc: HTTPException) -> ProxyError:
@@ -165,21 +160,26 @@ _MISSING_PARAMETER = re.compile(r"Missing required \w+ parameter '([^']{1,100})'
 
 
 def handle_internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    return internal_error(request.scope, exc)
+
+
+def internal_error(scope: Any, exc: Exception) -> Response[bytes]:
+    """A 500 that tells the client nothing; the traceback is logged with the request id."""
     log.error(
         "unhandled error on %s %s (request id %s)",
-        request.method,
-        request.scope.get("path"),
-        _request_id(request),
+        scope.get("method"),
+        scope.get("path"),
+        scope.get("state", {}).get("request_id"),
         exc_info=exc,
     )
-    return _render(InternalError())
+    return render_error(InternalError())
 
 
 # --- the app ----------------------------------------------------------------------------------
 
 
 def create_app(settings: Settings, *, http_client: httpx.AsyncClient | None = None) -> Litestar:
-    from proxy.routes import admin, chat, health, lifecycle, passthrough, sessions
+    from proxy.routes import admin, chat, direct, health, lifecycle, passthrough, sessions
     from proxy.routes import metrics as metrics_route
 
     app = Litestar(
@@ -210,8 +210,9 @@ def create_app(settings: Settings, *, http_client: httpx.AsyncClient | None = No
         logging_config=None,
         debug=False,
     )
-    # Outside routing and error handling, so unknown routes and errors get a request id and a line.
-    app.asgi_handler = logs.access_log(app.asgi_handler)
+    # The chat route answered ahead of routing (proxy/routes/direct.py); the access log outside
+    # routing and error handling, so unknown routes and errors get a request id and a line.
+    app.asgi_handler = logs.access_log(direct.chat_first(app, app.asgi_handler))
     return app
 
 

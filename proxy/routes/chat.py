@@ -21,8 +21,9 @@ from proxy.errors import (
     Unauthorized,
     UpstreamError,
 )
+from proxy.incoming import Incoming
 from proxy.openapi import CHAT_COMPLETIONS
-from proxy.routes.parsing import authenticate, is_session_id, read_json
+from proxy.routes.parsing import is_session_id, read_json, verify_key
 from proxy.routes.passthrough import relay
 from proxy.routes.streaming import stream_turn
 
@@ -30,7 +31,7 @@ ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function
 PROXY_FIELDS = ("session_id", "max_history_messages")
 
 
-def _session_id(request: Request[Any, Any, Any], body: dict[str, Any]) -> str | None:
+def _session_id(request: Incoming, body: dict[str, Any]) -> str | None:
     in_body = body.pop("session_id", None)
     in_header = request.headers.get("x-session-id")
     if in_body is not None and not isinstance(in_body, str):
@@ -103,7 +104,13 @@ def _check_message_fields(item: dict[str, Any], where: str) -> None:
 
 @post("/v1/chat/completions", status_code=200, **CHAT_COMPLETIONS)
 async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
+    """Reached through Litestar only for what proxy/routes/direct.py leaves to it."""
     rt = runtime(request)
+    return await complete(rt, Incoming(request.scope, request.receive, rt.settings.max_body_bytes))
+
+
+async def complete(rt: Runtime, request: Incoming) -> Response[Any]:
+    """The answer to one chat completion request (every route to it ends here)."""
     key_hash = auth.client_key_hash(request.headers.get("authorization"))
     idem_key = idempotency.check_key(request.headers.get("idempotency-key"))
     body = await read_json(request)
@@ -116,20 +123,21 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
     target = rt.settings.upstream_for(body.get("model"))
 
     if session_id is None:
-        await authenticate(request, stores_nothing=True)
+        # For the access log line: the user's id, never the key.
+        request.state["user_id"] = await verify_key(rt, key_hash, stores_nothing=True)
         # Nothing to change: the client's bytes go upstream as they came.
         content = codec.dumps(body) if had_proxy_fields else await request.body()
         streamed = body.get("stream") is True
         return await relay(
             rt, target, "POST", "/chat/completions", "", request.headers.items(), content,
-            state=request.scope["state"], stream=streamed, whole=not streamed,
+            state=request.state, stream=streamed, whole=not streamed,
         )
 
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         ctx = await messages.read_turn(conn, key_hash, session_id, override)
     if ctx is None:
         raise Unauthorized("Invalid API key")
-    state = request.scope["state"]  # the access log's fields (proxy/logs.py)
+    state = request.state  # the access log's fields (proxy/logs.py)
     state["user_id"] = ctx.user_id
     if not ctx.session_found:
         raise SessionNotFound(session_id)

@@ -12,8 +12,9 @@ from litestar import Request
 from pydantic import BaseModel, ValidationError
 
 from proxy import auth, codec, db, store
-from proxy.app import runtime
+from proxy.app import Runtime, runtime
 from proxy.errors import BadRequest, DatabaseUnavailable, SessionNotFound, Unauthorized
+from proxy.incoming import Incoming
 
 MAX_JSON_DEPTH = 64
 MAX_ID_LENGTH = 64
@@ -33,7 +34,9 @@ def is_session_id(value: object) -> bool:
     )
 
 
-def json_content_type(request: Request[Any, Any, Any], *, missing: bool = True) -> bool:
+def json_content_type(
+    request: Request[Any, Any, Any] | Incoming, *, missing: bool = True
+) -> bool:
     """Whether the body is declared JSON; `missing` is the answer without a Content-Type."""
     value = request.headers.get("content-type")
     if value is None:
@@ -42,7 +45,7 @@ def json_content_type(request: Request[Any, Any, Any], *, missing: bool = True) 
     return media == "application/json" or media.endswith("+json")
 
 
-async def read_json(request: Request[Any, Any, Any], *, empty: Any = None) -> Any:
+async def read_json(request: Request[Any, Any, Any] | Incoming, *, empty: Any = None) -> Any:
     """The decoded body; `empty` when there is none (or 400 when `empty` is None)."""
     if not json_content_type(request):
         raise BadRequest("Content-Type must be application/json", code="invalid_value")
@@ -185,7 +188,17 @@ async def authenticate(
     that cannot be a session id is a 404 here, before anything passes it to PostgreSQL.
     """
     key_hash = auth.client_key_hash(request.headers.get("authorization"))
-    rt = runtime(request)
+    user_id = await verify_key(runtime(request), key_hash, stores_nothing=stores_nothing)
+    path_id = request.path_params.get("session_id")
+    if path_id is not None and not is_session_id(path_id):
+        raise SessionNotFound(str(path_id))
+    # For the access log line (proxy/logs.py): the id only, never the key or the user's name.
+    request.scope["state"]["user_id"] = user_id
+    return user_id
+
+
+async def verify_key(rt: Runtime, key_hash: bytes, *, stores_nothing: bool = False) -> str:
+    """The user id of the key hashed as `key_hash` (`auth.client_key_hash`; see `authenticate`)."""
     try:
         async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
             user_id = await store.user_for_key(conn, key_hash)
@@ -198,11 +211,6 @@ async def authenticate(
             rt.keys.forget(key_hash)
             raise Unauthorized("Invalid API key")
         rt.keys.remember(key_hash, user_id)
-    path_id = request.path_params.get("session_id")
-    if path_id is not None and not is_session_id(path_id):
-        raise SessionNotFound(str(path_id))
-    # For the access log line (proxy/logs.py): the id only, never the key or the user's name.
-    request.scope["state"]["user_id"] = user_id
     return user_id
 
 

@@ -1,0 +1,122 @@
+"""`POST /v1/chat/completions` answered straight from ASGI, ahead of Litestar's router.
+
+The route every turn takes pays for no router, signature model, exception middleware or
+response object conversion: a request with exactly that method and path goes to
+`chat.complete` here, and its `Response` or `Stream` is sent as ASGI messages. Litestar keeps
+the route for everything else (its OpenAPI entry, another method's 405, a trailing slash), and
+both answer through `chat.complete`, with errors rendered by the same functions (proxy/app.py).
+
+A streamed body is pumped in a task of its own while this one waits for `http.disconnect`: a
+client that leaves cancels the pump at once, even while the upstream is silent, and the
+stream's iterator is closed however the response ends (its `finally` stores the turn).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from litestar import Litestar, Response
+from litestar.enums import ScopeType
+from litestar.response import Stream
+from litestar.types import (
+    ASGIApp,
+    HTTPResponseBodyEvent,
+    HTTPResponseStartEvent,
+    Receive,
+    Scope,
+    Send,
+)
+
+from proxy.app import internal_error, render_error
+from proxy.errors import ProxyError
+from proxy.incoming import Incoming
+from proxy.routes import chat
+
+PATH = "/v1/chat/completions"
+_NO_BODY = frozenset({204, 304})
+
+
+def chat_first(app: Litestar, rest: ASGIApp) -> ASGIApp:
+    """`rest` (Litestar's handler) for every request but `POST /v1/chat/completions`."""
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == ScopeType.HTTP and scope["path"] == PATH and scope["method"] == "POST":
+            await _answer(app, scope, receive, send)
+        else:
+            await rest(scope, receive, send)
+
+    return asgi
+
+
+async def _answer(app: Litestar, scope: Scope, receive: Receive, send: Send) -> None:
+    scope["path_template"] = PATH  # the route's label in the access log and the metrics
+    rt = app.state.rt
+    try:
+        response = await chat.complete(rt, Incoming(scope, receive, rt.settings.max_body_bytes))
+    except ProxyError as exc:
+        response = render_error(exc)
+    except Exception as exc:  # a 500 in the envelope; the traceback is logged
+        response = internal_error(scope, exc)
+    if isinstance(response, Stream):
+        await _stream(response, send, receive)
+    else:
+        await _whole(response, send)
+
+
+def _head(response: Response[Any], length: int | None) -> list[tuple[bytes, bytes]]:
+    headers = [(k.lower().encode("latin-1"), str(v).encode("latin-1"))
+               for k, v in response.headers.items()]
+    if not any(name == b"content-type" for name, _ in headers):
+        media = str(response.media_type or "application/json")
+        headers.append((b"content-type", media.encode("latin-1")))
+    if length is not None and not any(name == b"content-length" for name, _ in headers):
+        headers.append((b"content-length", str(length).encode("latin-1")))
+    return headers
+
+
+def _start(response: Response[Any], length: int | None) -> HTTPResponseStartEvent:
+    return {"type": "http.response.start", "status": response.status_code or 200,
+            "headers": _head(response, length)}
+
+
+def _body(chunk: bytes, *, more: bool) -> HTTPResponseBodyEvent:
+    return {"type": "http.response.body", "body": chunk, "more_body": more}
+
+
+async def _whole(response: Response[Any], send: Send) -> None:
+    body = response.content if response.status_code not in _NO_BODY else b""
+    if not isinstance(body, bytes):
+        raise TypeError("the chat route answers with bytes")
+    await send(_start(response, len(body)))
+    await send(_body(body, more=False))
+
+
+async def _stream(response: Stream, send: Send, receive: Receive) -> None:
+    iterator: AsyncIterator[bytes] = response.iterator  # type: ignore[assignment]
+    await send(_start(response, None))
+    pump = asyncio.ensure_future(_pump(iterator, send))
+    watch = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((pump, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (pump, watch):
+            task.cancel()
+        await asyncio.gather(pump, watch, return_exceptions=True)
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    if not pump.cancelled() and (failure := pump.exception()) is not None:
+        raise failure  # after the response started: uvicorn ends the connection
+
+
+async def _pump(iterator: AsyncIterator[bytes], send: Send) -> None:
+    async for chunk in iterator:
+        await send(_body(chunk, more=True))
+    await send(_body(b"", more=False))
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
