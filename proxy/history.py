@@ -105,6 +105,12 @@ def trim(
     those messages answer; it is kept even when it alone is over the limit.
     """
     limit = budget if max_tokens is None else min(budget, max_tokens)
+    if not any(m.calls or m.role in ANSWER_ROLES for m in window):
+        return _newest(window, limit)
+    return _by_units(window, limit, continued)
+
+
+def _by_units(window: Sequence[M], limit: int, continued: bool) -> Trimmed[M]:
     parts = units(window, continued=continued)
     kept: list[list[M]] = []
     total = 0
@@ -117,6 +123,16 @@ def trim(
         total += cost
     messages = [m for unit in reversed(kept) for m in unit]
     return Trimmed(messages, total, len(window) - len(messages))
+
+
+def _newest(window: Sequence[M], limit: int) -> Trimmed[M]:
+    """`trim` of a window without tool messages: every message is a unit of its own."""
+    total = 0
+    start = len(window)
+    while start and total + window[start - 1].tokens <= limit:
+        start -= 1
+        total += window[start].tokens
+    return Trimmed(list(window[start:]), total, start)
 
 
 def budget(context_window: int, reserved_output: int, request_tokens: int) -> int:

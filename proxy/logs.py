@@ -33,8 +33,8 @@ from __future__ import annotations
 import json
 import logging
 import logging.config
+import os
 import time
-import uuid
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
@@ -137,7 +137,7 @@ def access_log(app: ASGIApp) -> ASGIApp:
             return
         started = time.perf_counter()
         incoming = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
-        rid = incoming if valid_request_id(incoming) else uuid.uuid4().hex.encode()
+        rid = incoming if valid_request_id(incoming) else os.urandom(16).hex().encode()
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = rid.decode()
         state["request_started"] = started  # for a stream's time to first byte

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.history import budget, trim, units
+from proxy.history import _by_units, budget, trim, units
 from proxy.messages import stored
 
 
@@ -243,6 +243,26 @@ def test_injected_history_is_a_valid_suffix_of_whole_units_within_the_budget(
         assert trimmed.tokens <= cap
     if kept < len(parts):
         assert trimmed.tokens + sum(m.tokens for m in parts[-kept - 1]) > cap
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tokens=st.lists(st.integers(min_value=0, max_value=60), max_size=30),
+    roles=st.lists(st.sampled_from(["user", "assistant", "system", "developer"]), min_size=30),
+    limit=st.integers(min_value=0, max_value=400),
+    max_tokens=st.none() | st.integers(min_value=0, max_value=400),
+    continued=st.booleans(),
+)
+def test_a_window_without_tool_messages_trims_as_the_unit_rules_do(
+    tokens: list[int], roles: list[str], limit: int, max_tokens: int | None, continued: bool
+) -> None:
+    """The shortcut for windows without tool calls or results agrees with the general rules."""
+    pairs = enumerate(zip(roles, tokens, strict=False))
+    window = [Msg(role, t, label=f"m{i}") for i, (role, t) in pairs]
+    cap = limit if max_tokens is None else min(limit, max_tokens)
+    assert trim(window, limit, max_tokens, continued=continued) == _by_units(
+        window, cap, continued
+    )
 
 
 @settings(max_examples=200, deadline=None)
