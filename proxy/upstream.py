@@ -64,9 +64,19 @@ class _NoCookies(httpx.Cookies):
 
 
 class UpstreamClient(httpx.AsyncClient):
-    """`httpx.AsyncClient` without a cookie jar (`cookies` is always empty, and stays so)."""
+    """`httpx.AsyncClient` without a cookie jar (`cookies` is always empty, and stays so).
+
+    `open_stream` sends through its `transport` directly: the proxy uses none of the client's
+    layers (auth, redirects, cookies, event hooks, default headers), only its timeouts.
+    """
 
     _no_cookies = _NoCookies()
+
+    def __init__(self, *, transport: httpx.AsyncBaseTransport, timeout: httpx.Timeout) -> None:
+        super().__init__(timeout=timeout, follow_redirects=False, trust_env=False,
+                         transport=transport)
+        self.transport = transport
+        self.timeouts = {"timeout": timeout.as_dict()}  # a request's `extensions`
 
     @property
     def cookies(self) -> httpx.Cookies:
@@ -92,12 +102,7 @@ def make_client(
     )
     if transport is None:
         transport = FastTransport(max_keepalive=256, keepalive_expiry=60.0)
-    return UpstreamClient(
-        timeout=timeout,
-        follow_redirects=False,
-        trust_env=False,
-        transport=transport,
-    )
+    return UpstreamClient(timeout=timeout, transport=transport)
 
 
 def request_headers(upstream: Upstream, incoming: Iterable[tuple[str, str]]) -> dict[str, str]:
@@ -148,10 +153,9 @@ async def open_stream(
     the upstream's configured `name`) and, with `state` (the request's `scope["state"]`), to
     the access log line. A transport failure records nothing: it has no upstream status.
     """
-    request = client.build_request(method, _parsed(url), headers=headers, content=content)
     started = time.perf_counter()
     try:
-        response = await client.send(request, stream=True)
+        response = await _send(client, method, _parsed(url), headers, content)
     except httpx.TimeoutException as exc:
         if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
             raise UpstreamError("The upstream could not be reached") from None
@@ -162,6 +166,23 @@ async def open_stream(
     if response.is_redirect:
         await response.aclose()
         raise UpstreamError("The upstream answered with a redirect, which is not followed")
+    return response
+
+
+async def _send(
+    client: httpx.AsyncClient,
+    method: str,
+    url: httpx.URL,
+    headers: Mapping[str, str],
+    content: bytes | AsyncIterator[bytes] | None,
+) -> httpx.Response:
+    if not isinstance(client, UpstreamClient):
+        request = client.build_request(method, url, headers=headers, content=content)
+        return await client.send(request, stream=True)
+    request = httpx.Request(method, url, headers=headers, content=content,
+                            extensions=client.timeouts)
+    response = await client.transport.handle_async_request(request)
+    response.request = request
     return response
 
 
