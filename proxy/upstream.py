@@ -76,7 +76,7 @@ class UpstreamClient(httpx.AsyncClient):
         super().__init__(timeout=timeout, follow_redirects=False, trust_env=False,
                          transport=transport)
         self.transport = transport
-        self.timeouts = {"timeout": timeout.as_dict()}  # a request's `extensions`
+        self.timeouts = timeout.as_dict()  # read (never changed) by the transport
 
     @property
     def cookies(self) -> httpx.Cookies:
@@ -180,7 +180,7 @@ async def _send(
         request = client.build_request(method, url, headers=headers, content=content)
         return await client.send(request, stream=True)
     request = httpx.Request(method, url, headers=headers, content=content,
-                            extensions=client.timeouts)
+                            extensions={"timeout": client.timeouts})
     response = await client.transport.handle_async_request(request)
     response.request = request
     return response

@@ -88,3 +88,13 @@ async def test_a_streamed_answer_on_the_direct_route_is_relayed_and_stored(
     assert r.content == b"".join(events)
     assert [(m["role"], m["content"]) for m in await stored(client, alice, sid)] == [
         ("user", "hi"), ("assistant", "hello")]
+
+
+async def test_an_upstream_answer_without_a_body_passes_without_type_or_length(
+    client: Client, upstream: respx.Router, alice: User
+) -> None:
+    upstream.post("/chat/completions").mock(return_value=httpx.Response(204))
+    r = await client.post(DIRECT, json={"model": "m", "messages": [u("hi")]},
+                          headers=alice.headers)
+    assert (r.status_code, r.content) == (204, b"")
+    assert "content-type" not in r.headers and "content-length" not in r.headers

@@ -68,6 +68,8 @@ async def _answer(app: Litestar, scope: Scope, receive: Receive, send: Send) -> 
 def _head(response: Response[Any], length: int | None) -> list[tuple[bytes, bytes]]:
     headers = [(k.lower().encode("latin-1"), str(v).encode("latin-1"))
                for k, v in response.headers.items()]
+    if response.status_code in _NO_BODY:  # as Litestar: no body, so no type or length
+        return headers
     if not any(name == b"content-type" for name, _ in headers):
         media = str(response.media_type or "application/json")
         headers.append((b"content-type", media.encode("latin-1")))
