@@ -73,12 +73,13 @@ def _forget_dead_processes(pgdata: Path) -> None:
     register = DiskList(pgdata / ".handle_pids.json")
     with PostgresServer._lock:
         pids = register.get()
-        alive = [pid for pid in pids if _alive(pid)]
+        alive = [pid for pid in pids if pid_alive(pid)]
         if alive != pids:
             register.put(alive)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one we may not signal still counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -42,6 +42,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from proxy.db import pid_alive
+
 log = logging.getLogger("chatproxy.metrics")
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -231,16 +233,6 @@ def render() -> bytes:
 _LIVE_GAUGE_FILE = re.compile(r"^gauge_live\w+?_(\d+)\.db$")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _forget_dead_workers(directory: Path) -> None:
     """Drop the live gauges of workers that died without saying so (a crash, a kill)."""
     pids = {
@@ -249,7 +241,7 @@ def _forget_dead_workers(directory: Path) -> None:
         if (match := _LIVE_GAUGE_FILE.match(path.name))
     }
     for pid in pids:
-        if not _alive(pid):
+        if not pid_alive(pid):
             multiprocess.mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
 
 
@@ -319,6 +311,6 @@ def _remove_stale_dirs(parent: Path) -> None:
             continue
         if uid is not None and path.stat().st_uid != uid:
             continue
-        if not _alive(int(match.group(1))):
+        if not pid_alive(int(match.group(1))):
             log.info("removing stale metrics directory %s", path)
             shutil.rmtree(path, ignore_errors=True)

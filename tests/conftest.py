@@ -7,6 +7,8 @@ on it, migrated by the real migration code, and drops it at the end.
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import secrets
 import tempfile
@@ -23,7 +25,7 @@ import pytest
 import respx
 from litestar.testing import AsyncTestClient
 
-from proxy import auth, store
+from proxy import auth, logs, store
 from proxy.app import create_app
 from proxy.config import Settings
 from proxy.migrate import migrate
@@ -163,3 +165,20 @@ async def bob(db: asyncpg.Connection) -> User:
 @pytest.fixture
 def admin_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@pytest.fixture
+def captured() -> Iterator[io.StringIO]:
+    """JSON lines from every `chatproxy.*` logger, as the server would write them."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    logger = logging.getLogger("chatproxy")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield stream
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

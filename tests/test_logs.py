@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -31,23 +30,6 @@ ACCESS_FIELDS = {
     "ts", "level", "logger", "msg", "method", "route", "status", "duration_ms", "user_id",
     "session_id", "request_id", "upstream", "upstream_status", "upstream_latency_ms",
 }
-
-
-@pytest.fixture
-def captured() -> Iterator[io.StringIO]:
-    """JSON lines from every `chatproxy.*` logger, as the server would write them."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logs.JsonFormatter())
-    logger = logging.getLogger("chatproxy")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield stream
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def access_lines(stream: io.StringIO) -> list[dict[str, Any]]:

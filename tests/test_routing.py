@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -19,7 +18,6 @@ import pytest
 import respx
 from litestar.testing import AsyncTestClient
 
-from proxy import logs
 from proxy.app import create_app
 from proxy.config import Settings, Upstream
 from proxy.upstream import make_client
@@ -52,22 +50,6 @@ async def proxy(routed: Settings, router: respx.Router) -> AsyncIterator[Client]
     async with AsyncTestClient(app=app, base_url="http://proxy.test") as test_client:
         yield test_client
     await http.aclose()
-
-
-@pytest.fixture
-def captured() -> Iterator[io.StringIO]:
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logs.JsonFormatter())
-    logger = logging.getLogger("chatproxy")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield stream
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def chat_routes(router: respx.Router, answer: Any = None) -> dict[str, respx.Route]:
