@@ -11,6 +11,7 @@ import pytest
 import respx
 
 from proxy import turn
+from proxy.errors import InternalError
 from tests.conftest import User
 from tests.turns import Client, answers, completion, new_session, sent, stored, u
 
@@ -62,7 +63,8 @@ async def test_an_unexpected_failure_is_a_500_that_tells_nothing_and_logs_the_re
     with caplog.at_level(logging.ERROR, logger="chatproxy"):
         r = await client.post(DIRECT, json={"model": "m", "messages": [u("x")], "session_id": sid},
                               headers={**alice.headers, "X-Request-Id": "req-direct-1"})
-    assert (r.status_code, r.json()["error"]["type"]) == (500, "server_error")
+    assert (r.status_code, r.json()) == (500, InternalError().body())
+    assert r.json()["error"]["code"] == "internal_error"
     assert "sk-secret" not in r.text and r.headers["x-request-id"] == "req-direct-1"
     [record] = [rec for rec in caplog.records if rec.name == "chatproxy"]
     assert record.getMessage() == (
