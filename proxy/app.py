@@ -15,7 +15,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
 import httpx
 from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
@@ -46,7 +45,7 @@ class Runtime:
     """Everything a request needs, owned by the lifespan."""
 
     settings: Settings
-    pool: asyncpg.Pool
+    pool: db.Pool
     http: httpx.AsyncClient
     tokens: TokenCounter
     # Write-backs detached from their request (a client that went away); shutdown awaits them.
@@ -74,8 +73,11 @@ def _lifespan(settings: Settings, http_client: httpx.AsyncClient | None) -> Any:
         await asyncio.to_thread(lambda: [tokens.encoding(name) for name in encodings])
         url = await asyncio.to_thread(db.database_url, settings)
         pool = await db.create_pool(url, settings)
-        async with pool.acquire() as conn:
+        conn = await pool.acquire(db.CONNECT_TIMEOUT)
+        try:
             applied = await migrate(conn)
+        finally:
+            pool.release(conn)
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
         log.info("database: %s", db.describe(settings))

@@ -21,10 +21,14 @@ import asyncpg
 
 from proxy.config import Settings
 from proxy.errors import DatabaseUnavailable
+from proxy.pool import Pool
+
+__all__ = ["Pool", "connection", "create_pool"]
 
 log = logging.getLogger("chatproxy.db")
 
 CONNECT_TIMEOUT = 2.0
+IDLE_LIFETIME = 300.0  # an idle connection older than this is closed
 
 # What a lost, refused or restarting database raises; all of it becomes a 503.
 UNAVAILABLE = (
@@ -109,51 +113,49 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
-async def _keep_session_state(conn: asyncpg.Connection) -> None:
-    """Skip asyncpg's reset query on release: one round trip saved on every request.
+async def create_pool(url: str, settings: Settings) -> Pool:
+    """The process's pool, with one connection opened (a database that is not there fails now)."""
 
-    Safe because nothing here leaves session state behind: every advisory lock is released
-    explicitly, nothing LISTENs or SETs, and an open transaction is still rolled back.
-    """
+    async def connect() -> asyncpg.Connection:
+        conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT, command_timeout=60)
+        try:
+            await _init_connection(conn)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
 
-
-async def create_pool(url: str, settings: Settings) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(
-        url,
-        min_size=1,
-        max_size=settings.db_pool_size,
-        timeout=CONNECT_TIMEOUT,
-        command_timeout=60,
-        max_inactive_connection_lifetime=300,
-        init=_init_connection,
-        reset=_keep_session_state,
-    )
-    assert pool is not None
+    pool = Pool(connect, settings.db_pool_size, idle_lifetime=IDLE_LIFETIME)
+    pool.release(await pool.acquire(CONNECT_TIMEOUT))
     return pool
 
 
 @asynccontextmanager
 async def connection(
-    pool: asyncpg.Pool,
+    pool: Pool,
     timeout: float,  # noqa: ASYNC109 (the acquire timeout is the pool's own)
 ) -> AsyncIterator[asyncpg.Connection]:
     """A pooled connection within `timeout` seconds, or DatabaseUnavailable (503)."""
     try:
-        conn = await pool.acquire(timeout=timeout)
+        conn = await pool.acquire(timeout)
     except (*UNAVAILABLE, asyncpg.PostgresError):
         # Acquiring may connect: a database that is gone, refuses logins or is not accepting
         # connections answers with a server error, and that is unavailability too.
         raise DatabaseUnavailable() from None
+    discard = True  # unless the block ends normally or with an error the server reported
     try:
         yield conn
+        discard = False
     except UNAVAILABLE:
         # The connection died under us (a restart, a failover, pg_terminate_backend). The idle
         # ones were opened to the same server and may be as dead without knowing it yet:
         # replace them all on their next acquire rather than failing one request each.
-        await pool.expire_connections()
+        pool.expire_connections()
         raise DatabaseUnavailable() from None
+    except Exception:
+        # A server error or one of ours: the connection is in a known state. A cancelled or
+        # timed-out query may still be running, so such a connection is not lent again.
+        discard = False
+        raise
     finally:
-        try:
-            await pool.release(conn)
-        except UNAVAILABLE:
-            pass
+        pool.release(conn, discard=discard)

@@ -64,7 +64,7 @@ TOKEN_BUCKETS = (0, 100, 500, 1000, 2000, 4000, 8000, 16000, 32000, 64000, 12800
 
 
 class PoolLike(Protocol):
-    """What the pool gauges read (asyncpg.Pool has it)."""
+    """What the pool gauges read (proxy/pool.py)."""
 
     def get_size(self) -> int: ...
     def get_idle_size(self) -> int: ...

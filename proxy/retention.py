@@ -215,7 +215,7 @@ async def prune_all(conn: asyncpg.Connection, keep: int, batch: int = BATCH) -> 
         after = rows[-1]["id"]
 
 
-async def prune_after_turn(pool: asyncpg.Pool, settings: Settings, session_id: str) -> None:
+async def prune_after_turn(pool: db.Pool, settings: Settings, session_id: str) -> None:
     """Prune the session a turn was just stored in; a failure is left to the hourly job."""
     if settings.max_stored_messages <= 0:
         return
@@ -261,7 +261,7 @@ async def cleanup(
     return Report(True, cutoff, keep, inactive, deleted, messages, pruned_sessions, pruned, keys)
 
 
-async def run_once(pool: asyncpg.Pool, settings: Settings) -> Report:
+async def run_once(pool: db.Pool, settings: Settings) -> Report:
     async with db.connection(pool, settings.db_acquire_timeout) as conn:
         report = await cleanup(
             conn,
@@ -280,7 +280,7 @@ async def run_once(pool: asyncpg.Pool, settings: Settings) -> Report:
 
 
 async def run_hourly(
-    pool: asyncpg.Pool,
+    pool: db.Pool,
     settings: Settings,
     *,
     interval: float = INTERVAL,

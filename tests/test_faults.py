@@ -352,7 +352,7 @@ async def test_saturated_pool_answers_503_after_the_acquire_timeout(
                 )
                 assert (path, r.status_code, r.json()) == (path, 503, UNAVAILABLE)
         finally:
-            await pool.release(held)
+            pool.release(held)
         assert route.call_count == 0
         r = await client.get(f"/v1/chat/sessions/{sid}", headers=carol.headers)
         assert r.status_code == 200

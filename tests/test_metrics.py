@@ -107,7 +107,7 @@ async def test_pool_gauges_are_read_from_the_pool_at_scrape_time(client, setting
 
     async def release(conns: list[Any]) -> None:
         for conn in conns:
-            await pool.release(conn)
+            pool.release(conn)
 
     def lent_out() -> int:
         return pool.get_size() - pool.get_idle_size()

@@ -13,6 +13,6 @@ import _base
 import asyncpg
 
 if __name__ == "__main__":
-    asyncpg.create_pool = functools.partial(
-        asyncpg.create_pool, server_settings={"synchronous_commit": "off"})
+    asyncpg.connect = functools.partial(
+        asyncpg.connect, server_settings={"synchronous_commit": "off"})
     _base.serve()
