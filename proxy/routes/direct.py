@@ -6,9 +6,10 @@ response object conversion: a request with exactly that method and path goes to
 the route for everything else (its OpenAPI entry, another method's 405, a trailing slash), and
 both answer through `chat.complete`, with errors rendered by the same functions (proxy/app.py).
 
-A streamed body is pumped in a task of its own while this one waits for `http.disconnect`: a
-client that leaves cancels the pump at once, even while the upstream is silent, and the
-stream's iterator is closed however the response ends (its `finally` stores the turn).
+A streamed body is pumped by the request's own task, so its first event goes out without
+waiting for a loop cycle; a watcher task waits for `http.disconnect`, and a client that leaves
+cancels the pump at once, even while the upstream is silent. The stream's iterator is closed
+however the response ends (its `finally` stores the turn).
 """
 
 from __future__ import annotations
@@ -98,19 +99,33 @@ async def _whole(response: Response[Any], send: Send) -> None:
 async def _stream(response: Stream, send: Send, receive: Receive) -> None:
     iterator: AsyncIterator[bytes] = response.iterator  # type: ignore[assignment]
     await send(_start(response, None))
-    pump = asyncio.ensure_future(_pump(iterator, send))
+    # The body is pumped in this task, at once; a watcher task cancels the pump if the client
+    # leaves (even while the upstream is silent), and the iterator is closed however it ends.
+    this = asyncio.current_task()
+    assert this is not None
+    pumping, left = True, False
+
+    def leave(watch: asyncio.Future[None]) -> None:
+        nonlocal left
+        if pumping and not watch.cancelled() and watch.exception() is None:
+            left = True
+            this.cancel()
+
     watch = asyncio.ensure_future(_disconnected(receive))
+    watch.add_done_callback(leave)
     try:
-        await asyncio.wait((pump, watch), return_when=asyncio.FIRST_COMPLETED)
+        await _pump(iterator, send)
+    except asyncio.CancelledError:
+        if not left:
+            raise  # cancelled from outside (the server's shutdown): not ours to swallow
+        this.uncancel()
     finally:
-        for task in (pump, watch):
-            task.cancel()
-        await asyncio.gather(pump, watch, return_exceptions=True)
+        pumping = False
+        watch.remove_done_callback(leave)
+        watch.cancel()
         aclose = getattr(iterator, "aclose", None)
         if aclose is not None:
             await aclose()
-    if not pump.cancelled() and (failure := pump.exception()) is not None:
-        raise failure  # after the response started: uvicorn ends the connection
 
 
 async def _pump(iterator: AsyncIterator[bytes], send: Send) -> None:

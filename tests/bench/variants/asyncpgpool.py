@@ -25,18 +25,21 @@ class Wrapped:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
-        self.releasing: set[asyncio.Task[None]] = set()
+        self.pending: set[asyncio.Future[Any]] = set()
 
-    async def acquire(self, timeout: float | None = None) -> Any:
+    async def acquire(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109
         return await self.pool.acquire(timeout=timeout)
 
     def release(self, conn: Any, *, discard: bool = False) -> None:
-        task = asyncio.ensure_future(self.pool.release(conn))
-        self.releasing.add(task)
-        task.add_done_callback(self.releasing.discard)
+        self._later(self.pool.release(conn))
 
     def expire_connections(self) -> None:
-        asyncio.ensure_future(self.pool.expire_connections())
+        self._later(self.pool.expire_connections())
+
+    def _later(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
 
     async def close(self) -> None:
         await self.pool.close()
@@ -57,7 +60,7 @@ def patch() -> None:
         return Wrapped(pool)
 
     @asynccontextmanager
-    async def connection(pool: Wrapped, timeout: float) -> AsyncIterator[Any]:
+    async def connection(pool: Wrapped, timeout: float) -> AsyncIterator[Any]:  # noqa: ASYNC109
         try:
             conn = await pool.pool.acquire(timeout=timeout)
         except (*db.UNAVAILABLE, asyncpg.PostgresError):
