@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import machine
 import phases
 import procs
 import roundtrips
@@ -36,7 +37,7 @@ import spy
 from report import markdown, render
 
 RESULTS = procs.BENCH / "results"
-PHASES = ("streams", "latency", "throughput", "streaming", "history", "roundtrips")
+PHASES = ("hops", "streams", "latency", "throughput", "streaming", "history", "roundtrips")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,6 +62,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                         help="also measure `chatproxy serve --workers N` (unpinned) at 64 clients")
     parser.add_argument("--only", default=",".join(PHASES), metavar="LIST",
                         help=f"comma-separated subset of: {', '.join(PHASES)}")
+    parser.add_argument("--share-core", action="store_true",
+                        help="run the proxy on the load tool's core too (a diagnostic: no hop "
+                             "crosses cores; the targets are meant for the proxy on its own)")
     parser.add_argument("--serve", action="store_true",
                         help="set everything up, print the URLs and the key, wait for Ctrl-C")
     parser.add_argument("--profile", choices=("session", "plain", "stream"),
@@ -97,8 +101,9 @@ def _machine() -> dict[str, Any]:
     }
 
 
-def _pin_and_limits() -> int | None:
-    """Keep this process and its children on CPU 0; give the proxy CPU 1 (None: no pinning)."""
+def _pin_and_limits(share: bool) -> int | None:
+    """Keep this process and its children on CPU 0; give the proxy CPU 1, or with `share` CPU 0
+    too (None: no pinning)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -107,7 +112,7 @@ def _pin_and_limits() -> int | None:
         procs.log("fewer than 2 CPUs (or no taskset): nothing is pinned")
         return None
     os.sched_setaffinity(0, {cpus[0]})
-    return cpus[1]
+    return cpus[0] if share else cpus[1]
 
 
 def _timed(name: str, work: Callable[[], Any]) -> Any:
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` cleans up
     started = time.monotonic()
-    proxy_cpu = _pin_and_limits()
+    proxy_cpu = _pin_and_limits(args.share_core)
     _timed("building the Go tool", procs.build_tool)
     tmp = Path(tempfile.mkdtemp(prefix="chatproxy-bench-"))
     if not args.keep:
@@ -229,6 +234,9 @@ def _measure(args: argparse.Namespace, run: procs.Procs, db: procs.Database, tmp
         print(summary)
         return b.rows, b.raw
     only = set(args.only.split(","))
+    if "hops" in only:
+        load_cpu = min(os.sched_getaffinity(0))
+        _timed("process-to-process round trips", lambda: machine.hops(b, load_cpu))
     if "streams" in only:
         _timed(f"{args.streams} open streams", lambda: phases.open_streams(b, args.streams))
     if "latency" in only:
