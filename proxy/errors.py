@@ -97,6 +97,15 @@ class DatabaseUnavailable(ProxyError):
         super().__init__(message)
 
 
+class ShuttingDown(ProxyError):
+    """A request still running when the server's shutdown grace ran out."""
+
+    status, type, code = 503, "server_error", "server_shutting_down"
+
+    def __init__(self, message: str = "The server is shutting down, try again"):
+        super().__init__(message)
+
+
 class UpstreamTimeout(ProxyError):
     status, type, code = 504, "server_error", "upstream_timeout"
 

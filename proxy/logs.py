@@ -30,6 +30,7 @@ Never put a key, a user name or message text in a log line or in that state.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import logging.config
@@ -82,6 +83,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class ShutdownCut(logging.Filter):
+    """uvicorn's "Exception in ASGI application" for a response it cancelled at the shutdown
+    deadline (a stream still running) becomes one warning line instead of a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = record.exc_info[0] if record.exc_info else None
+        if kind is not None and issubclass(kind, asyncio.CancelledError) and str(
+            record.msg
+        ).startswith("Exception in ASGI application"):
+            record.msg = "a response still running at the shutdown deadline was cut"
+            record.args = ()
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def config(level: str) -> dict[str, Any]:
     """A `logging.config.dictConfig` dict: JSON lines on stderr at `level`, uvicorn's included."""
     upper = level.upper()
@@ -90,6 +107,7 @@ def config(level: str) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"json": {"()": f"{__name__}.JsonFormatter"}},
+        "filters": {"shutdown_cut": {"()": f"{__name__}.ShutdownCut"}},
         "handlers": {
             "json": {
                 "class": "logging.StreamHandler",
@@ -100,7 +118,8 @@ def config(level: str) -> dict[str, Any]:
         "loggers": {
             # uvicorn's loggers hand their records to the root handler.
             "uvicorn": {"handlers": [], "level": upper, "propagate": True},
-            "uvicorn.error": {"handlers": [], "level": upper, "propagate": True},
+            "uvicorn.error": {"handlers": [], "level": upper, "propagate": True,
+                              "filters": ["shutdown_cut"]},
             "uvicorn.access": {"handlers": [], "level": upper, "propagate": True},
             # httpx logs every upstream request at info; the access log already says enough.
             "httpx": {"level": quiet},

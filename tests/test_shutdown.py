@@ -38,6 +38,10 @@ def refuses_connections(port: int) -> bool:
         return True
 
 
+def log_records(server: Serve) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+
+
 async def stored(db: asyncpg.Connection, session_id: str) -> list[tuple[str, Any, str]]:
     rows = await db.fetch(
         "SELECT role, body, status FROM chat_messages WHERE session_id = $1 ORDER BY seq",
@@ -126,3 +130,48 @@ async def test_a_stream_open_at_the_grace_deadline_is_stored_incomplete(
     assert rows[1][1].startswith(received)
     assert rows[1][1] == "".join(f"part{i} " for i in range(len(rows[1][1].split())))
     assert len(rows[1][1].split()) < 200
+    # One warning line for the cut, and no traceback from uvicorn.
+    records = log_records(server)
+    assert not [r for r in records if "exc" in r or r["msg"].startswith("Exception in ASGI")]
+    assert [r["level"] for r in records
+            if r["msg"] == "a response still running at the shutdown deadline was cut"] == [
+        "warning"]
+
+
+@pytest.mark.parametrize("with_session", [True, False])
+async def test_a_request_waiting_on_the_upstream_at_the_deadline_gets_a_503(
+    fake: FakeUpstream, database_url: str, alice: User, db: asyncpg.Connection, tmp_path: Path,
+    with_session: bool,
+) -> None:
+    env = serve_env(database_url, fake.base_url, tmp_path, CHATPROXY_SHUTDOWN_GRACE="1",
+                    CHATPROXY_UPSTREAM_API_KEY=UPSTREAM_KEY)
+    server = Serve(env, tmp_path / "serve.log").start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            r = await client.post("/v1/chat/sessions", json={}, headers=alice.headers)
+            sid = r.json()["id"]
+            body: dict[str, Any] = {"model": "hang", "messages": [{"role": "user", "content": "x"}]}
+            if with_session:
+                body["session_id"] = sid
+            seen = len(fake.requests)
+            waiting = asyncio.ensure_future(
+                client.post("/v1/chat/completions", json=body, headers=alice.headers))
+            for _ in range(200):  # until the upstream has this request
+                if any(b.get("model") == "hang" for _, b in fake.requests[seen:]):
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("the request never reached the upstream")
+            server.terminate()
+            r = await waiting
+        assert await asyncio.to_thread(server.wait, 60) == 0
+    finally:
+        server.stop()
+    assert (r.status_code, r.json()) == (503, {"error": {
+        "message": "The server is shutting down, try again", "type": "server_error",
+        "param": None, "code": "server_shutting_down"}})
+    assert r.headers["x-request-id"]
+    assert await stored(db, sid) == []
+    records = log_records(server)
+    assert not [r for r in records if "exc" in r]
+    assert [r["level"] for r in records if r["msg"].endswith("was answered 503")] == ["warning"]

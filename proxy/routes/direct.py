@@ -15,6 +15,7 @@ however the response ends (its `finally` stores the turn).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -31,9 +32,11 @@ from litestar.types import (
 )
 
 from proxy.app import internal_error, render_error
-from proxy.errors import ProxyError
+from proxy.errors import ProxyError, ShuttingDown
 from proxy.incoming import Incoming
 from proxy.routes import chat
+
+log = logging.getLogger("chatproxy")
 
 PATH = "/v1/chat/completions"
 _NO_BODY = frozenset({204, 304})
@@ -60,6 +63,14 @@ async def _answer(app: Litestar, scope: Scope, receive: Receive, send: Send) -> 
         response = render_error(exc)
     except Exception as exc:  # a 500 in the envelope; the traceback is logged
         response = internal_error(scope, exc)
+    except asyncio.CancelledError:
+        # Only uvicorn cancels a request here, when the shutdown grace runs out: answer it
+        # (nothing was stored, unless its write had begun) instead of dying mid-request.
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        log.warning("a request still running at the shutdown deadline was answered 503")
+        response = render_error(ShuttingDown())
     if isinstance(response, Stream):
         await _stream(response, send, receive)
     else:
