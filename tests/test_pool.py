@@ -201,3 +201,34 @@ async def test_connection_answers_503_when_the_database_is_unreachable() -> None
 
 def db_connection(pool: Pool):  # type: ignore[no-untyped-def]
     return proxy_db.connection(pool, 2.0)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_many_tasks_with_timeouts_and_cancels_leave_the_pool_whole(make_pool, seed) -> None:
+    """Invariants under churn: never more than `max_size` open, nothing lent or waiting at the
+    end, every idle connection usable."""
+    import random
+
+    pool = make_pool(3)
+    rng = random.Random(seed)
+    peak = 0
+
+    async def user() -> None:
+        nonlocal peak
+        for _ in range(15):
+            try:
+                async with asyncio.timeout(rng.choice((0.001, 0.01, 0.05, 1.0))):
+                    async with db_connection(pool) as conn:
+                        peak = max(peak, pool.get_size())
+                        await conn.fetchval("SELECT pg_sleep($1)", rng.choice((0, 0.002)))
+            except (TimeoutError, DatabaseUnavailable):
+                pass
+
+    await asyncio.gather(*(user() for _ in range(30)))
+    assert peak <= 3
+    assert not [w for w in pool._waiters if not w.done()]
+    assert pool.get_size() == pool.get_idle_size() <= 3
+    conns = [await pool.acquire(1) for _ in range(pool.get_size())]
+    assert [await c.fetchval("SELECT 1") for c in conns] == [1] * len(conns)
+    for conn in conns:
+        pool.release(conn)
