@@ -11,6 +11,7 @@ import asyncio
 import logging
 import math
 import os
+import resource
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -121,6 +122,19 @@ async def _migrate_only(conn: asyncpg.Connection, args: argparse.Namespace) -> i
     return 0
 
 
+def _raise_open_files_limit() -> None:
+    """Every open stream holds two sockets (the client's and the upstream's): raise the soft
+    limit on open files to the hard one, as Go and nginx do, so that a shell's usual 1,024 does
+    not cap the server at about 500 streams. Workers inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            logging.getLogger("chatproxy").warning(
+                "could not raise the open files limit from %d to %d", soft, hard)
+
+
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -128,6 +142,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from proxy.tokens import ModelTable
 
     logs.configure(settings.log_level)
+    _raise_open_files_limit()
     # The model table is read by every worker's lifespan; a bad one stops here, in one line.
     ModelTable.load(settings.models_file)
     host = args.host or settings.host

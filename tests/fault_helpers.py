@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -210,7 +210,9 @@ def chatproxy_command() -> list[str]:
 class Serve:
     """One `chatproxy serve` process; its stdout and stderr go to `log_path`."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path,
+                 preexec: Callable[[], None] | None = None) -> None:
+        self.preexec = preexec  # run in the child before it starts (e.g. to lower a limit)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -224,7 +226,7 @@ class Serve:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [*chatproxy_command(), "serve"], cwd=ROOT, env=self.env, stdout=log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=self.preexec,
         )
         log.close()
         deadline = time.monotonic() + 90
