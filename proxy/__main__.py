@@ -124,7 +124,7 @@ async def _migrate_only(conn: asyncpg.Connection, args: argparse.Namespace) -> i
 
 def _raise_open_files_limit() -> None:
     """Every open stream holds two sockets (the client's and the upstream's): raise the soft
-    limit on open files to the hard one, as Go and nginx do, so that a shell's usual 1,024 does
+    limit on open files to the hard one (as Go programs do), so that a shell's usual 1,024 does
     not cap the server at about 500 streams. Workers inherit it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and soft < hard:
