@@ -21,13 +21,11 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
+from tests.threaded import Threaded, read_body
 
 SLOW_TICKS = 600
 SLOW_INTERVAL = 0.1
@@ -47,36 +45,19 @@ class FakeUpstream:
     disconnected: set[int] = field(default_factory=set)  # request numbers whose client left
     gate: threading.Event = field(default_factory=threading.Event)
     url: str = ""
-    _server: uvicorn.Server | None = None
-    _thread: threading.Thread | None = None
+    _threaded: Threaded | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, interface="asgi3", log_level="critical", lifespan="off",
-                                access_log=False)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the fake upstream did not start")
-            time.sleep(0.01)
-        self.url = f"http://127.0.0.1:{port}"
+        self._threaded = Threaded(self.app, log_level="critical")
+        self._threaded.start()
+        self.url = f"http://127.0.0.1:{self._threaded.port}"
 
     def stop(self) -> None:
         self.gate.set()
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        if self._threaded is not None:
+            self._threaded.stop()
 
     def bodies(self, model: str | None = None) -> list[Any]:
         return [r.body for r in self.requests if model is None or r.body.get("model") == model]
@@ -85,12 +66,7 @@ class FakeUpstream:
 
     async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         assert scope["type"] == "http"
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        raw = await read_body(receive)
         number = len(self.requests)
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         body: dict[str, Any] = json.loads(raw) if raw else {}

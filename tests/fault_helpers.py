@@ -24,12 +24,12 @@ from typing import Any
 
 import httpx
 import respx
-import uvicorn
 from litestar import Litestar
 
 from proxy.app import create_app
 from proxy.config import Settings
 from proxy.upstream import make_client
+from tests.threaded import Threaded, read_body
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,39 +111,21 @@ class FakeUpstream:
         self.requests: list[tuple[dict[str, str], dict[str, Any]]] = []
         self.disconnects = 0
         self._lock = threading.Lock()
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self.port: int = self._sock.getsockname()[1]
+        self._threaded = Threaded(self._app, log_level="warning", loop="asyncio")
+        self.port: int = self._threaded.port
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        config = uvicorn.Config(self._app, interface="asgi3", log_level="warning", lifespan="off",
-                                loop="asyncio")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run,
-                                        kwargs={"sockets": [self._sock]}, daemon=True)
 
     def __enter__(self) -> FakeUpstream:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the fake upstream did not start")
-            time.sleep(0.02)
+        self._threaded.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-        self._sock.close()
+        self._threaded.stop()
 
     async def _app(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        raw = await read_body(receive)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         body = json.loads(raw) if raw else {}
         with self._lock:
