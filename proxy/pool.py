@@ -38,7 +38,7 @@ class Pool:
         # A waiter gets a connection, or None: a place came free, open one.
         self._waiters: deque[asyncio.Future[asyncpg.Connection | None]] = deque()
         self._closing = False
-        self._returned = asyncio.Event()  # set whenever a connection comes back
+        self._returned = asyncio.Event()  # set when a connection comes back while closing
         self._tasks: set[asyncio.Task[None]] = set()  # graceful closes under way
 
     def get_size(self) -> int:
@@ -101,7 +101,8 @@ class Pool:
         if conn not in self._lent:
             return  # released twice, or not ours
         self._lent.discard(conn)
-        self._returned.set()
+        if self._closing:
+            self._returned.set()  # `close` is waiting for the lent ones
         if discard or conn in self._stale or conn.is_closed() or conn.is_in_transaction():
             self._stale.discard(conn)
             conn.terminate()
