@@ -22,7 +22,7 @@ from typing import Any
 
 import asyncpg
 
-from proxy import db, store
+from proxy import db, keylease, store
 from proxy.config import ConfigError, Settings, load_settings
 from proxy.migrate import MigrationError, migrate
 
@@ -113,6 +113,7 @@ async def _keys_create(conn: asyncpg.Connection, args: argparse.Namespace) -> in
 async def _keys_revoke(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
     if not await store.revoke_key(conn, args.key_id):
         return _fail(f"no key {args.key_id!r}")
+    await keylease.settle()  # until no server can still trust a cached copy (proxy/keylease.py)
     print(f"revoked {args.key_id}")
     return 0
 

@@ -21,7 +21,7 @@ from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
-from proxy import db, logs, metrics, openapi, retention
+from proxy import db, keylease, logs, metrics, openapi, retention
 from proxy.config import Settings, load_settings
 from proxy.errors import (
     BadRequest,
@@ -52,6 +52,8 @@ class Runtime:
     writes: set[asyncio.Task[Any]] = field(default_factory=set)
     # Keys the database confirmed lately; consulted only while it is down (proxy/keycache.py).
     keys: KeyCache = field(default_factory=KeyCache)
+    # Keys verified under a lease, answered without the database (proxy/keylease.py).
+    lease: keylease.KeyLease = field(default_factory=keylease.KeyLease)
 
     def track(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
         self.writes.add(task)
@@ -86,11 +88,13 @@ def _lifespan(settings: Settings, http_client: httpx.AsyncClient | None) -> Any:
         http = http_client or make_client(settings)
         app.state.rt = rt = Runtime(settings, pool, http, tokens)
         job = asyncio.create_task(retention.run_hourly(pool, settings))  # retention, pruning
+        feed = asyncio.create_task(keylease.follow(rt.lease, url))
         try:
             yield
         finally:
             job.cancel()
-            await asyncio.gather(job, return_exceptions=True)
+            feed.cancel()
+            await asyncio.gather(job, feed, return_exceptions=True)
             # Requests cancelled at the grace deadline hand their write-backs over as they
             # unwind, possibly while this waits: wait until none is left (or the deadline).
             loop = asyncio.get_running_loop()

@@ -7,7 +7,7 @@ from typing import Any
 from litestar import Request, Response, delete, get, post
 from pydantic import BaseModel, ConfigDict, Field
 
-from proxy import auth, db, store, wire
+from proxy import auth, db, keylease, store, wire
 from proxy.app import runtime
 from proxy.errors import Conflict, NotFound, unknown_route
 from proxy.openapi import documented
@@ -103,6 +103,7 @@ async def revoke_key(request: Request[Any, Any, Any], key_id: str) -> Response[N
         found = await store.revoke_key(conn, key_id)
     if not found:
         raise NotFound(f"Key {key_id} not found", param="key_id")
+    await keylease.settle()  # until no server can still trust a cached copy (proxy/keylease.py)
     return Response(None, status_code=204)
 
 
