@@ -7,6 +7,7 @@ on it, migrated by the real migration code, and drops it at the end.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import os
@@ -150,6 +151,21 @@ async def make_user(conn: asyncpg.Connection) -> User:
     row = await store.create_key(conn, user["id"], auth.hash_key(key), key[:12], "test")
     assert row is not None
     return User(user["id"], name, key, row["id"])
+
+
+async def until_key_cached(client: AsyncTestClient[Any], key: str, within: float = 10.0) -> None:
+    """Use `key` until the app answers it from its key lease (proxy/keylease.py)."""
+    lease = client.app.state.rt.lease
+    headers = {"Authorization": f"Bearer {key}"}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        r = await client.get("/v1/chat/sessions", headers=headers)
+        assert r.status_code == 200, r.text
+        if lease.user(auth.hash_key(key)) is not None:
+            return
+        assert loop.time() < deadline, "the key was never cached"
+        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 from proxy import auth
+from tests.conftest import until_key_cached
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY_RE = re.compile(r"sk-cp-[A-Za-z0-9_-]{43}")
@@ -85,6 +86,7 @@ async def test_users_and_keys_end_to_end(env: dict[str, str], db: asyncpg.Connec
                           headers=headers)
     assert r.status_code == 201, r.text
 
+    await until_key_cached(client, key)  # the revocation must reach a cached key too
     revoked = run(script(), env, "keys", "revoke", row["id"])
     assert (revoked.returncode, revoked.stdout) == (0, f"revoked {row['id']}\n")
     r = await client.get("/v1/chat/sessions", headers=headers)
