@@ -11,6 +11,8 @@ package main
 //     open right now (a stream counts as open until its handler sees the client gone).
 
 import (
+	"bufio"
+	"bytes"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -18,6 +20,7 @@ import (
 	"log"
 	"net"
 	"net/http"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -29,6 +32,9 @@ var completionBody = []byte(`{"id":"chatcmpl-bench","object":"chat.completion","
 	`"content":"Hello! This is a canned answer from the benchmark's mock upstream."},` +
 	`"logprobs":null,"finish_reason":"stop"}],` +
 	`"usage":{"prompt_tokens":42,"completion_tokens":14,"total_tokens":56}}`)
+
+// A body without it is not a stream request, whatever else it holds.
+var streamKey = []byte(`"stream"`)
 
 var modelsBody = []byte(`{"object":"list","data":[{"id":"bench-model","object":"model",` +
 	`"created":1700000000,"owned_by":"bench"}]}`)
@@ -82,9 +88,102 @@ func runUpstream(args []string) {
 	}
 	// The orchestrator reads the port from this line.
 	fmt.Printf("listening %s\n", ln.Addr().String())
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-	log.Fatal(srv.Serve(ln))
+	// A lazier collector, and no read timeouts (each would arm a timer per request): the mock
+	// serves the benchmark's own clients on loopback, and its rate must stay far above the proxy's.
+	debug.SetGCPercent(400)
+	handed := &handoff{conns: make(chan net.Conn), addr: ln.Addr()}
+	go func() { log.Fatal((&http.Server{Handler: mux}).Serve(handed)) }()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			log.Fatal(err)
+		}
+		go u.serveFast(c, handed)
+	}
 }
+
+// serveFast answers a connection's non-streamed chat completions itself, from pre-built bytes;
+// at the first request it does not answer (a stream, another path, anything unusual), it hands
+// the connection, that request included, to net/http, which serves it from then on.
+func (u *upstream) serveFast(c net.Conn, slow *handoff) {
+	br := bufio.NewReaderSize(c, 16<<10)
+	var req []byte
+	for {
+		req = req[:0]
+		simple, length := true, 0
+		for first := true; ; first = false {
+			line, err := br.ReadSlice('\n')
+			if err != nil {
+				if len(req) == 0 && err == io.EOF {
+					c.Close()
+					return
+				}
+				simple = false
+				break
+			}
+			req = append(req, line...)
+			if first {
+				simple = bytes.HasPrefix(line, []byte("POST /v1/chat/completions "))
+				continue
+			}
+			if len(line) <= 2 {
+				break // the blank line ending the head
+			}
+			name, value, _ := bytes.Cut(line, []byte(":"))
+			value = bytes.TrimSpace(value)
+			switch strings.ToLower(string(name)) {
+			case "content-length":
+				length, err = strconv.Atoi(string(value))
+				simple = simple && err == nil && length >= 0 && length <= 1<<20
+			case "transfer-encoding", "expect", "upgrade":
+				simple = false
+			case "connection":
+				simple = simple && !bytes.EqualFold(value, []byte("close"))
+			}
+		}
+		if simple {
+			start := len(req)
+			req = append(req, make([]byte, length)...)
+			if _, err := io.ReadFull(br, req[start:]); err != nil {
+				simple = false
+				req = req[:start]
+			} else if bytes.Contains(req[start:], streamKey) {
+				simple = false
+			}
+		}
+		if !simple {
+			rest := io.MultiReader(bytes.NewReader(append([]byte(nil), req...)), br)
+			slow.conns <- &replayConn{Conn: c, r: rest}
+			return
+		}
+		atomic.AddInt64(&u.requests, 1)
+		if _, err := c.Write(fastCompletion); err != nil {
+			c.Close()
+			return
+		}
+	}
+}
+
+var fastCompletion = []byte("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" +
+	"Content-Length: " + strconv.Itoa(len(completionBody)) + "\r\n\r\n" + string(completionBody))
+
+// handoff is the listener net/http serves: the connections serveFast passes on.
+type handoff struct {
+	conns chan net.Conn
+	addr  net.Addr
+}
+
+func (h *handoff) Accept() (net.Conn, error) { return <-h.conns, nil }
+func (h *handoff) Close() error              { return nil }
+func (h *handoff) Addr() net.Addr            { return h.addr }
+
+// replayConn reads what serveFast already read first.
+type replayConn struct {
+	net.Conn
+	r io.Reader
+}
+
+func (c *replayConn) Read(p []byte) (int, error) { return c.r.Read(p) }
 
 func (u *upstream) chat(w http.ResponseWriter, r *http.Request) {
 	atomic.AddInt64(&u.requests, 1)
