@@ -1,15 +1,21 @@
-"""`chatproxy serve` raises its soft open-files limit to the hard one: a stream holds 2 sockets."""
+"""What `chatproxy serve` sets up for its process.
+
+Its soft open-files limit is raised to the hard one, since a stream holds 2 sockets, and the heap
+its startup built is frozen out of the cyclic collector's full passes (proxy/app.py, `_frozen`).
+"""
 
 from __future__ import annotations
 
+import gc
 import resource
 from pathlib import Path
 
 import pytest
+from litestar.testing import AsyncTestClient
 
+from proxy import app as app_module
+from proxy.config import Settings
 from tests.fault_helpers import FakeUpstream, Serve, serve_env
-
-pytestmark = pytest.mark.e2e
 
 
 def open_files_limits(pid: int) -> tuple[str, str]:
@@ -20,6 +26,7 @@ def open_files_limits(pid: int) -> tuple[str, str]:
     raise AssertionError("no open files line in /proc/PID/limits")
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="needs Linux /proc")
 def test_serve_raises_the_soft_open_files_limit_to_the_hard_one(
     database_url: str, tmp_path: Path
@@ -39,3 +46,19 @@ def test_serve_raises_the_soft_open_files_limit_to_the_hard_one(
             assert open_files_limits(server.process.pid) == (str(hard), str(hard))
         finally:
             server.stop()
+
+
+async def test_serve_freezes_the_heap_its_startup_built(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert gc.get_freeze_count() == 0
+    # The app of the tests' `client` fixture is not frozen: only serve's factory asks for it.
+    async with AsyncTestClient(app=app_module.create_app(settings)):
+        assert gc.get_freeze_count() == 0
+    monkeypatch.setattr(app_module, "load_settings", lambda environ: settings)
+    try:
+        async with AsyncTestClient(app=app_module.app_from_env()) as client:
+            assert gc.get_freeze_count() > 0
+            assert (await client.get("/health")).status_code == 200
+    finally:
+        gc.unfreeze()
