@@ -113,15 +113,15 @@ func (u *upstream) serveFast(c net.Conn, slow *handoff) {
 		simple, length := true, 0
 		for first := true; ; first = false {
 			line, err := br.ReadSlice('\n')
+			req = append(req, line...)
 			if err != nil {
 				if len(req) == 0 && err == io.EOF {
 					c.Close()
 					return
 				}
-				simple = false
+				simple = false // an unusually long line, or a request cut short
 				break
 			}
-			req = append(req, line...)
 			if first {
 				simple = bytes.HasPrefix(line, []byte("POST /v1/chat/completions "))
 				continue
@@ -145,11 +145,10 @@ func (u *upstream) serveFast(c net.Conn, slow *handoff) {
 			start := len(req)
 			req = append(req, make([]byte, length)...)
 			if _, err := io.ReadFull(br, req[start:]); err != nil {
-				simple = false
-				req = req[:start]
-			} else if bytes.Contains(req[start:], streamKey) {
-				simple = false
+				c.Close() // the client left mid-body
+				return
 			}
+			simple = !bytes.Contains(req[start:], streamKey)
 		}
 		if !simple {
 			rest := io.MultiReader(bytes.NewReader(append([]byte(nil), req...)), br)
