@@ -1,6 +1,8 @@
-"""Two `chatproxy serve` processes on one database, 50 concurrent turns on one session
-(issue 5, item 8): every turn stored once, seqs unique and increasing, each reply right after
-its own request.
+"""Two `chatproxy serve` processes on one database.
+
+50 concurrent turns on one session (issue 5, item 8): every turn stored once, seqs unique and
+increasing, each reply right after its own request. And a key both processes hold in their key
+lease is refused by both as soon as its revocation through one of them has returned.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import UPSTREAM_KEY, User
+from tests.conftest import ADMIN_KEY, UPSTREAM_KEY, User
 from tests.fault_helpers import FakeUpstream, serve_env, serving
 
 pytestmark = pytest.mark.e2e
@@ -61,3 +63,26 @@ async def test_concurrent_turns_over_two_processes_are_each_stored_once_in_order
     session = await db.fetchrow(
         "SELECT message_count, next_seq FROM chat_sessions WHERE id = $1", sid)
     assert (session["message_count"], session["next_seq"]) == (2 * TURNS, 2 * TURNS + 1)
+
+
+async def test_a_key_revoked_through_one_process_is_refused_by_both_at_once(
+    database_url: str, alice: User, tmp_path: Path
+) -> None:
+    """Both processes answer the key from their lease (proxy/keylease.py) before the revocation."""
+    with FakeUpstream() as fake:
+        env = serve_env(database_url, fake.base_url, tmp_path, CHATPROXY_ADMIN_KEY=ADMIN_KEY)
+        with serving(env, tmp_path / "a.log") as a, serving(env, tmp_path / "b.log") as b:
+            async with httpx.AsyncClient(timeout=30) as client:
+
+                async def sessions(url: str) -> int:
+                    r = await client.get(url + "/v1/chat/sessions", headers=alice.headers)
+                    return r.status_code
+
+                for _ in range(10):  # a lease is trusted once its first beat is back
+                    assert [await sessions(a.url), await sessions(b.url)] == [200, 200]
+                    await asyncio.sleep(0.05)
+                revoked = await client.delete(
+                    f"{a.url}/admin/keys/{alice.key_id}",
+                    headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+                assert revoked.status_code == 204
+                assert [await sessions(b.url), await sessions(a.url)] == [401, 401]
