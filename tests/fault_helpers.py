@@ -29,6 +29,7 @@ from litestar import Litestar
 from proxy.app import create_app
 from proxy.config import Settings
 from proxy.upstream import make_client
+from tests.conftest import UPSTREAM
 from tests.threaded import Threaded, read_body
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +65,14 @@ async def app_client(
                 yield client
     finally:
         await http.aclose()
+
+
+def answering(content: str) -> tuple[respx.Router, respx.Route]:
+    """A respx upstream whose chat completions all answer `content`, and that route."""
+    upstream = respx.Router(base_url=UPSTREAM, assert_all_called=False)
+    route = upstream.post("/chat/completions").mock(
+        return_value=httpx.Response(200, json=completion(content)))
+    return upstream, route
 
 
 def free_port() -> int:

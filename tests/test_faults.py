@@ -23,7 +23,8 @@ from proxy.errors import DatabaseUnavailable, UpstreamError, UpstreamTimeout
 from proxy.migrate import migrate
 from proxy.upstream import MAX_UPSTREAM_BODY
 from tests.conftest import ADMIN_KEY, ROOT, UPSTREAM, UPSTREAM_KEY, User, make_user
-from tests.fault_helpers import PrivateCluster, app_client, completion
+from tests.fault_helpers import PrivateCluster, answering, app_client, completion
+from tests.turns import new_session
 
 UNAVAILABLE = DatabaseUnavailable().body()
 TEST_APP = "faults-test"  # application_name of this module's own connections
@@ -97,13 +98,6 @@ async def carol(fdb: asyncpg.Connection) -> User:
     return await make_user(fdb)
 
 
-async def new_session(client: Any, user: User) -> str:
-    r = await client.post("/v1/chat/sessions", json={}, headers=user.headers)
-    assert r.status_code == 201, r.text
-    sid: str = r.json()["id"]
-    return sid
-
-
 async def stored(conn: asyncpg.Connection, session_id: str) -> list[tuple[int, str, str]]:
     rows = await conn.fetch(
         "SELECT seq, role, body FROM chat_messages WHERE session_id = $1 ORDER BY seq", session_id
@@ -146,10 +140,7 @@ async def waiting_backend(conn: asyncpg.Connection, exclude: set[int]) -> int:
 async def test_database_down_fails_closed_fast_and_sessionless_chat_passes(
     running: PrivateCluster, fsettings: Settings, carol: User
 ) -> None:
-    upstream = respx.Router(base_url=UPSTREAM, assert_all_called=False)
-    route = upstream.post("/chat/completions").mock(
-        return_value=httpx.Response(200, json=completion("passed"))
-    )
+    upstream, route = answering("passed")
     async with app_client(fsettings, upstream) as client:
         sid = await new_session(client, carol)
         warm = await client.post("/v1/chat/completions", json=chat(), headers=carol.headers)
@@ -204,8 +195,7 @@ async def test_database_down_fails_closed_fast_and_sessionless_chat_passes(
 async def test_pool_recovers_after_restart_with_every_connection_in_use_before(
     running: PrivateCluster, fsettings: Settings, carol: User, fault_url: str
 ) -> None:
-    upstream = respx.Router(base_url=UPSTREAM, assert_all_called=False)
-    upstream.post("/chat/completions").mock(return_value=httpx.Response(200, json=completion("ok")))
+    upstream, _ = answering("ok")
     async with app_client(fsettings, upstream) as client:
         sid = await new_session(client, carol)
         # Open every connection the pool may hold, so each one is stale after the restart.
@@ -277,10 +267,7 @@ async def session_locked(url: str, session_id: str) -> AsyncIterator[asyncpg.Con
 async def test_write_connection_killed_is_retried_once_on_a_fresh_one(
     fsettings: Settings, carol: User, fdb: asyncpg.Connection, fault_url: str
 ) -> None:
-    upstream = respx.Router(base_url=UPSTREAM, assert_all_called=False)
-    route = upstream.post("/chat/completions").mock(
-        return_value=httpx.Response(200, json=completion("kept"))
-    )
+    upstream, route = answering("kept")
     async with app_client(fsettings, upstream) as client:
         sid = await new_session(client, carol)
         async with session_locked(fault_url, sid):
@@ -301,10 +288,7 @@ async def test_write_connection_killed_is_retried_once_on_a_fresh_one(
 async def test_write_failing_twice_is_503_and_stores_nothing(
     fsettings: Settings, carol: User, fdb: asyncpg.Connection, fault_url: str
 ) -> None:
-    upstream = respx.Router(base_url=UPSTREAM, assert_all_called=False)
-    route = upstream.post("/chat/completions").mock(
-        return_value=httpx.Response(200, json=completion("lost"))
-    )
+    upstream, route = answering("lost")
     async with app_client(fsettings, upstream) as client:
         sid = await new_session(client, carol)
         async with session_locked(fault_url, sid):
@@ -332,10 +316,7 @@ async def test_saturated_pool_answers_503_after_the_acquire_timeout(
 ) -> None:
     from dataclasses import replace
 
-    upstream = respx.Router(base_url=UPSTREAM, assert_all_called=False)
-    route = upstream.post("/chat/completions").mock(
-        return_value=httpx.Response(200, json=completion("x"))
-    )
+    upstream, route = answering("x")
     settings = replace(fsettings, db_pool_size=1, db_acquire_timeout=0.3)
     async with app_client(settings, upstream) as client:
         sid = await new_session(client, carol)

@@ -26,7 +26,8 @@ from proxy.config import Settings
 from proxy.errors import PayloadTooLarge, SessionNotFound
 from proxy.routes.parsing import MAX_JSON_DEPTH
 from tests.conftest import UPSTREAM, UPSTREAM_KEY, User
-from tests.fault_helpers import app_client, completion
+from tests.fault_helpers import answering, app_client, completion
+from tests.turns import new_session
 
 CHAT = "/v1/chat/completions"
 
@@ -34,13 +35,6 @@ CHAT = "/v1/chat/completions"
 def error(message: str, code: str = "invalid_value", param: str | None = None,
           type_: str = "invalid_request_error") -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-async def new_session(client: Any, user: User) -> str:
-    r = await client.post("/v1/chat/sessions", json={}, headers=user.headers)
-    assert r.status_code == 201, r.text
-    sid: str = r.json()["id"]
-    return sid
 
 
 async def stored_count(db: asyncpg.Connection, session_id: str) -> int:
@@ -123,9 +117,7 @@ async def test_invalid_json_is_400(client: Any, route: respx.Route, alice: User)
 async def test_message_count_is_capped(
     settings: Settings, alice: User, db: asyncpg.Connection
 ) -> None:
-    upstream = respx.Router(base_url=UPSTREAM, assert_all_called=False)
-    route = upstream.post("/chat/completions").mock(
-        return_value=httpx.Response(200, json=completion("ok")))
+    upstream, route = answering("ok")
     async with app_client(replace(settings, max_request_messages=3), upstream) as client:
         sid = await new_session(client, alice)
         three = [{"role": "user", "content": str(i)} for i in range(3)]

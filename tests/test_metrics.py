@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import metrics
 from tests.conftest import ADMIN_KEY, ROOT, UPSTREAM_KEY
+from tests.turns import completion
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -41,14 +42,6 @@ async def scrape(client: Any) -> Samples:
     assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     return parse(response.text)
 
-
-def completion(content: str) -> dict[str, Any]:
-    return {
-        "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                     "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
-    }
 
 
 async def test_request_counters_move_by_route_template_method_and_status(client, alice) -> None:

@@ -8,15 +8,7 @@ import httpx
 import respx
 
 from tests.conftest import UPSTREAM_KEY
-
-
-def completion(content: str) -> dict:
-    return {
-        "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content,
-                                             "refusal": None}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
-    }
+from tests.turns import completion
 
 
 async def test_two_turns_inject_history(client, upstream: respx.Router, alice) -> None:

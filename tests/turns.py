@@ -40,7 +40,7 @@ def sent(route: respx.Route, index: int = -1) -> dict[str, Any]:
     return result
 
 
-async def new_session(client: Client, user: User, **fields: Any) -> str:
+async def new_session(client: Client | httpx.AsyncClient, user: User, **fields: Any) -> str:
     r = await client.post("/v1/chat/sessions", json=fields, headers=user.headers)
     assert r.status_code == 201, r.text
     sid: str = r.json()["id"]
