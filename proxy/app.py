@@ -33,7 +33,6 @@ from proxy.errors import (
     error_bytes,
     unknown_route,
 )
-from proxy.keycache import KeyCache
 from proxy.migrate import migrate
 from proxy.tokens import ModelTable, TokenCounter
 from proxy.upstream import make_client
@@ -51,10 +50,9 @@ class Runtime:
     tokens: TokenCounter
     # Write-backs detached from their request (a client that went away); shutdown awaits them.
     writes: set[asyncio.Task[Any]] = field(default_factory=set)
-    # Keys the database confirmed lately; consulted only while it is down (proxy/keycache.py).
-    keys: KeyCache = field(default_factory=KeyCache)
-    # Keys verified under a lease, answered without the database (proxy/keylease.py).
-    lease: keylease.KeyLease = field(default_factory=keylease.KeyLease)
+    # Keys this process verified: trusted under a lease, and while the database is down
+    # (proxy/keylease.py).
+    keys: keylease.KeyLease = field(default_factory=keylease.KeyLease)
 
     def track(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
         self.writes.add(task)
@@ -89,7 +87,7 @@ def _lifespan(settings: Settings, http_client: httpx.AsyncClient | None) -> Any:
         http = http_client or make_client(settings)
         app.state.rt = rt = Runtime(settings, pool, http, tokens)
         job = asyncio.create_task(retention.run_hourly(pool, settings))  # retention, pruning
-        feed = asyncio.create_task(keylease.follow(rt.lease, url))
+        feed = asyncio.create_task(keylease.follow(rt.keys, url))
         try:
             yield
         finally:

@@ -155,7 +155,7 @@ async def make_user(conn: asyncpg.Connection) -> User:
 
 async def until_key_cached(client: AsyncTestClient[Any], key: str, within: float = 10.0) -> None:
     """Use `key` until the app answers it from its key lease (proxy/keylease.py)."""
-    lease = client.app.state.rt.lease
+    lease = client.app.state.rt.keys
     headers = {"Authorization": f"Bearer {key}"}
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within

@@ -166,7 +166,7 @@ async def test_database_down_fails_closed_fast_and_sessionless_chat_passes(
         assert route.call_count == 1  # only the warm-up: no session turn went upstream
 
         # Without session_id nothing is stored, so the request still goes through, on the
-        # strength of the key having been verified moments ago (proxy/keycache.py).
+        # strength of the key having been verified moments ago (proxy/keylease.py).
         r = await asyncio.wait_for(
             client.post("/v1/chat/completions", json=chat(), headers=carol.headers), WITHIN
         )
@@ -458,19 +458,19 @@ async def test_upstream_200_with_error_body_is_passed_through(
 
 
 def test_key_cache_forgets_refused_and_stale_keys_and_stays_bounded() -> None:
-    from proxy.keycache import KeyCache
+    from proxy.keylease import KeyLease
 
     now = [0.0]
-    cache = KeyCache(ttl=120, max_entries=2, clock=lambda: now[0])
-    cache.remember(b"a", "user_a")
+    cache = KeyLease(ttl=120, max_entries=2, clock=lambda: now[0])
+    cache.remember(b"a", "user_a", cache.generation)
     assert cache.recent(b"a") == "user_a"
     now[0] = 120.5
     assert cache.recent(b"a") is None  # verified too long ago
-    cache.remember(b"a", "user_a")
+    cache.remember(b"a", "user_a", cache.generation)
     cache.forget(b"a")  # the database refused it since
     assert cache.recent(b"a") is None
     for key in (b"x", b"y", b"z"):
-        cache.remember(key, "u")
+        cache.remember(key, "u", cache.generation)
     assert [cache.recent(k) for k in (b"x", b"y", b"z")] == [None, "u", "u"]
 
 

@@ -64,6 +64,7 @@ def test_a_change_forgets_every_key_and_a_racing_query_keeps_nothing() -> None:
     before_query = lease.generation
     lease.changed()  # a revocation's notification arrived while a query was running
     assert lease.user(HASH_A) is None
+    assert lease.recent(HASH_A) == "user_a"  # still confirmed enough for a database outage
     lease.remember(HASH_B, "user_b", before_query)
     assert lease.user(HASH_B) is None
     lease.remember(HASH_B, "user_b", lease.generation)
@@ -78,7 +79,7 @@ def test_lapse_trusts_nothing_until_the_next_beat() -> None:
     lease.lapse()
     assert lease.user(HASH_A) is None
     lease.confirmed(sent=clock.now)
-    assert lease.user(HASH_A) is None  # forgotten, not merely untrusted
+    assert lease.user(HASH_A) is None  # verified before the lapse: not trusted again
 
 
 def test_the_table_is_bounded_and_beats_stop_when_nobody_asks() -> None:

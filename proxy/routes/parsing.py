@@ -184,7 +184,7 @@ async def authenticate(
     """The caller's user id; 401 for a missing, malformed, unknown or revoked key.
 
     With the database down this is a 503, except for a route that `stores_nothing` called with
-    a key the database confirmed moments ago (proxy/keycache.py). A `{session_id}` in the path
+    a key confirmed moments ago (proxy/keylease.py). A `{session_id}` in the path
     that cannot be a session id is a 404 here, before anything passes it to PostgreSQL.
     """
     key_hash = auth.client_key_hash(request.headers.get("authorization"))
@@ -200,27 +200,25 @@ async def authenticate(
 async def verify_key(rt: Runtime, key_hash: bytes, *, stores_nothing: bool = False) -> str:
     """The user id of the key hashed as `key_hash` (`auth.client_key_hash`; see `authenticate`).
 
-    Answered from the lease's cache when it holds the key (proxy/keylease.py), else by the
-    database.
+    Answered without the database while the lease vouches for the key (proxy/keylease.py).
     """
-    user_id = rt.lease.user(key_hash)
+    keys = rt.keys
+    user_id = keys.user(key_hash)
     if user_id is not None:
-        rt.keys.remember(key_hash, user_id)  # as good as the database's word, for an outage
         return user_id
-    generation = rt.lease.generation
+    generation = keys.generation
     try:
         async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
             user_id = await store.user_for_key(conn, key_hash)
     except DatabaseUnavailable:
-        user_id = rt.keys.recent(key_hash) if stores_nothing else None
+        user_id = keys.recent(key_hash) if stores_nothing else None
         if user_id is None:
             raise
     else:
         if user_id is None:
-            rt.keys.forget(key_hash)
+            keys.forget(key_hash)
             raise Unauthorized("Invalid API key")
-        rt.keys.remember(key_hash, user_id)
-        rt.lease.remember(key_hash, user_id, generation)
+        keys.remember(key_hash, user_id, generation)
     return user_id
 
 
