@@ -15,10 +15,10 @@ from typing import Any
 import msgspec
 
 from proxy import db, history, idempotency, messages, metrics, retention
-from proxy.app import Runtime
 from proxy.errors import DatabaseUnavailable
 from proxy.idempotency import Answer
 from proxy.messages import NewMessage
+from proxy.runtime import Runtime
 from proxy.tokens import REPLY_PRIMING, TOKENS_PER_MESSAGE
 
 HEAD_ROLES = frozenset({"system", "developer"})

@@ -19,11 +19,11 @@ import respx
 
 from proxy import db as db_module
 from proxy import messages, store
-from proxy.app import Runtime
 from proxy.config import Settings
 from proxy.errors import DatabaseUnavailable
 from proxy.messages import NewMessage
 from proxy.routes.streaming import _relay
+from proxy.runtime import Runtime
 from proxy.tokens import ModelTable, TokenCounter
 from proxy.turn import Turn, persist
 from tests.conftest import User

@@ -8,10 +8,10 @@ from litestar import Request, Response, delete, get, post
 from pydantic import BaseModel, ConfigDict, Field
 
 from proxy import auth, db, keylease, store, wire
-from proxy.app import runtime
 from proxy.errors import Conflict, NotFound, unknown_route
 from proxy.openapi import documented
 from proxy.routes.parsing import parse_model, read_json
+from proxy.runtime import runtime
 
 
 class NewUser(BaseModel):

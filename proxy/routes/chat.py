@@ -14,7 +14,6 @@ from litestar import Request, Response, post
 
 from proxy import auth, codec, db, idempotency, messages, metrics, turn
 from proxy import upstream as up
-from proxy.app import Runtime, runtime
 from proxy.errors import (
     BadRequest,
     SessionNotFound,
@@ -26,6 +25,7 @@ from proxy.openapi import CHAT_COMPLETIONS
 from proxy.routes.parsing import is_session_id, read_json, verify_key
 from proxy.routes.passthrough import relay
 from proxy.routes.streaming import stream_turn
+from proxy.runtime import Runtime, runtime
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 PROXY_FIELDS = ("session_id", "max_history_messages")

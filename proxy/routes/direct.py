@@ -31,8 +31,7 @@ from litestar.types import (
     Send,
 )
 
-from proxy.app import internal_error, render_error
-from proxy.errors import ProxyError, ShuttingDown
+from proxy.errors import ProxyError, ShuttingDown, internal_error, render_error
 from proxy.incoming import Incoming
 from proxy.routes import chat
 

@@ -9,8 +9,8 @@ import asyncpg
 from litestar import Request, Response, get
 
 from proxy import db
-from proxy.app import runtime
 from proxy.errors import DatabaseUnavailable, error_bytes
+from proxy.runtime import runtime
 
 # However the database fails (refusing, gone, or hanging), /ready answers within this.
 READY_DEADLINE = 2.0

@@ -15,7 +15,6 @@ from litestar import Request, Response, delete, get, post
 from pydantic import BaseModel, ConfigDict, Field
 
 from proxy import codec, db, document, lifecycle, retention, store, wire
-from proxy.app import Runtime, runtime
 from proxy.errors import SessionNotFound
 from proxy.openapi import documented
 from proxy.routes.parsing import (
@@ -28,6 +27,7 @@ from proxy.routes.parsing import (
 )
 from proxy.routes.passthrough import ClosingStream
 from proxy.routes.sessions import paths
+from proxy.runtime import Runtime, runtime
 
 MAX_SEQ = 2**62
 TAGS = ["session lifecycle"]

@@ -23,9 +23,9 @@ from litestar import Request, Response
 
 from proxy import codec
 from proxy import upstream as up
-from proxy.app import Runtime
 from proxy.config import Upstream
 from proxy.errors import ProxyError, UpstreamError
+from proxy.runtime import Runtime
 
 log = logging.getLogger("chatproxy.models")
 

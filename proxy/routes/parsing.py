@@ -12,9 +12,9 @@ from litestar import Request
 from pydantic import BaseModel, ValidationError
 
 from proxy import auth, codec, db, store
-from proxy.app import Runtime, runtime
 from proxy.errors import BadRequest, DatabaseUnavailable, SessionNotFound, Unauthorized
 from proxy.incoming import Incoming
+from proxy.runtime import Runtime, runtime
 
 MAX_JSON_DEPTH = 64
 MAX_ID_LENGTH = 64

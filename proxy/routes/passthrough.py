@@ -24,11 +24,11 @@ from litestar.response.streaming import ASGIStreamingResponse
 
 from proxy import codec, metrics
 from proxy import upstream as up
-from proxy.app import Runtime, runtime
 from proxy.config import Upstream
 from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
 from proxy.routes.models import merged_models
 from proxy.routes.parsing import authenticate, json_content_type
+from proxy.runtime import Runtime, runtime
 
 
 class _ClosingStreamingResponse(ASGIStreamingResponse):

@@ -12,7 +12,6 @@ from litestar.openapi.spec import OpenAPIType
 from pydantic import ConfigDict, Field
 
 from proxy import codec, db, messages, store, wire
-from proxy.app import runtime
 from proxy.errors import BadRequest, SessionNotFound
 from proxy.openapi import documented, query
 from proxy.routes.parsing import (
@@ -25,6 +24,7 @@ from proxy.routes.parsing import (
     query_int,
     read_json,
 )
+from proxy.runtime import runtime
 
 PREFIXES = ["/v1/chat/sessions", "/chat/sessions"]
 # What the handlers answer: JSON objects (so the OpenAPI schema says so), encoded by `_json`.

@@ -20,10 +20,10 @@ from litestar import Response
 
 from proxy import codec, metrics
 from proxy import upstream as up
-from proxy.app import Runtime
 from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
 from proxy.idempotency import Answer
 from proxy.routes.passthrough import ClosingStream
+from proxy.runtime import Runtime
 from proxy.sse import DONE, EventSplitter, ReplyAssembler, event_data
 from proxy.turn import Turn, persist, release_claim, reply_tokens
 
