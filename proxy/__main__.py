@@ -22,7 +22,7 @@ from typing import Any
 
 import asyncpg
 
-from proxy import db, keylease, store
+from proxy import auth, db, keylease, store
 from proxy.config import ConfigError, Settings, load_settings
 from proxy.migrate import MigrationError, migrate
 
@@ -98,12 +98,10 @@ async def _users_create(conn: asyncpg.Connection, args: argparse.Namespace) -> i
 
 
 async def _keys_create(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
-    from proxy.routes.admin import issue_key
-
     user = await store.find_user(conn, args.user)
     if user is None:
         return _fail(f"no user {args.user!r}")
-    key = await issue_key(conn, user["id"], args.name)
+    key = await auth.issue_key(conn, user["id"], args.name)
     assert key is not None
     print(f"key id: {key['id']} (user {user['name']})", file=sys.stderr)
     print(key["key"])

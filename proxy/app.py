@@ -92,8 +92,16 @@ def create_app(
     settings: Settings, *, http_client: httpx.AsyncClient | None = None, freeze: bool = False
 ) -> Litestar:
     """The app; `freeze` (serve's workers) freezes the startup heap (`_frozen`)."""
-    from proxy.routes import admin, chat, direct, health, lifecycle, passthrough, sessions
-    from proxy.routes import metrics as metrics_route
+    from proxy.routes import (
+        admin,
+        chat,
+        fastpath,
+        health,
+        passthrough,
+        prometheus,
+        session_lifecycle,
+        sessions,
+    )
 
     lifespans: list[Any] = [_lifespan(settings, http_client), metrics.lifespan]
     if freeze:
@@ -101,10 +109,10 @@ def create_app(
     app = Litestar(
         route_handlers=[
             *health.handlers,
-            *metrics_route.handlers,
+            *prometheus.handlers,
             *admin.handlers,
             *sessions.handlers,
-            *lifecycle.handlers,
+            *session_lifecycle.handlers,
             *chat.handlers,
             *passthrough.handlers,
         ],
@@ -122,9 +130,9 @@ def create_app(
         logging_config=None,
         debug=False,
     )
-    # The chat route answered ahead of routing (proxy/routes/direct.py); the access log outside
+    # The chat route answered ahead of routing (proxy/routes/fastpath.py); the access log outside
     # routing and error handling, so unknown routes and errors get a request id and a line.
-    app.asgi_handler = logs.access_log(direct.chat_first(app, app.asgi_handler))
+    app.asgi_handler = logs.access_log(fastpath.chat_first(app, app.asgi_handler, chat.complete))
     return app
 
 

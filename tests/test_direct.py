@@ -1,4 +1,4 @@
-"""The chat route answered ahead of Litestar (proxy/routes/direct.py) and the route Litestar
+"""The chat route answered ahead of Litestar (proxy/routes/fastpath.py) and the route Litestar
 keeps answer alike: same bodies, headers and stored turns; errors in the same envelope."""
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from proxy import auth, db, keylease, store, wire
 from proxy.errors import Conflict, NotFound, unknown_route
 from proxy.openapi import documented
-from proxy.routes.parsing import parse_model, read_json
+from proxy.reading import parse_model, read_json
 from proxy.runtime import runtime
 
 
@@ -22,15 +22,6 @@ class NewUser(BaseModel):
 class NewKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str | None = Field(default=None, max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")
-
-
-async def issue_key(conn: Any, user_id: str, name: str | None) -> dict[str, Any] | None:
-    """Create a key for `user_id`; the result is the only place the secret ever appears."""
-    key = auth.generate_key()
-    row = await store.create_key(conn, user_id, auth.hash_key(key), auth.display_prefix(key), name)
-    if row is None:
-        return None
-    return {**row, "key": key}
 
 
 def _admin(request: Request[Any, Any, Any]) -> Any:
@@ -77,7 +68,7 @@ async def create_key(request: Request[Any, Any, Any], user_id: str) -> dict[str,
     rt = _admin(request)
     body = parse_model(NewKey, await read_json(request, empty={}))
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        key = await issue_key(conn, user_id, body.name)
+        key = await auth.issue_key(conn, user_id, body.name)
     if key is None:
         raise NotFound(f"User {user_id} not found", param="user_id")
     return {k: key[k] for k in ("id", "object", "key", "prefix", "name", "user_id", "created_at")}

@@ -14,16 +14,17 @@ from litestar import Request, Response, post
 
 from proxy import auth, codec, db, idempotency, messages, metrics, turn
 from proxy import upstream as up
+from proxy.access import verify_key
 from proxy.errors import (
     BadRequest,
     SessionNotFound,
     Unauthorized,
     UpstreamError,
 )
-from proxy.incoming import Incoming
+from proxy.ids import is_session_id
 from proxy.openapi import CHAT_COMPLETIONS
-from proxy.routes.parsing import is_session_id, read_json, verify_key
-from proxy.routes.passthrough import relay
+from proxy.rawrequest import Incoming
+from proxy.reading import read_json
 from proxy.routes.streaming import stream_turn
 from proxy.runtime import Runtime, runtime
 
@@ -104,7 +105,7 @@ def _check_message_fields(item: dict[str, Any], where: str) -> None:
 
 @post("/v1/chat/completions", status_code=200, **CHAT_COMPLETIONS)
 async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
-    """Reached through Litestar only for what proxy/routes/direct.py leaves to it."""
+    """Reached through Litestar only for what proxy/routes/fastpath.py leaves to it."""
     rt = runtime(request)
     return await complete(rt, Incoming(request.scope, request.receive, rt.settings.max_body_bytes))
 
@@ -128,8 +129,8 @@ async def complete(rt: Runtime, request: Incoming) -> Response[Any]:
         # Nothing to change: the client's bytes go upstream as they came.
         content = codec.dumps(body) if had_proxy_fields else await request.body()
         streamed = body.get("stream") is True
-        return await relay(
-            rt, target, "POST", "/chat/completions", "", request.headers.items(), content,
+        return await up.relay(
+            rt.http, target, "POST", "/chat/completions", "", request.headers.items(), content,
             state=request.state, stream=streamed, whole=not streamed,
         )
 

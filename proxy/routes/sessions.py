@@ -12,27 +12,15 @@ from litestar.openapi.spec import OpenAPIType
 from pydantic import ConfigDict, Field
 
 from proxy import codec, db, messages, store, wire
+from proxy.access import addressed, authenticate
 from proxy.errors import BadRequest, SessionNotFound
 from proxy.openapi import documented, query
-from proxy.routes.parsing import (
-    MAX_OFFSET,
-    ExactText,
-    addressed,
-    authenticate,
-    parse_model,
-    query_bool,
-    query_int,
-    read_json,
-)
+from proxy.reading import MAX_OFFSET, ExactText, parse_model, query_bool, query_int, read_json
+from proxy.routes import paths
 from proxy.runtime import runtime
 
-PREFIXES = ["/v1/chat/sessions", "/chat/sessions"]
 # What the handlers answer: JSON objects (so the OpenAPI schema says so), encoded by `_json`.
 Answer = Response[dict[str, Any]]
-
-
-def paths(suffix: str = "") -> list[str]:
-    return [prefix + suffix for prefix in PREFIXES]
 
 
 class SessionFields(ExactText):

@@ -22,9 +22,9 @@ from proxy import codec, metrics
 from proxy import upstream as up
 from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
 from proxy.idempotency import Answer
-from proxy.routes.passthrough import ClosingStream
 from proxy.runtime import Runtime
 from proxy.sse import DONE, EventSplitter, ReplyAssembler, event_data
+from proxy.streamresponse import ClosingStream
 from proxy.turn import Turn, persist, release_claim, reply_tokens
 
 log = logging.getLogger("chatproxy.stream")

@@ -15,19 +15,14 @@ from litestar import Request, Response, delete, get, post
 from pydantic import BaseModel, ConfigDict, Field
 
 from proxy import codec, db, document, lifecycle, retention, store, wire
+from proxy.access import addressed, authenticate
 from proxy.errors import SessionNotFound
+from proxy.ids import is_session_id
 from proxy.openapi import documented
-from proxy.routes.parsing import (
-    ExactText,
-    addressed,
-    authenticate,
-    is_session_id,
-    parse_model,
-    read_json,
-)
-from proxy.routes.passthrough import ClosingStream
-from proxy.routes.sessions import paths
+from proxy.reading import ExactText, parse_model, read_json
+from proxy.routes import paths
 from proxy.runtime import Runtime, runtime
+from proxy.streamresponse import ClosingStream
 
 MAX_SEQ = 2**62
 TAGS = ["session lifecycle"]

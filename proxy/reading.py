@@ -1,7 +1,7 @@
-"""Reading a request: JSON bodies, query integers, the caller's identity.
+"""Reading a request: JSON bodies, query parameters, and validation against a pydantic model.
 
-Every failure here is a 400/401 in the OpenAI envelope, raised before any database write or
-upstream call.
+Every failure here is a 400 in the OpenAI envelope, raised before any database write or upstream
+call. Works on Litestar's `Request` and on the raw chat request (proxy/rawrequest.py) alike.
 """
 
 from __future__ import annotations
@@ -11,27 +11,13 @@ from typing import Any, NoReturn, TypeVar
 from litestar import Request
 from pydantic import BaseModel, ValidationError
 
-from proxy import auth, codec, db, store
-from proxy.errors import BadRequest, DatabaseUnavailable, SessionNotFound, Unauthorized
-from proxy.incoming import Incoming
-from proxy.runtime import Runtime, runtime
+from proxy import codec
+from proxy.errors import BadRequest
+from proxy.rawrequest import Incoming
 
 MAX_JSON_DEPTH = 64
-MAX_ID_LENGTH = 64
 MAX_OFFSET = 2_147_483_647  # beyond any real list, and within what PostgreSQL's OFFSET takes
 T = TypeVar("T", bound=BaseModel)
-
-
-def is_session_id(value: object) -> bool:
-    """Whether `value` has the shape of a session id (`sess_` + letters and digits, or alike).
-
-    Anything else names no session, so it is answered 404 without a query: PostgreSQL cannot
-    even take some strings (a NUL, a lone surrogate) as a parameter.
-    """
-    return (
-        isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH and value.isascii()
-        and value.replace("_", "").isalnum()
-    )
 
 
 def json_content_type(
@@ -176,55 +162,3 @@ def _refuse(exc: ValidationError) -> NoReturn:
 def _reason(error: Any) -> str:
     # pydantic's messages describe the rule, never echo the input.
     return str(error.get("msg", "invalid value")).rstrip(".")
-
-
-async def authenticate(
-    request: Request[Any, Any, Any], *, stores_nothing: bool = False
-) -> str:
-    """The caller's user id; 401 for a missing, malformed, unknown or revoked key.
-
-    With the database down this is a 503, except for a route that `stores_nothing` called with
-    a key confirmed moments ago (proxy/keylease.py). A `{session_id}` in the path
-    that cannot be a session id is a 404 here, before anything passes it to PostgreSQL.
-    """
-    key_hash = auth.client_key_hash(request.headers.get("authorization"))
-    user_id = await verify_key(runtime(request), key_hash, stores_nothing=stores_nothing)
-    path_id = request.path_params.get("session_id")
-    if path_id is not None and not is_session_id(path_id):
-        raise SessionNotFound(str(path_id))
-    # For the access log line (proxy/logs.py): the id only, never the key or the user's name.
-    request.scope["state"]["user_id"] = user_id
-    return user_id
-
-
-async def verify_key(rt: Runtime, key_hash: bytes, *, stores_nothing: bool = False) -> str:
-    """The user id of the key hashed as `key_hash` (`auth.client_key_hash`; see `authenticate`).
-
-    Answered without the database while the lease vouches for the key (proxy/keylease.py).
-    """
-    keys = rt.keys
-    user_id = keys.user(key_hash)
-    if user_id is not None:
-        return user_id
-    generation = keys.generation
-    try:
-        async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-            user_id = await store.user_for_key(conn, key_hash)
-    except DatabaseUnavailable:
-        user_id = keys.recent(key_hash) if stores_nothing else None
-        if user_id is None:
-            raise
-    else:
-        if user_id is None:
-            keys.forget(key_hash)
-            raise Unauthorized("Invalid API key")
-        keys.remember(key_hash, user_id, generation)
-    return user_id
-
-
-def addressed(request: Request[Any, Any, Any], session_id: str) -> None:
-    """Name the caller's session this request found (or created) in its access log line.
-
-    Only once found: an id that named no session of the caller's is never logged.
-    """
-    request.scope["state"]["session_id"] = session_id
