@@ -11,10 +11,11 @@ from typing import Any
 
 from litestar import Request
 
-from proxy import auth, db, store
+from proxy import auth, db
 from proxy.errors import DatabaseUnavailable, SessionNotFound, Unauthorized
 from proxy.ids import is_session_id
 from proxy.runtime import Runtime, runtime
+from proxy.store import users
 
 
 async def authenticate(
@@ -48,7 +49,7 @@ async def verify_key(rt: Runtime, key_hash: bytes, *, stores_nothing: bool = Fal
     generation = keys.generation
     try:
         async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-            user_id = await store.user_for_key(conn, key_hash)
+            user_id = await users.user_for_key(conn, key_hash)
     except DatabaseUnavailable:
         user_id = keys.recent(key_hash) if stores_nothing else None
         if user_id is None:

@@ -15,8 +15,8 @@ from typing import Any
 
 import asyncpg
 
-from proxy import store
 from proxy.errors import Forbidden, NotFound, Unauthorized
+from proxy.store import users
 
 KEY_PREFIX = "sk-cp-"
 _KEY_RE = re.compile(r"sk-cp-[A-Za-z0-9_-]{43}")  # used with fullmatch: no trailing "\n"
@@ -40,7 +40,7 @@ async def issue_key(
 ) -> dict[str, Any] | None:
     """Create a key for `user_id`; the result is the only place the secret ever appears."""
     key = generate_key()
-    row = await store.create_key(conn, user_id, hash_key(key), display_prefix(key), name)
+    row = await users.create_key(conn, user_id, hash_key(key), display_prefix(key), name)
     if row is None:
         return None
     return {**row, "key": key}

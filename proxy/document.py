@@ -21,7 +21,7 @@ from typing import Any
 
 from proxy import codec
 from proxy.errors import BadRequest
-from proxy.store import iso
+from proxy.timefmt import iso
 
 FORMAT = "chatproxy.session.v1"
 ENVELOPE = frozenset({"id", "object", "session_id", "seq", "tokens", "status", "created_at"})

@@ -14,11 +14,12 @@ from typing import Any
 
 import msgspec
 
-from proxy import db, history, idempotency, messages, metrics, retention
+from proxy import db, history, metrics, retention
 from proxy.errors import DatabaseUnavailable
-from proxy.idempotency import Answer
-from proxy.messages import NewMessage
 from proxy.runtime import Runtime
+from proxy.store import idempotency, messages
+from proxy.store.idempotency import Answer
+from proxy.store.messages import NewMessage
 from proxy.tokens import REPLY_PRIMING, TOKENS_PER_MESSAGE
 
 HEAD_ROLES = frozenset({"system", "developer"})

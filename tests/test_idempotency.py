@@ -9,7 +9,7 @@ import asyncpg
 import httpx
 import respx
 
-from proxy import idempotency
+from proxy.store import idempotency
 from tests.conftest import User
 from tests.turns import Client, completion, new_session, stored, u
 

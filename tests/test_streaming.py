@@ -18,12 +18,13 @@ import pytest
 import respx
 
 from proxy import db as db_module
-from proxy import messages, store
+from proxy import ids
 from proxy.config import Settings
 from proxy.errors import DatabaseUnavailable
-from proxy.messages import NewMessage
 from proxy.routes.streaming import _relay
 from proxy.runtime import Runtime
+from proxy.store import messages
+from proxy.store.messages import NewMessage
 from proxy.tokens import ModelTable, TokenCounter
 from proxy.turn import Turn, persist
 from tests.conftest import User
@@ -334,7 +335,7 @@ async def rt(settings: Settings, database_url: str) -> AsyncIterator[Runtime]:
 
 
 async def session_of(db: asyncpg.Connection, user: User) -> str:
-    sid = store.new_id("sess_")
+    sid = ids.new_id("sess_")
     await db.execute("INSERT INTO chat_sessions (id, user_id, max_history_messages) "
                      "VALUES ($1, $2, 20)", sid, user.id)
     return sid

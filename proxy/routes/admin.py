@@ -7,11 +7,12 @@ from typing import Any
 from litestar import Request, Response, delete, get, post
 from pydantic import BaseModel, ConfigDict, Field
 
-from proxy import auth, db, keylease, store, wire
+from proxy import auth, db, keylease, wire
 from proxy.errors import Conflict, NotFound, unknown_route
 from proxy.openapi import documented
 from proxy.reading import parse_model, read_json
 from proxy.runtime import runtime
+from proxy.store import users
 
 
 class NewUser(BaseModel):
@@ -47,7 +48,7 @@ async def create_user(request: Request[Any, Any, Any]) -> dict[str, Any]:
     rt = _admin(request)
     body = parse_model(NewUser, await read_json(request))
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        user = await store.create_user(conn, body.name)
+        user = await users.create_user(conn, body.name)
     if user is None:
         raise Conflict(f"A user named {body.name!r} already exists", param="name")
     return user
@@ -57,8 +58,8 @@ async def create_user(request: Request[Any, Any, Any]) -> dict[str, Any]:
 async def list_users(request: Request[Any, Any, Any]) -> dict[str, Any]:
     rt = _admin(request)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        users = await store.list_users(conn)
-    return {"object": "list", "data": users}
+        everyone = await users.list_users(conn)
+    return {"object": "list", "data": everyone}
 
 
 @post("/admin/users/{user_id:str}/keys", status_code=201, tags=TAGS, summary="Issue a key",
@@ -79,10 +80,10 @@ async def create_key(request: Request[Any, Any, Any], user_id: str) -> dict[str,
 async def list_keys(request: Request[Any, Any, Any], user_id: str) -> dict[str, Any]:
     rt = _admin(request)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        user = await store.find_user(conn, user_id)
+        user = await users.find_user(conn, user_id)
         if user is None or user["id"] != user_id:
             raise NotFound(f"User {user_id} not found", param="user_id")
-        keys = await store.list_keys(conn, user_id)
+        keys = await users.list_keys(conn, user_id)
     return {"object": "list", "data": keys}
 
 
@@ -93,7 +94,7 @@ async def list_keys(request: Request[Any, Any, Any], user_id: str) -> dict[str, 
 async def revoke_key(request: Request[Any, Any, Any], key_id: str) -> Response[None]:
     rt = _admin(request)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        found = await store.revoke_key(conn, key_id)
+        found = await users.revoke_key(conn, key_id)
     if not found:
         raise NotFound(f"Key {key_id} not found", param="key_id")
     await keylease.settle()  # until no server can still trust a cached copy (proxy/keylease.py)

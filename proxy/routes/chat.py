@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 from litestar import Request, Response, post
 
-from proxy import auth, codec, db, idempotency, messages, metrics, turn
+from proxy import auth, codec, db, metrics, turn
 from proxy import upstream as up
 from proxy.access import verify_key
 from proxy.errors import (
@@ -27,6 +27,7 @@ from proxy.rawrequest import Incoming
 from proxy.reading import read_json
 from proxy.routes.streaming import stream_turn
 from proxy.runtime import Runtime, runtime
+from proxy.store import idempotency, messages
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 PROXY_FIELDS = ("session_id", "max_history_messages")

@@ -14,7 +14,7 @@ from typing import Any
 from litestar import Request, Response, delete, get, post
 from pydantic import BaseModel, ConfigDict, Field
 
-from proxy import codec, db, document, lifecycle, retention, store, wire
+from proxy import codec, db, document, retention, wire
 from proxy.access import addressed, authenticate
 from proxy.errors import SessionNotFound
 from proxy.ids import is_session_id
@@ -22,6 +22,7 @@ from proxy.openapi import documented
 from proxy.reading import ExactText, parse_model, read_json
 from proxy.routes import paths
 from proxy.runtime import Runtime, runtime
+from proxy.store import lifecycle, sessions
 from proxy.streamresponse import ClosingStream
 
 MAX_SEQ = 2**62
@@ -79,7 +80,7 @@ async def export_session(request: Request[Any, Any, Any], session_id: str) -> Re
     user_id = await authenticate(request)
     rt = runtime(request)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        found = await store.get_session(conn, user_id, session_id)
+        found = await sessions.get_session(conn, user_id, session_id)
     if found is None:  # checked here so that a 404 is an answer, not a broken stream
         raise SessionNotFound(session_id)
     addressed(request, session_id)
@@ -161,7 +162,7 @@ async def _pruned(rt: Runtime, user_id: str, session: dict[str, Any]) -> dict[st
         return session
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         await retention.prune_session(conn, session["id"], keep)
-        fresh = await store.get_session(conn, user_id, session["id"])
+        fresh = await sessions.get_session(conn, user_id, session["id"])
     return fresh or session
 
 

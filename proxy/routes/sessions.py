@@ -11,13 +11,14 @@ from litestar import Request, Response, delete, get, patch, post, put
 from litestar.openapi.spec import OpenAPIType
 from pydantic import ConfigDict, Field
 
-from proxy import codec, db, messages, store, wire
+from proxy import codec, db, wire
 from proxy.access import addressed, authenticate
 from proxy.errors import BadRequest, SessionNotFound
 from proxy.openapi import documented, query
 from proxy.reading import MAX_OFFSET, ExactText, parse_model, query_bool, query_int, read_json
 from proxy.routes import paths
 from proxy.runtime import runtime
+from proxy.store import messages, sessions
 
 # What the handlers answer: JSON objects (so the OpenAPI schema says so), encoded by `_json`.
 Answer = Response[dict[str, Any]]
@@ -62,7 +63,7 @@ async def create_session(request: Request[Any, Any, Any]) -> Answer:
     fields = _given(body)
     fields.setdefault("max_history_messages", rt.settings.default_max_history_messages)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        session = await store.create_session(conn, user_id, fields)
+        session = await sessions.create_session(conn, user_id, fields)
     addressed(request, session["id"])
     return _json(session, 201)
 
@@ -84,7 +85,7 @@ async def list_sessions(request: Request[Any, Any, Any]) -> Answer:
     include_inactive = query_bool(request, "include_inactive")
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
-            data, total = await store.list_sessions(
+            data, total = await sessions.list_sessions(
                 conn, user_id, limit, offset, include_inactive
             )
     return _json(_page(data, total, limit, offset))
@@ -108,7 +109,7 @@ async def get_session(request: Request[Any, Any, Any], session_id: str) -> Answe
     user_id = await authenticate(request)
     rt = runtime(request)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        session = await store.get_session(conn, user_id, session_id)
+        session = await sessions.get_session(conn, user_id, session_id)
     if session is None:
         raise SessionNotFound(session_id)
     addressed(request, session_id)
@@ -120,7 +121,7 @@ async def _update(request: Request[Any, Any, Any], session_id: str) -> Answer:
     rt = runtime(request)
     body = parse_model(SessionFields, await read_json(request, empty={}))
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        session = await store.update_session(conn, user_id, session_id, _given(body))
+        session = await sessions.update_session(conn, user_id, session_id, _given(body))
     if session is None:
         raise SessionNotFound(session_id)
     addressed(request, session_id)
@@ -151,7 +152,7 @@ async def delete_session(request: Request[Any, Any, Any], session_id: str) -> Re
     user_id = await authenticate(request)
     rt = runtime(request)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        deleted = await store.soft_delete_session(conn, user_id, session_id)
+        deleted = await sessions.soft_delete_session(conn, user_id, session_id)
     if not deleted:
         raise SessionNotFound(session_id)
     addressed(request, session_id)
@@ -178,7 +179,7 @@ async def list_messages(request: Request[Any, Any, Any], session_id: str) -> Ans
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         # One snapshot, so that `total` and `has_more` agree with the page.
         async with conn.transaction(isolation="repeatable_read", readonly=True):
-            session = await store.get_session(conn, user_id, session_id)
+            session = await sessions.get_session(conn, user_id, session_id)
             if session is None:
                 raise SessionNotFound(session_id)
             data = await messages.list_messages(conn, session_id, limit, offset, order == "desc")

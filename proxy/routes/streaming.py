@@ -21,9 +21,9 @@ from litestar import Response
 from proxy import codec, metrics
 from proxy import upstream as up
 from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
-from proxy.idempotency import Answer
 from proxy.runtime import Runtime
 from proxy.sse import DONE, EventSplitter, ReplyAssembler, event_data
+from proxy.store.idempotency import Answer
 from proxy.streamresponse import ClosingStream
 from proxy.turn import Turn, persist, release_claim, reply_tokens
 

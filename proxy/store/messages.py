@@ -13,7 +13,7 @@ import asyncpg
 import msgspec
 
 from proxy import codec
-from proxy.store import iso
+from proxy.timefmt import iso
 
 OPTIONAL_FIELDS = ("name", "refusal", "tool_calls", "tool_call_id")
 
