@@ -9,7 +9,8 @@ Its items are bytes, or the turn engine's events (proxy/turns/stream.py), sent a
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import AsyncIterable
+from typing import Any, Protocol
 
 from litestar.response import Stream
 from litestar.response.streaming import ASGIStreamingResponse
@@ -40,7 +41,19 @@ class _ClosingStreamingResponse(ASGIStreamingResponse):
                 await aclose()
 
 
+class Sendable(Protocol):
+    """A body item that is not bytes: sent as its `raw` bytes."""
+
+    @property
+    def raw(self) -> bytes: ...
+
+
 class ClosingStream(Stream):
+    def __init__(
+        self, content: AsyncIterable[bytes] | AsyncIterable[Sendable], **kwargs: Any
+    ) -> None:
+        super().__init__(content, **kwargs)  # type: ignore[arg-type]  # items: see `_stream`
+
     def to_asgi_response(self, *args: Any, **kwargs: Any) -> Any:
         response = super().to_asgi_response(*args, **kwargs)
         response.__class__ = _ClosingStreamingResponse

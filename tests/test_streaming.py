@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import asyncpg
@@ -21,12 +22,12 @@ from proxy import db as db_module
 from proxy import ids
 from proxy.config import Settings
 from proxy.errors import DatabaseUnavailable
-from proxy.routes.streaming import _relay
 from proxy.runtime import Runtime
 from proxy.store import messages
 from proxy.store.messages import NewMessage
 from proxy.tokens import ModelTable, TokenCounter
-from proxy.turn import Turn, persist
+from proxy.turns import stream
+from proxy.turns.write import Turn, persist
 from tests.conftest import User
 from tests.turns import Client, chat, new_session, sent, stored, u
 
@@ -341,6 +342,13 @@ async def session_of(db: asyncpg.Connection, user: User) -> str:
     return sid
 
 
+async def as_sent(rt: Runtime, response: httpx.Response, turn: Turn) -> AsyncIterator[bytes]:
+    """The relay's events as the client gets them (their bytes); closing it closes the relay."""
+    async with aclosing(stream.relay(rt, response, turn)) as relayed:
+        async for event in relayed:
+            yield event.raw
+
+
 def turn_of(sid: str) -> Turn:
     return Turn(sid, "gpt-4o", [NewMessage(u("hi"), 5)], {})
 
@@ -364,7 +372,7 @@ async def test_the_turn_is_stored_before_done_is_sent_and_each_event_goes_at_onc
     events = hello("a", "b")
     gate = asyncio.Event()
     body = Upstream(events[0], gate, *events[1:], DONE)
-    relay = _relay(rt, streaming(body), turn_of(sid))
+    relay = as_sent(rt, streaming(body), turn_of(sid))
     # the first event arrives while the upstream is still holding back the rest (a relay that
     # buffered would wait for the gate forever)
     assert await asyncio.wait_for(anext(relay), 10) == events[0]
@@ -382,7 +390,7 @@ async def test_a_client_gone_after_done_does_not_store_the_turn_twice(
     rt: Runtime, alice: User, db: asyncpg.Connection
 ) -> None:
     sid = await session_of(db, alice)
-    relay = _relay(rt, streaming(Upstream(*hello("x"), DONE)), turn_of(sid))
+    relay = as_sent(rt, streaming(Upstream(*hello("x"), DONE)), turn_of(sid))
     async for item in relay:
         if item == DONE:
             break
@@ -397,7 +405,7 @@ async def test_a_client_that_closes_mid_stream_stores_what_arrived_and_closes_th
     sid = await session_of(db, alice)
     events = hello("par", "tial", "never")
     body = Upstream(*events[:3], asyncio.Event(), *events[3:], DONE)
-    relay = _relay(rt, streaming(body), turn_of(sid))
+    relay = as_sent(rt, streaming(body), turn_of(sid))
     assert [await anext(relay) for _ in range(3)] == events[:3]
     await relay.aclose()  # what the response does when the client went away
     await settle(rt)
@@ -416,7 +424,7 @@ async def test_a_cancelled_request_task_still_stores_the_turn_once(
     received: list[bytes] = []
 
     async def consume() -> None:
-        async for item in _relay(rt, streaming(body), turn_of(sid)):
+        async for item in as_sent(rt, streaming(body), turn_of(sid)):
             received.append(item)
 
     task = asyncio.create_task(consume())
@@ -445,7 +453,7 @@ async def test_a_write_in_progress_survives_the_cancellation_of_the_request(
     monkeypatch.setattr(messages, "store_turn", slow_store)
 
     async def consume() -> None:
-        async for _ in _relay(rt, streaming(Upstream(*hello("done"), DONE)), turn_of(sid)):
+        async for _ in as_sent(rt, streaming(Upstream(*hello("done"), DONE)), turn_of(sid)):
             pass
 
     task = asyncio.create_task(consume())
@@ -463,7 +471,7 @@ async def test_a_stream_closed_before_any_valid_chunk_stores_nothing(
 ) -> None:
     sid = await session_of(db, alice)
     body = Upstream(b": comment\n\n", asyncio.Event())
-    relay = _relay(rt, streaming(body), turn_of(sid))
+    relay = as_sent(rt, streaming(body), turn_of(sid))
     assert await anext(relay) == b": comment\n\n"
     await relay.aclose()
     await settle(rt)

@@ -113,7 +113,7 @@ async def _whole(response: Response[Any], send: Send) -> None:
 
 
 async def _stream(response: Stream, send: Send, receive: Receive) -> None:
-    iterator: AsyncIterator[bytes] = response.iterator  # type: ignore[assignment]
+    iterator: AsyncIterator[Any] = response.iterator  # type: ignore[assignment]
     await send(_start(response, None))
     # The body is pumped in this task, at once; a watcher task cancels the pump if the client
     # leaves (even while the upstream is silent), and the iterator is closed however it ends.
@@ -144,9 +144,9 @@ async def _stream(response: Stream, send: Send, receive: Receive) -> None:
             await aclose()
 
 
-async def _pump(iterator: AsyncIterator[bytes], send: Send) -> None:
-    async for chunk in iterator:
-        await send(_body(chunk, more=True))
+async def _pump(iterator: AsyncIterator[Any], send: Send) -> None:
+    async for chunk in iterator:  # bytes, or a turn's events (proxy/turns/outcome.py)
+        await send(_body(chunk if type(chunk) is bytes else chunk.raw, more=True))
     await send(_body(b"", more=False))
 
 

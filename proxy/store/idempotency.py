@@ -1,24 +1,18 @@
-"""`Idempotency-Key` on /v1/chat/completions: claim, conflict, replay (contract §6).
+"""`idempotency_keys`: a key claimed by a request, the answer it recorded, released, expired.
 
-The key is scoped to the caller and lives 24 hours. `claim` either wins the key (the request
-runs), or reports what the earlier request left: still running (409), a different body (422),
-or a finished response to replay byte for byte without calling the upstream.
+What the statements mean for a turn (who may claim a key, replay, 409, 422) is
+proxy/turns/claim.py's. A key lives `TTL_HOURS`; a claim still running after `STALE_MINUTES`
+lost its request (a crash, a database outage during the write) and may be claimed again.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import asyncpg
 
-from proxy.errors import BadRequest, Conflict, Unprocessable
-
 TTL_HOURS = 24
-# A claim still 'running' after this long lost its request (a crash, a database outage during
-# the write): the key may be claimed again.
 STALE_MINUTES = 15
-MAX_KEY_LENGTH = 255
 
 
 @dataclass(frozen=True)
@@ -30,37 +24,18 @@ class Answer:
     body: bytes
 
 
-
 @dataclass(frozen=True)
-class Claim:
-    """A key this request owns; `finish` / `release` are bound to it."""
+class Recorded:
+    """What the request that holds a key left: its body's hash, and its answer once done."""
 
-    user_id: str
-    key: str
-
-
-def check_key(value: str | None) -> str | None:
-    if value is None:
-        return None
-    if not 0 < len(value) <= MAX_KEY_LENGTH or not all(0x21 <= ord(c) <= 0x7E for c in value):
-        raise BadRequest(
-            f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} visible ASCII characters",
-            param="Idempotency-Key",
-        )
-    return value
+    request_hash: bytes
+    answer: Answer | None  # None: still running
 
 
-def request_hash(session_id: str | None, raw_body: bytes) -> bytes:
-    digest = hashlib.sha256((session_id or "").encode("utf-8", "surrogatepass") + b"\0")
-    digest.update(raw_body)
-    return digest.digest()
-
-
-async def claim(
-    conn: asyncpg.Connection, user_id: str, key: str, fingerprint: bytes
-) -> Claim | Answer:
-    """Win the key, or raise 409/422, or return the stored response to replay."""
-    won = await conn.fetchval(
+async def try_claim(conn: asyncpg.Connection, user_id: str, key: str, fingerprint: bytes) -> bool:
+    """Claim the key for a request with this body hash: True when it was free (or expired, or
+    its claim went stale)."""
+    won: bool | None = await conn.fetchval(
         f"""
         INSERT INTO idempotency_keys (user_id, key, request_hash) VALUES ($1, $2, $3)
         ON CONFLICT (user_id, key) DO UPDATE
@@ -75,51 +50,44 @@ async def claim(
         key,
         fingerprint,
     )
-    if won:
-        return Claim(user_id, key)
+    return bool(won)
+
+
+async def recorded(conn: asyncpg.Connection, user_id: str, key: str) -> Recorded | None:
+    """What the key's holder left; None when the key is gone (expired and purged)."""
     row = await conn.fetchrow(
         "SELECT request_hash, state, status_code, headers, body FROM idempotency_keys "
         "WHERE user_id = $1 AND key = $2",
         user_id,
         key,
     )
-    if row is None:  # expired and purged between the two statements: try once more
-        return await claim(conn, user_id, key, fingerprint)
-    if bytes(row["request_hash"]) != fingerprint:
-        raise Unprocessable(
-            "This Idempotency-Key was used with a different request", param="Idempotency-Key"
-        )
-    if row["state"] != "done":
-        raise Conflict(
-            "A request with this Idempotency-Key is still in progress",
-            param="Idempotency-Key",
-            code="idempotency_key_in_use",
-        )
-    return Answer(row["status_code"], dict(row["headers"] or {}), bytes(row["body"]))
+    if row is None:
+        return None
+    answer = None
+    if row["state"] == "done":
+        answer = Answer(row["status_code"], dict(row["headers"] or {}), bytes(row["body"]))
+    return Recorded(bytes(row["request_hash"]), answer)
 
 
-async def settle(conn: asyncpg.Connection, claimed: Claim, answer: Answer | None) -> None:
-    """Record the answer (call in the turn's own transaction), or release the key without one."""
-    if answer is None:
-        await release(conn, claimed)
-        return
+async def settle(conn: asyncpg.Connection, user_id: str, key: str, answer: Answer) -> None:
+    """Record the answer the key's request sent (call in the turn's own transaction)."""
     await conn.execute(
         "UPDATE idempotency_keys SET state = 'done', status_code = $3, headers = $4, body = $5 "
         "WHERE user_id = $1 AND key = $2",
-        claimed.user_id,
-        claimed.key,
+        user_id,
+        key,
         answer.status_code,
         answer.headers,
         answer.body,
     )
 
 
-async def release(conn: asyncpg.Connection, claimed: Claim) -> None:
-    """Give the key back (no turn was stored), so a retry runs again."""
+async def release(conn: asyncpg.Connection, user_id: str, key: str) -> None:
+    """Give a running key back (no turn was stored), so that a retry runs again."""
     await conn.execute(
         "DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2 AND state = 'running'",
-        claimed.user_id,
-        claimed.key,
+        user_id,
+        key,
     )
 
 
