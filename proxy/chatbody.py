@@ -13,8 +13,8 @@ from typing import Any
 from proxy.errors import BadRequest, SessionNotFound
 from proxy.ids import is_session_id
 from proxy.rawrequest import Headers
+from proxy.schemas import MAX_HISTORY_MESSAGES, ROLES
 
-ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 PROXY_FIELDS = ("session_id", "max_history_messages")
 
 
@@ -40,9 +40,10 @@ def history_override(body: dict[str, Any]) -> int | None:
     value = body.pop("max_history_messages", None)
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1000:
+    if (not isinstance(value, int) or isinstance(value, bool)
+            or not 0 <= value <= MAX_HISTORY_MESSAGES):
         raise BadRequest(
-            "max_history_messages must be an integer between 0 and 1000",
+            f"max_history_messages must be an integer between 0 and {MAX_HISTORY_MESSAGES}",
             param="max_history_messages",
         )
     return value

@@ -1,4 +1,4 @@
-"""Reading a request: JSON bodies, query parameters, and validation against a pydantic model.
+"""Reading a request: its JSON body and its query parameters (a body's model: proxy/validation.py).
 
 Every failure here is a 400 in the OpenAI envelope, raised before any database write or upstream
 call. Works on Litestar's `Request` and on the raw chat request (proxy/rawrequest.py) alike.
@@ -6,10 +6,9 @@ call. Works on Litestar's `Request` and on the raw chat request (proxy/rawreques
 
 from __future__ import annotations
 
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 from litestar import Request
-from pydantic import BaseModel, ValidationError
 
 from proxy import codec
 from proxy.errors import BadRequest
@@ -17,7 +16,6 @@ from proxy.rawrequest import Incoming
 
 MAX_JSON_DEPTH = 64
 MAX_OFFSET = 2_147_483_647  # beyond any real list, and within what PostgreSQL's OFFSET takes
-T = TypeVar("T", bound=BaseModel)
 
 
 def json_content_type(
@@ -92,73 +90,3 @@ def query_bool(request: Request[Any, Any, Any], name: str) -> bool:
     if lowered in ("false", "0"):
         return False
     raise BadRequest(f"{name} must be true or false", param=name)
-
-
-class ExactText(BaseModel):
-    """A request body whose strings are stored exactly (`codec.pack_text`): `parse_model` takes
-    lone surrogates in it, which pydantic alone refuses. Other bodies (names, ids) refuse them.
-    """
-
-
-def parse_model(model: type[T], data: Any) -> T:
-    """Validate `data` against `model`; the first problem becomes a 400 naming its field."""
-    if not isinstance(data, dict):
-        raise BadRequest("The request body must be a JSON object", code="invalid_value")
-    try:
-        return model.model_validate(data, strict=True)
-    except ValidationError as exc:
-        if not issubclass(model, ExactText) or not any(
-            e["type"] == "string_unicode" for e in exc.errors()
-        ):
-            _refuse(exc)
-    # pydantic cannot hold a lone surrogate, which a client may send and must get back as sent:
-    # validate a stand-in of the same length, then put the original characters back.
-    try:
-        parsed = model.model_validate(_swap(data), strict=True)
-    except ValidationError as exc:
-        _refuse(exc)
-    _restore(parsed)
-    return parsed
-
-
-# Lone surrogates <-> the first 2048 code points of Supplementary Private Use Area-A. The swap
-# is its own inverse, so text that already holds such characters comes back unchanged too.
-_SWAP = {c: c - 0xD800 + 0xF0000 for c in range(0xD800, 0xE000)}
-_SWAP |= {v: k for k, v in _SWAP.items()}
-
-
-def _swap(value: Any) -> Any:
-    if isinstance(value, str):
-        return value if value.isascii() else value.translate(_SWAP)
-    if isinstance(value, dict):
-        return {_swap(k): _swap(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_swap(v) for v in value]
-    if isinstance(value, BaseModel):
-        _restore(value)
-    return value
-
-
-def _restore(model: BaseModel) -> None:
-    for name in type(model).model_fields:
-        if name in model.__dict__:
-            model.__dict__[name] = _swap(model.__dict__[name])
-
-
-def _refuse(exc: ValidationError) -> NoReturn:
-    """The first problem pydantic found, as a 400 naming its field."""
-    first = exc.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
-    kind = first["type"]
-    if kind == "extra_forbidden":
-        raise BadRequest(f"Unknown parameter: {param}", param=param,
-                         code="unknown_parameter") from None
-    if kind == "missing":
-        raise BadRequest(f"Missing required parameter: {param}", param=param,
-                         code="missing_required_parameter") from None
-    raise BadRequest(f"Invalid value for {param}: {_reason(first)}", param=param) from None
-
-
-def _reason(error: Any) -> str:
-    # pydantic's messages describe the rule, never echo the input.
-    return str(error.get("msg", "invalid value")).rstrip(".")

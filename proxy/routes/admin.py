@@ -7,12 +7,13 @@ from typing import Any
 from litestar import Request, Response, delete, get, post
 from pydantic import BaseModel, ConfigDict, Field
 
-from proxy import auth, db, keylease, wire
+from proxy import auth, db, keylease, schemas
 from proxy.errors import Conflict, NotFound, unknown_route
 from proxy.openapi import documented
-from proxy.reading import parse_model, read_json
+from proxy.reading import read_json
 from proxy.runtime import runtime
 from proxy.store import users
+from proxy.validation import parse_model
 
 
 class NewUser(BaseModel):
@@ -43,7 +44,7 @@ def _doc(status: int, answer: Any, description: str, *errors: int, **more: Any) 
 
 
 @post("/admin/users", status_code=201, tags=TAGS, summary="Create a user", **_doc(
-    201, wire.User, "The new user", 400, 409, 413, body=NewUser, body_required=True))
+    201, schemas.User, "The new user", 400, 409, 413, body=NewUser, body_required=True))
 async def create_user(request: Request[Any, Any, Any]) -> dict[str, Any]:
     rt = _admin(request)
     body = parse_model(NewUser, await read_json(request))
@@ -54,7 +55,7 @@ async def create_user(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return user
 
 
-@get("/admin/users", tags=TAGS, summary="List users", **_doc(200, wire.UserList, "Every user"))
+@get("/admin/users", tags=TAGS, summary="List users", **_doc(200, schemas.UserList, "Every user"))
 async def list_users(request: Request[Any, Any, Any]) -> dict[str, Any]:
     rt = _admin(request)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
@@ -63,7 +64,7 @@ async def list_users(request: Request[Any, Any, Any]) -> dict[str, Any]:
 
 
 @post("/admin/users/{user_id:str}/keys", status_code=201, tags=TAGS, summary="Issue a key",
-      **_doc(201, wire.NewApiKey, "The new key; `key` is shown here only, never again", 400,
+      **_doc(201, schemas.NewApiKey, "The new key; `key` is shown here only, never again", 400,
              413, body=NewKey))
 async def create_key(request: Request[Any, Any, Any], user_id: str) -> dict[str, Any]:
     rt = _admin(request)
@@ -76,7 +77,7 @@ async def create_key(request: Request[Any, Any, Any], user_id: str) -> dict[str,
 
 
 @get("/admin/users/{user_id:str}/keys", tags=TAGS, summary="List a user's keys",
-     **_doc(200, wire.ApiKeyList, "The user's keys, without their secrets"))
+     **_doc(200, schemas.ApiKeyList, "The user's keys, without their secrets"))
 async def list_keys(request: Request[Any, Any, Any], user_id: str) -> dict[str, Any]:
     rt = _admin(request)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:

@@ -11,14 +11,23 @@ from litestar import Request, Response, delete, get, patch, post, put
 from litestar.openapi.spec import OpenAPIType
 from pydantic import ConfigDict, Field
 
-from proxy import codec, db, wire
+from proxy import codec, db, schemas
 from proxy.access import addressed, authenticate
 from proxy.errors import BadRequest, SessionNotFound
 from proxy.openapi import documented, query
-from proxy.reading import MAX_OFFSET, ExactText, parse_model, query_bool, query_int, read_json
+from proxy.reading import MAX_OFFSET, query_bool, query_int, read_json
 from proxy.routes import paths
 from proxy.runtime import runtime
+from proxy.schemas import (
+    ExactText,
+    HistoryMessages,
+    HistoryTokens,
+    Metadata,
+    ModelName,
+    SessionName,
+)
 from proxy.store import messages, sessions
+from proxy.validation import parse_model
 
 # What the handlers answer: JSON objects (so the OpenAPI schema says so), encoded by `_json`.
 Answer = Response[dict[str, Any]]
@@ -29,12 +38,12 @@ class SessionFields(ExactText):
 
     model_config = ConfigDict(extra="forbid")
 
-    session_name: str | None = Field(default=None, max_length=1000)
-    model: str | None = Field(default=None, max_length=200)
+    session_name: SessionName = None
+    model: ModelName = None
     system_prompt: str | None = None
-    max_history_messages: int = Field(default=20, ge=0, le=1000)
-    max_history_tokens: int | None = Field(default=None, ge=0, le=100_000_000)
-    metadata: dict[str, str] = Field(default_factory=dict, max_length=64)
+    max_history_messages: HistoryMessages = 20
+    max_history_tokens: HistoryTokens | None = None
+    metadata: Metadata = Field(default_factory=dict)
 
 
 def _given(body: SessionFields) -> dict[str, Any]:
@@ -53,7 +62,7 @@ SESSION_BODY = "Any of these fields; anything else is 400 `unknown_parameter`."
 
 
 @post(paths(), status_code=201, tags=TAGS, summary="Create a session", **documented(
-    201, wire.Session, "The new session", 400, 401, 413, 503,
+    201, schemas.Session, "The new session", 400, 401, 413, 503,
     body=SessionFields, body_description=SESSION_BODY,
 ))
 async def create_session(request: Request[Any, Any, Any]) -> Answer:
@@ -69,7 +78,7 @@ async def create_session(request: Request[Any, Any, Any]) -> Answer:
 
 
 @get(paths(), tags=TAGS, summary="List the caller's sessions", **documented(
-    200, wire.SessionList, "The caller's sessions, most recent activity first", 400, 401, 503,
+    200, schemas.SessionList, "The caller's sessions, most recent activity first", 400, 401, 503,
     parameters=(
         query("limit", OpenAPIType.INTEGER, LIMIT, minimum=1, maximum=100),
         query("offset", OpenAPIType.INTEGER, OFFSET, minimum=0, maximum=MAX_OFFSET),
@@ -103,7 +112,7 @@ def _page(data: list[dict[str, Any]], total: int, limit: int, offset: int) -> di
 
 
 @get(paths("/{session_id:str}"), tags=TAGS, summary="Get a session", **documented(
-    200, wire.Session, "The session", 401, 404, 503,
+    200, schemas.Session, "The session", 401, 404, 503,
 ))
 async def get_session(request: Request[Any, Any, Any], session_id: str) -> Answer:
     user_id = await authenticate(request)
@@ -129,7 +138,7 @@ async def _update(request: Request[Any, Any, Any], session_id: str) -> Answer:
 
 
 _UPDATE = documented(
-    200, wire.Session, "The updated session", 400, 401, 404, 413, 503,
+    200, schemas.Session, "The updated session", 400, 401, 404, 413, 503,
     body=SessionFields, body_description="The fields to change; the others stay as they are.",
 )
 
@@ -161,7 +170,7 @@ async def delete_session(request: Request[Any, Any, Any], session_id: str) -> Re
 
 @get(paths("/{session_id:str}/messages"), tags=TAGS, summary="List a session's messages",
      **documented(
-         200, wire.MessageList, "The session's stored messages", 400, 401, 404, 503,
+         200, schemas.MessageList, "The session's stored messages", 400, 401, 404, 503,
          parameters=(
              query("limit", OpenAPIType.INTEGER, LIMIT, minimum=1, maximum=500),
              query("offset", OpenAPIType.INTEGER, OFFSET, minimum=0, maximum=MAX_OFFSET),

@@ -18,7 +18,7 @@ import asyncpg
 
 from proxy import codec, document, ids
 from proxy.errors import BadRequest, SessionNotFound
-from proxy.store import sessions
+from proxy.store import messages, sessions
 
 EXPORT_BATCH = 1000  # rows fetched per cursor round trip
 EXPORT_CHUNK = 1 << 16  # bytes gathered before a chunk is handed on
@@ -111,12 +111,7 @@ async def export_document(
             if not first:
                 buffer += b","
             first = False
-            buffer += codec.dumps(
-                document.message(
-                    session_id, row["id"], row["seq"], row["role"], row["body"],
-                    row["tokens"], row["status"], row["created_at"],
-                )
-            )
+            buffer += codec.dumps(messages.message_object(session_id, row, whole=True))
             if len(buffer) >= EXPORT_CHUNK:
                 yield bytes(buffer)
                 buffer.clear()

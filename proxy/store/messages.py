@@ -13,9 +13,8 @@ import asyncpg
 import msgspec
 
 from proxy import codec
+from proxy.schemas import MESSAGE_ENVELOPE, MESSAGE_FIELDS
 from proxy.timefmt import iso
-
-OPTIONAL_FIELDS = ("name", "refusal", "tool_calls", "tool_call_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +232,13 @@ _TURN_STORED = """
 """
 
 
-def message_object(session_id: str, row: asyncpg.Record) -> dict[str, Any]:
+def message_object(
+    session_id: str, row: asyncpg.Record, *, whole: bool = False
+) -> dict[str, Any]:
+    """A stored message as the API shows it (contract §5): `role`, `content` and the message's
+    own fields that are set. `whole` (the export document) shows every other field its body
+    holds too (`function_call`, `audio`, a `name` that is null...), so that an import of it
+    stores the same message."""
     body = codec.loads(row["body"])
     result: dict[str, Any] = {
         "id": f"msg_{row['id']}",
@@ -243,9 +248,14 @@ def message_object(session_id: str, row: asyncpg.Record) -> dict[str, Any]:
         "role": row["role"],
         "content": body.get("content"),
     }
-    for name in OPTIONAL_FIELDS:
-        if body.get(name) is not None:
-            result[name] = body[name]
+    if whole:
+        for key, value in body.items():
+            if key not in result and key not in MESSAGE_ENVELOPE:
+                result[key] = value
+    else:
+        for name in MESSAGE_FIELDS:
+            if body.get(name) is not None:
+                result[name] = body[name]
     result["tokens"] = row["tokens"]
     result["status"] = row["status"]
     result["created_at"] = iso(row["created_at"])
