@@ -18,18 +18,25 @@ import httpx
 import pytest
 import respx
 
-from proxy import db as db_module
-from proxy import ids
 from proxy.config import Settings
 from proxy.errors import DatabaseUnavailable
 from proxy.runtime import Runtime
 from proxy.store import messages
 from proxy.store.messages import NewMessage
-from proxy.tokens import ModelTable, TokenCounter
 from proxy.turns import stream
 from proxy.turns.write import Turn, persist
 from tests.conftest import User
-from tests.turns import Client, chat, new_session, sent, stored, u
+from tests.turns import (
+    Client,
+    chat,
+    new_session,
+    runtime_on,
+    sent,
+    session_of,
+    settle,
+    stored,
+    u,
+)
 
 DONE = b"data: [DONE]\n\n"
 SSE = {"content-type": "text/event-stream; charset=utf-8"}
@@ -323,23 +330,8 @@ async def test_events_after_done_are_not_relayed(
 @pytest.fixture
 async def rt(settings: Settings, database_url: str) -> AsyncIterator[Runtime]:
     """A Runtime on the test's own loop, for driving the relay generator directly."""
-    pool = await db_module.create_pool(database_url, settings)
-    http = httpx.AsyncClient()
-    tokens = TokenCounter(ModelTable.load(settings.models_file))
-    runtime = Runtime(settings, pool, http, tokens)
-    try:
+    async with runtime_on(settings, database_url, httpx.AsyncClient()) as runtime:
         yield runtime
-    finally:
-        await settle(runtime)
-        await http.aclose()
-        await pool.close()
-
-
-async def session_of(db: asyncpg.Connection, user: User) -> str:
-    sid = ids.new_id("sess_")
-    await db.execute("INSERT INTO chat_sessions (id, user_id, max_history_messages) "
-                     "VALUES ($1, $2, 20)", sid, user.id)
-    return sid
 
 
 async def as_sent(rt: Runtime, response: httpx.Response, turn: Turn) -> AsyncIterator[bytes]:
@@ -357,12 +349,6 @@ async def rows(db: asyncpg.Connection, sid: str) -> list[tuple[str, str, str]]:
     found = await db.fetch(
         "SELECT role, body, status FROM chat_messages WHERE session_id = $1 ORDER BY seq", sid)
     return [(r["role"], json.loads(r["body"]).get("content"), r["status"]) for r in found]
-
-
-async def settle(rt: Runtime) -> None:
-    """Wait for the write-backs detached from their request."""
-    while rt.writes:
-        await asyncio.gather(*rt.writes, return_exceptions=True)
 
 
 async def test_the_turn_is_stored_before_done_is_sent_and_each_event_goes_at_once(

@@ -17,12 +17,10 @@ import httpx
 import pytest
 import respx
 
-from proxy import auth, ids
-from proxy import db as db_module
+from proxy import auth
 from proxy.config import Settings
 from proxy.errors import SessionNotFound, Unauthorized
 from proxy.runtime import Runtime
-from proxy.tokens import ModelTable, TokenCounter
 from proxy.turns import (
     Answered,
     Caller,
@@ -37,7 +35,7 @@ from proxy.turns import (
 )
 from proxy.upstream import make_client
 from tests.conftest import User
-from tests.turns import completion, u
+from tests.turns import completion, runtime_on, session_of, u
 
 SSE = {"content-type": "text/event-stream"}
 
@@ -45,24 +43,9 @@ SSE = {"content-type": "text/event-stream"}
 @pytest.fixture
 async def rt(settings: Settings, database_url: str, upstream: respx.Router
              ) -> AsyncIterator[Runtime]:
-    pool = await db_module.create_pool(database_url, settings)
     http = make_client(settings, transport=httpx.MockTransport(upstream.async_handler))
-    runtime = Runtime(settings, pool, http, TokenCounter(ModelTable.load(settings.models_file)))
-    try:
+    async with runtime_on(settings, database_url, http) as runtime:
         yield runtime
-    finally:
-        while runtime.writes:
-            for task in list(runtime.writes):
-                await task
-        await http.aclose()
-        await pool.close()
-
-
-async def session_of(db: asyncpg.Connection, user: User) -> str:
-    sid = ids.new_id("sess_")
-    await db.execute("INSERT INTO chat_sessions (id, user_id, max_history_messages) "
-                     "VALUES ($1, $2, 20)", sid, user.id)
-    return sid
 
 
 async def rows(db: asyncpg.Connection, sid: str) -> list[tuple[str, Any, str]]:
