@@ -39,6 +39,7 @@ from pydantic import BaseModel
 
 from proxy import schemas
 from proxy.errors import error_body
+from proxy.reading import BoolQuery, ChoiceQuery, IntQuery
 
 DESCRIPTION = (
     "An OpenAI-compatible proxy that keeps chat history in sessions. Every error the proxy "
@@ -203,9 +204,16 @@ def request_schema(model: type[BaseModel]) -> dict[str, Any]:
 # --- parameters -----------------------------------------------------------------------------------
 
 
-def query(name: str, kind: OpenAPIType, description: str, **schema: Any) -> Parameter:
-    return Parameter(name=name, param_in="query", required=False, description=description,
-                     schema=Schema(type=kind, **schema))
+def query(spec: IntQuery | BoolQuery | ChoiceQuery) -> Parameter:
+    """A query parameter as its handler reads it (proxy/reading.py)."""
+    if isinstance(spec, IntQuery):
+        schema = Schema(type=OpenAPIType.INTEGER, minimum=spec.low, maximum=spec.high)
+    elif isinstance(spec, BoolQuery):
+        schema = Schema(type=OpenAPIType.BOOLEAN)
+    else:
+        schema = Schema(type=OpenAPIType.STRING, enum=list(spec.choices))
+    return Parameter(name=spec.name, param_in="query", required=False,
+                     description=spec.description, schema=schema)
 
 
 def header(name: str, description: str, **schema: Any) -> Parameter:

@@ -6,6 +6,7 @@ call. Works on Litestar's `Request` and on the raw chat request (proxy/rawreques
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from litestar import Request
@@ -64,29 +65,64 @@ def _depth(value: Any) -> int:
     return deepest
 
 
-def query_int(
-    request: Request[Any, Any, Any], name: str, default: int, low: int, high: int | None = None
-) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest(f"{name} must be an integer", param=name) from None
-    if value < low or (high is not None and value > high):
-        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise BadRequest(f"{name} must be {bound}", param=name)
-    return value
+# Query parameters: each is stated once, read by its handler and documented from the same
+# statement (proxy/openapi.py `query`).
 
 
-def query_bool(request: Request[Any, Any, Any], name: str) -> bool:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return False
-    lowered = raw.lower()
-    if lowered in ("true", "1"):
-        return True
-    if lowered in ("false", "0"):
-        return False
-    raise BadRequest(f"{name} must be true or false", param=name)
+@dataclass(frozen=True, slots=True)
+class IntQuery:
+    """An integer from `low` to `high`; `default` when it is not sent."""
+
+    name: str
+    default: int
+    low: int
+    high: int
+    description: str
+
+    def read(self, request: Request[Any, Any, Any]) -> int:
+        raw = request.query_params.get(self.name)
+        if raw is None:
+            return self.default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise BadRequest(f"{self.name} must be an integer", param=self.name) from None
+        if not self.low <= value <= self.high:
+            raise BadRequest(
+                f"{self.name} must be between {self.low} and {self.high}", param=self.name
+            )
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class BoolQuery:
+    """`true`/`1` or `false`/`0` (any case); false when it is not sent."""
+
+    name: str
+    description: str
+
+    def read(self, request: Request[Any, Any, Any]) -> bool:
+        raw = request.query_params.get(self.name)
+        if raw is None:
+            return False
+        lowered = raw.lower()
+        if lowered in ("true", "1"):
+            return True
+        if lowered in ("false", "0"):
+            return False
+        raise BadRequest(f"{self.name} must be true or false", param=self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceQuery:
+    """One of `choices`; the first when it is not sent."""
+
+    name: str
+    choices: tuple[str, ...]
+    description: str
+
+    def read(self, request: Request[Any, Any, Any]) -> str:
+        value: str = request.query_params.get(self.name, self.choices[0])
+        if value not in self.choices:
+            raise BadRequest(f"{self.name} must be {' or '.join(self.choices)}", param=self.name)
+        return value

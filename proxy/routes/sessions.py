@@ -8,14 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Request, Response, delete, get, patch, post, put
-from litestar.openapi.spec import OpenAPIType
 from pydantic import ConfigDict, Field
 
 from proxy import codec, db, schemas
 from proxy.access import addressed, authenticate
-from proxy.errors import BadRequest, SessionNotFound
+from proxy.errors import SessionNotFound
 from proxy.openapi import documented, query
-from proxy.reading import MAX_OFFSET, query_bool, query_int, read_json
+from proxy.reading import MAX_OFFSET, BoolQuery, ChoiceQuery, IntQuery, read_json
 from proxy.routes import paths
 from proxy.runtime import runtime
 from proxy.schemas import (
@@ -56,8 +55,12 @@ def _json(value: Any, status_code: int = 200) -> Response[Any]:
 
 
 TAGS = ["sessions"]
-LIMIT = "page size"
-OFFSET = "how many to skip"
+SESSIONS_LIMIT = IntQuery("limit", 20, 1, 100, "page size")
+MESSAGES_LIMIT = IntQuery("limit", 50, 1, 500, "page size")
+OFFSET = IntQuery("offset", 0, 0, MAX_OFFSET, "how many to skip")
+INCLUDE_INACTIVE = BoolQuery(
+    "include_inactive", "also list deleted sessions not yet purged (`true` / `false`)")
+ORDER = ChoiceQuery("order", ("asc", "desc"), "by `seq`")
 SESSION_BODY = "Any of these fields; anything else is 400 `unknown_parameter`."
 
 
@@ -80,18 +83,15 @@ async def create_session(request: Request[Any, Any, Any]) -> Answer:
 @get(paths(), tags=TAGS, summary="List the caller's sessions", **documented(
     200, schemas.SessionList, "The caller's sessions, most recent activity first", 400, 401, 503,
     parameters=(
-        query("limit", OpenAPIType.INTEGER, LIMIT, minimum=1, maximum=100),
-        query("offset", OpenAPIType.INTEGER, OFFSET, minimum=0, maximum=MAX_OFFSET),
-        query("include_inactive", OpenAPIType.BOOLEAN,
-              "also list deleted sessions not yet purged (`true` / `false`)"),
+        query(SESSIONS_LIMIT), query(OFFSET), query(INCLUDE_INACTIVE),
     ),
 ))
 async def list_sessions(request: Request[Any, Any, Any]) -> Answer:
     user_id = await authenticate(request)
     rt = runtime(request)
-    limit = query_int(request, "limit", 20, 1, 100)
-    offset = query_int(request, "offset", 0, 0, MAX_OFFSET)
-    include_inactive = query_bool(request, "include_inactive")
+    limit = SESSIONS_LIMIT.read(request)
+    offset = OFFSET.read(request)
+    include_inactive = INCLUDE_INACTIVE.read(request)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
             data, total = await sessions.list_sessions(
@@ -172,19 +172,15 @@ async def delete_session(request: Request[Any, Any, Any], session_id: str) -> Re
      **documented(
          200, schemas.MessageList, "The session's stored messages", 400, 401, 404, 503,
          parameters=(
-             query("limit", OpenAPIType.INTEGER, LIMIT, minimum=1, maximum=500),
-             query("offset", OpenAPIType.INTEGER, OFFSET, minimum=0, maximum=MAX_OFFSET),
-             query("order", OpenAPIType.STRING, "by `seq`", enum=["asc", "desc"]),
+             query(MESSAGES_LIMIT), query(OFFSET), query(ORDER),
          ),
      ))
 async def list_messages(request: Request[Any, Any, Any], session_id: str) -> Answer:
     user_id = await authenticate(request)
     rt = runtime(request)
-    limit = query_int(request, "limit", 50, 1, 500)
-    offset = query_int(request, "offset", 0, 0, MAX_OFFSET)
-    order = request.query_params.get("order", "asc")
-    if order not in ("asc", "desc"):
-        raise BadRequest("order must be asc or desc", param="order")
+    limit = MESSAGES_LIMIT.read(request)
+    offset = OFFSET.read(request)
+    order = ORDER.read(request)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         # One snapshot, so that `total` and `has_more` agree with the page.
         async with conn.transaction(isolation="repeatable_read", readonly=True):
