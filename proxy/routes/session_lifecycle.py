@@ -1,8 +1,8 @@
 """The session lifecycle routes (contract §5): restore, clear, export, import, fork, merge.
 
 Served under both session prefixes, with the sessions API's ownership rule: another user's
-session is the same 404 as a missing one. The SQL is in `proxy.lifecycle`; the export document's
-shape and validation in `proxy.document`.
+session is the same 404 as a missing one. The SQL is in `proxy.store.lifecycle`; the export
+document's shape and validation in `proxy.document`.
 """
 
 from __future__ import annotations
