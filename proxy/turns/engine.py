@@ -4,14 +4,16 @@ It knows nothing about HTTP: a door (the chat completions route; MCP, the Respon
 builds a `TurnRequest`, calls `run_turn`, and translates the `Outcome` (proxy/turns/outcome.py).
 A turn's states:
 
-    read ──> prepare ──> claim? ──> call ──┬──> Passthrough        (an upstream error, or a 200
-     │        │           │   │            │                        that is not a completion)
-     │        │           │   └─> Replayed ├──> Answered ───────> written before it returns
-     │        │           │                └──> Streaming ──> events ... written ──> [DONE]
-     │        │           │                                      └─ client gone / upstream
-     │        │           │                                         broke off: written as
-     │        │           │                                         incomplete, in a task
-    401/404  (pure)      409/422; the claim is released on every way out that wrote nothing
+    read ──> prepare ──> claim ──> call ──┬──> Passthrough   an upstream error, or a 200 that
+     │                     │              │                   is not a completion: not stored
+     │                     │              ├──> Answered      stored, then returned
+     │                     ├──> Replayed  └──> Streaming     events relayed as they come; stored
+     │                     │                                 before [DONE] (client gone, upstream
+     └─> 401, 404          └─> 409, 422                      broke off: stored as incomplete by a
+                                                             task of its own)
+
+The claim is only taken for an Idempotency-Key, and given back on every way out that stored
+nothing (an error, a cancellation, a Passthrough).
 
 - read: the caller (a key, or a user id), the session and its newest messages, in one round
   trip (proxy/store/messages.py). This is the one step that knows where history comes from: a
