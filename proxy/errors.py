@@ -11,6 +11,7 @@
      ├── Unprocessable              422 idempotency_key_reused
      ├── UpstreamError              502 upstream_error
      ├── DatabaseUnavailable        503 database_unavailable
+     ├── UpstreamBusy               503 upstream_busy
      ├── UpstreamTimeout            504 upstream_timeout
      └── InternalError              500 internal_error
 
@@ -94,6 +95,16 @@ class DatabaseUnavailable(ProxyError):
     status, type, code = 503, "server_error", "database_unavailable"
 
     def __init__(self, message: str = "The database is unavailable, try again shortly"):
+        super().__init__(message)
+
+
+class UpstreamBusy(ProxyError):
+    """Every connection the upstream's origin may have (`upstream_max_connections`) stayed busy
+    for the whole wait; the OpenAI SDKs retry a 503."""
+
+    status, type, code = 503, "server_error", "upstream_busy"
+
+    def __init__(self, message: str = "The upstream is busy, try again shortly"):
         super().__init__(message)
 
 
