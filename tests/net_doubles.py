@@ -1,29 +1,23 @@
-"""Network doubles for the upstream transport's guard rails: a real HTTP proxy and a fake
-upstream that can speak TLS under a test CA.
+"""Network doubles for the upstream transport's guard rails: a real HTTP proxy, and the fake
+upstream of tests/fault_helpers.py speaking TLS under a test CA.
 
 `ForwardProxy` is a small but real HTTP proxy on 127.0.0.1, in a thread with its own event loop
 (so a `chatproxy serve` subprocess can use it as well as an app in the test's loop): `CONNECT`
 opens a tunnel, a request in absolute form (`POST http://host/path`) is forwarded in origin form.
 It resolves the names in `hosts` itself, so an upstream named there (`upstream.test`) can only
 be reached through it. `seen` records each request line it handled.
-
-`EchoUpstream` answers chat completions with `reply to <last message>` (model `hang`: never,
-until its client goes away) and counts the requests it holds at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import trustme
 
-from tests.fault_helpers import completion, reply_to
-from tests.threaded import Threaded, read_body
+from tests.fault_helpers import FakeUpstream
 
 
 class ForwardProxy:
@@ -125,52 +119,17 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
-class EchoUpstream:
-    """A uvicorn server in a thread; with `tls`, HTTPS under a certificate for `names`."""
+def tls_upstream(ca: trustme.CA, directory: Path, *names: str) -> FakeUpstream:
+    """The fake upstream over HTTPS, its certificate (for `names`) signed by `ca`."""
+    pem = directory / "upstream.pem"
+    ca.issue_cert(*(names or ("127.0.0.1",))).private_key_and_cert_chain_pem.write_to_path(
+        str(pem))
+    return FakeUpstream(ssl_certfile=str(pem))
 
-    def __init__(self, tls: trustme.CA | None = None, names: tuple[str, ...] = ("127.0.0.1",),
-                 cert_dir: Path | None = None) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.held = 0  # `hang` requests being held now
-        self.most_held = 0
-        options: dict[str, Any] = {}
-        if tls is not None:
-            assert cert_dir is not None
-            pem = cert_dir / "upstream.pem"
-            tls.issue_cert(*names).private_key_and_cert_chain_pem.write_to_path(str(pem))
-            options = {"ssl_certfile": str(pem)}
-        self._threaded = Threaded(self._app, log_level="warning", loop="asyncio", **options)
-        self.port = self._threaded.port
-        self.scheme = "https" if tls is not None else "http"
 
-    def base_url(self, host: str = "127.0.0.1") -> str:
-        return f"{self.scheme}://{host}:{self.port}/v1"
-
-    def __enter__(self) -> EchoUpstream:
-        self._threaded.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._threaded.stop()
-
-    async def _app(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        body = json.loads(await read_body(receive) or b"{}")
-        self.requests.append(body)
-        if body.get("model") == "hang":
-            self.held += 1
-            self.most_held = max(self.most_held, self.held)
-            try:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-            finally:
-                self.held -= 1
-            return
-        answer = json.dumps(completion(reply_to(body))).encode()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": answer})
+def named(upstream: FakeUpstream, host: str) -> str:
+    """The upstream's base URL under another host name (one that `ForwardProxy` resolves)."""
+    return upstream.base_url.replace("127.0.0.1", host)
 
 
 def ca_file(ca: trustme.CA, directory: Path) -> str:

