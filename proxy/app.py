@@ -43,7 +43,7 @@ def _lifespan(settings: Settings, http_client: httpx.AsyncClient | None) -> Any:
         try:
             applied = await migrate(conn)
         finally:
-            pool.release(conn)
+            pool.release(conn, discard=True)  # it held a session-level advisory lock
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
         log.info("database: %s", db.describe(settings))

@@ -11,7 +11,9 @@ against it by a test, so the two cannot drift.
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import math
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -87,6 +89,10 @@ def _float(low: float) -> Callable[[str, Any], float]:
 def _url(key: str, value: Any) -> str:
     text = _str(key, value).rstrip("/")
     parts = urlsplit(text)
+    try:
+        parts.port  # noqa: B018 (a port that is not a number raises)
+    except ValueError:
+        parts = parts._replace(netloc="")
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"{key}: expected an http(s) URL, got {text!r}")
     return text
@@ -97,6 +103,37 @@ def _db_url(key: str, value: Any) -> str | None:
     if text is not None and urlsplit(text).scheme not in ("postgres", "postgresql"):
         raise ConfigError(f"{key}: expected a postgresql:// URL")
     return text
+
+
+def _proxy(key: str, value: Any) -> str:
+    """A proxy URL, or "" for none; `host:port` alone means `http://host:port`, as curl reads it.
+
+    The message never repeats the value: a proxy URL may carry a password."""
+    text = _str(key, value).strip()
+    if not text:
+        return ""
+    if "://" not in text:
+        text = "http://" + text
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{key}: expected an http:// or https:// proxy URL (socks is not "
+                          "supported)")
+    return text
+
+
+def _ca_bundle(key: str, value: Any) -> str | None:
+    """A PEM file of CA certificates, checked by loading it now rather than at the first request."""
+    path = _opt_str(key, value)
+    if path is not None:
+        try:
+            ssl.create_default_context(cafile=path)
+        except FileNotFoundError:
+            raise ConfigError(f"{key}: no such file: {path}") from None
+        except ssl.SSLError:  # before OSError, which it subclasses
+            raise ConfigError(f"{key}: {path} holds no PEM certificate") from None
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    return path
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -131,6 +168,15 @@ FIELDS: tuple[Field, ...] = (
     Field("upstream_connect_timeout", 10.0, _float(0.001), "seconds to connect upstream (502)"),
     Field("upstream_timeout", 600.0, _float(0.001),
           "seconds to wait for the next byte from the upstream (504)"),
+    Field("upstream_proxy", None, _proxy,
+          "HTTP proxy for the default upstream (`http://host:3128`); unset: `HTTPS_PROXY`, "
+          "`HTTP_PROXY`, `ALL_PROXY` and `NO_PROXY` decide; empty: none"),
+    Field("upstream_ca_bundle", None, _ca_bundle,
+          "PEM file of the CAs the default upstream's certificate is checked against, instead "
+          "of the system's"),
+    Field("upstream_max_connections", 512, _int(0),
+          "connections open at once to one upstream origin; a request that finds none free "
+          "within the connect timeout gets 503 `upstream_busy`; 0: no cap"),
     Field("db_pool_size", 10, _int(1, 1000), "connections in each process's pool"),
     Field("db_acquire_timeout", 1.5, _float(0.01),
           "seconds to wait for a pool connection before answering 503"),
@@ -141,12 +187,16 @@ FIELDS: tuple[Field, ...] = (
 
 @dataclass(frozen=True)
 class Upstream:
-    """One OpenAI-compatible upstream and the model-name patterns it serves."""
+    """One OpenAI-compatible upstream, the model-name patterns it serves, and how to reach it:
+    `proxy` is the HTTP proxy its requests go through (None: straight to it), already resolved
+    from the settings and the environment; `ca_bundle` replaces the system's CAs for it."""
 
     name: str
     base_url: str
     api_key: str | None
     models: tuple[str, ...] = ()
+    proxy: str | None = None
+    ca_bundle: str | None = None
 
     def serves(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
@@ -169,6 +219,9 @@ class Settings:
     max_request_messages: int = 2048
     upstream_connect_timeout: float = 10.0
     upstream_timeout: float = 600.0
+    upstream_proxy: str | None = None  # resolved by load_settings: a URL, or None for none
+    upstream_ca_bundle: str | None = None
+    upstream_max_connections: int = 512
     db_pool_size: int = 10
     db_acquire_timeout: float = 1.5
     shutdown_grace: float = 30.0
@@ -177,7 +230,8 @@ class Settings:
 
     @property
     def default_upstream(self) -> Upstream:
-        return Upstream("default", self.upstream_base_url, self.upstream_api_key)
+        return Upstream("default", self.upstream_base_url, self.upstream_api_key, (),
+                        self.upstream_proxy, self.upstream_ca_bundle)
 
     def upstream_for(self, model: object) -> Upstream:
         """The first configured upstream whose pattern matches `model`, else the default."""
@@ -211,7 +265,8 @@ def _parse_upstreams(raw: Any, environ: Mapping[str, str]) -> tuple[Upstream, ..
         where = f"upstreams[{index}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{where}: expected a table")
-        unknown = set(entry) - {"name", "base_url", "api_key_env", "models"}
+        unknown = set(entry) - {"name", "base_url", "api_key_env", "models", "proxy",
+                                "ca_bundle"}
         if unknown:
             raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key")
         name = _str(f"{where}.name", entry.get("name"))
@@ -221,8 +276,89 @@ def _parse_upstreams(raw: Any, environ: Mapping[str, str]) -> tuple[Upstream, ..
         if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
             raise ConfigError(f"{where}.models: expected a list of strings")
         api_key = environ.get(key_env) or None if key_env else None
-        result.append(Upstream(name, base_url, api_key, tuple(models)))
+        proxy = _proxy(f"{where}.proxy", entry["proxy"]) if "proxy" in entry else None
+        ca_bundle = _ca_bundle(f"{where}.ca_bundle", entry.get("ca_bundle"))
+        result.append(Upstream(name, base_url, api_key, tuple(models),
+                               _resolved(proxy, base_url, environ), ca_bundle))
     return tuple(result)
+
+
+# --- how to reach the upstreams ---------------------------------------------------------------
+
+
+def _resolved(chosen: str | None, base_url: str, environ: Mapping[str, str]) -> str | None:
+    """A proxy setting made final: unset defers to the environment, "" means none."""
+    if chosen is not None:
+        return chosen or None
+    return environment_proxy(base_url, environ)
+
+
+def environment_proxy(base_url: str, environ: Mapping[str, str]) -> str | None:
+    """The proxy the environment names for `base_url`, read as curl and httpx read it.
+
+    `https_proxy` or `http_proxy` by the URL's scheme, else `all_proxy`; each variable in lower
+    case if set, else in upper case, and an empty value means none. `no_proxy` lists the hosts
+    reached directly: `*` for all, a name for itself and its subdomains (a leading `.` or `*.`
+    changes nothing), an address or a CIDR block for the addresses in it, `:port` after any of
+    them to match that port only.
+    """
+    parts = urlsplit(base_url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if _bypassed((parts.hostname or "").lower(), port, _variable(environ, "no_proxy")[1]):
+        return None
+    for name in (f"{parts.scheme}_proxy", "all_proxy"):
+        variable, value = _variable(environ, name)
+        if value.strip():
+            return _proxy(variable, value)
+    return None
+
+
+def _variable(environ: Mapping[str, str], name: str) -> tuple[str, str]:
+    if name in environ:
+        return name, environ[name]
+    return name.upper(), environ.get(name.upper(), "")
+
+
+def _bypassed(host: str, port: int, no_proxy: str) -> bool:
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for entry in no_proxy.lower().replace(",", " ").split():
+        if entry == "*":
+            return True
+        name, wanted = entry, ""
+        if entry.startswith("["):  # [::1] or [::1]:8080
+            name, _, rest = entry[1:].partition("]")
+            wanted = rest.removeprefix(":")
+        elif entry.count(":") == 1:  # host:port (a bare IPv6 address has more colons)
+            name, wanted = entry.split(":")
+        if wanted and wanted != str(port):
+            continue
+        name = name.removeprefix("*").removeprefix(".")
+        if address is not None:
+            try:
+                if address in ipaddress.ip_network(name, strict=False):
+                    return True
+            except ValueError:
+                pass  # a name: never matches an address (nothing is resolved)
+        elif host == name or host.endswith("." + name):
+            return True
+    return False
+
+
+def _check_origins(settings: Settings) -> None:
+    """Upstreams on one origin share its connections, so they must agree on how to reach it."""
+    seen: dict[tuple[str, str | None, int], Upstream] = {}
+    for upstream in settings.all_upstreams():
+        parts = urlsplit(upstream.base_url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        first = seen.setdefault((parts.scheme, parts.hostname, port), upstream)
+        if (first.proxy, first.ca_bundle) != (upstream.proxy, upstream.ca_bundle):
+            raise ConfigError(
+                f"upstreams: {first.name!r} and {upstream.name!r} are on one origin "
+                f"({parts.scheme}://{parts.hostname}) but differ in proxy or ca_bundle"
+            )
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -248,8 +384,12 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         elif spec.key == "upstream_api_key" and raw is None:
             raw, name = environ.get("OPENAI_API_KEY"), "OPENAI_API_KEY"
         values[spec.key] = spec.kind(name, raw) if raw is not None else None
+    values["upstream_proxy"] = _resolved(values["upstream_proxy"], values["upstream_base_url"],
+                                         environ)
     values["upstreams"] = _parse_upstreams(data.get("upstreams"), environ)
-    return Settings(**values)
+    settings = Settings(**values)
+    _check_origins(settings)
+    return settings
 
 
 def _shown(spec: Field) -> str:

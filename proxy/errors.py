@@ -13,6 +13,7 @@
      ├── UpstreamError              502 upstream_error
      ├── DatabaseUnavailable        503 database_unavailable
      ├── ShuttingDown               503 server_shutting_down
+     ├── UpstreamBusy               503 upstream_busy
      ├── UpstreamTimeout            504 upstream_timeout
      └── InternalError              500 internal_error
 
@@ -109,6 +110,16 @@ class DatabaseUnavailable(ProxyError):
     status, type, code = 503, "server_error", "database_unavailable"
 
     def __init__(self, message: str = "The database is unavailable, try again shortly"):
+        super().__init__(message)
+
+
+class UpstreamBusy(ProxyError):
+    """Every connection the upstream's origin may have (`upstream_max_connections`) stayed busy
+    for the whole wait; the OpenAI SDKs retry a 503."""
+
+    status, type, code = 503, "server_error", "upstream_busy"
+
+    def __init__(self, message: str = "The upstream is busy, try again shortly"):
         super().__init__(message)
 
 

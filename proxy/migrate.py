@@ -2,7 +2,10 @@
 
 Applied files are recorded by name in `schema_migrations`; a file that fails rolls back alone
 and stops the run, so a later start retries it. Concurrent runners wait on the lock, then find
-nothing left to do.
+nothing left to do. The lock is session-level, since it spans the files' transactions (a
+transaction-level one would let runners take turns file by file): a caller that lends
+connections out closes the one this ran on rather than lending it again (the server's
+lifespan does).
 """
 
 from __future__ import annotations

@@ -94,7 +94,8 @@ _ERRORS: dict[int, tuple[str, str, str, str | None]] = {
           None),
     502: ("The upstream could not be reached or answered garbage (`upstream_error`).",
           "upstream_error", "The upstream could not be reached", None),
-    503: ("The database cannot be reached (`database_unavailable`), or, for a chat request, the "
+    503: ("The database cannot be reached (`database_unavailable`), every connection the "
+          "upstream may have stayed busy (`upstream_busy`), or, for a chat request, the "
           "server is shutting down (`server_shutting_down`); retry shortly.",
           "database_unavailable", "The database is unavailable, try again shortly", None),
     504: ("The upstream did not answer in time (`upstream_timeout`).",

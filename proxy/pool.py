@@ -7,9 +7,10 @@ connection off a list (tests/bench). This pool lends the most recently released 
 the warmest on both ends of its socket, at once; it only opens a connection or waits for one,
 within the acquire timeout, when none is idle.
 
-A connection comes back with `release`. One that died, was expired, or comes back inside a
-transaction is dropped, and its place is free for the next acquire; one idle longer than
-`idle_lifetime` is closed when another is released.
+A connection comes back with `release`. One that died, was expired, comes back inside a
+transaction, or was marked with `discard_on_release` (it took a session-level advisory lock,
+which would otherwise go on to whoever borrows it next) is dropped, and its place is free for
+the next acquire; one idle longer than `idle_lifetime` is closed when another is released.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ class Pool:
         self._idle_lifetime = idle_lifetime
         self._idle: list[tuple[asyncpg.Connection, float]] = []  # last released on top
         self._lent: set[asyncpg.Connection] = set()
-        self._stale: set[asyncpg.Connection] = set()  # lent out when the pool was expired
+        # Closed instead of lent again: lent out when the pool was expired, or marked.
+        self._stale: set[asyncpg.Connection] = set()
         self._size = 0  # connections open or opening, idle or lent out
         # A waiter gets a connection, or None: a place came free, open one.
         self._waiters: deque[asyncio.Future[asyncpg.Connection | None]] = deque()
@@ -123,6 +125,12 @@ class Pool:
             del self._idle[0]
             self._size -= 1
             self._close_later(oldest)
+
+    def discard_on_release(self, conn: asyncpg.Connection) -> None:
+        """Close `conn` when it comes back, whatever state it is in: for work that leaves
+        session state behind, such as a session-level advisory lock (retention)."""
+        if conn in self._lent:
+            self._stale.add(conn)
 
     def _hand_on(self, conn: asyncpg.Connection | None) -> bool:
         """Give `conn` (or a free place) to the first waiter still waiting, if any."""

@@ -14,7 +14,8 @@ is not a `tool` message plus the `tool` messages after it, as in `proxy.history`
 the limit: the cut is moved forward to the next non-tool message, so what is left never begins
 with a tool message. Only when the newest unit alone is longer than the limit is it kept whole.
 
-One process at a time runs the job (a session-level `pg_try_advisory_lock`); the others skip
+One process at a time runs the job (a session-level `pg_try_advisory_lock`, as its batches
+commit one by one; the pooled connection it ran on is closed afterwards); the others skip
 their run. `cleanup` is the job once, with the clock passed in; `run_hourly` is the loop the
 server's lifespan starts; `chatproxy cleanup` calls `cleanup`.
 """
@@ -209,6 +210,9 @@ async def cleanup(
 
 async def run_once(pool: db.Pool, settings: Settings) -> Report:
     async with db.connection(pool, settings.db_acquire_timeout) as conn:
+        # `cleanup` takes a session-level lock: should its unlock ever be skipped, the lock must
+        # not go on to the next borrower, so this connection is closed, never lent again.
+        pool.discard_on_release(conn)
         report = await cleanup(
             conn,
             now=datetime.now(UTC),

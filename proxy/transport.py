@@ -1,21 +1,28 @@
-"""The upstream client's transport: HTTP/1.1 on asyncio Protocols and httptools, under httpx's API.
+"""The upstream client's transport: per-origin pools of HTTP/1.1 connections, under httpx's API.
 
 `httpx.AsyncClient` stays the proxy's upstream library (tests put respx's `MockTransport` in its
 place); this replaces only what is underneath it, httpcore's connection pool, whose cost per
-request grows with the number of pooled connections. Invariants:
+request grows with the number of pooled connections. One exchange on one connection is
+`proxy/http1.py`. Invariants:
 
-- Idle keep-alive connections are kept per (scheme, host, port), last in first out, at most
-  `max_keepalive` per origin and never past `keepalive_expiry` seconds idle. No pool scan:
-  taking one is a `pop`, giving one back an `append`.
+- Each origin (scheme, host, port) is found by one dict lookup, and has its route: straight to
+  it, or through an HTTP proxy, which httpx's own transport (httpcore) handles with the same
+  limits; and the CAs its certificate is checked against (a CA bundle, or the system's).
+- At most `max_connections` requests hold a connection to one origin at once, so at most that
+  many connections are open to it (idle ones are only ever opened by one of those). A request
+  past the cap waits its turn, first come first served, at most the pool timeout, then fails
+  with `httpx.PoolTimeout`. Its place is held until its response body was read or closed.
+- Idle keep-alive connections are kept per origin, last in first out, at most `max_keepalive`
+  and never past `keepalive_expiry` seconds idle. No pool scan: taking one is a `pop`, giving
+  one back an `append`.
 - A connection goes back to the pool only when its response was read to the end and the
   upstream allowed keep-alive; a response closed before its end (the client went away)
   closes its connection.
 - A reused connection that fails before any byte of the answer is retried once on a fresh one,
   when the request body is bytes (a streamed body cannot be replayed).
-- Response bodies stream chunk by chunk; past `HIGH_WATER` buffered bytes the socket stops being
-  read until the reader catches up. Request bodies respect the socket's write flow control.
-- Failures are httpx's exceptions: ConnectTimeout, ConnectError (refused, TLS), ReadTimeout
-  (no byte within the read timeout), WriteTimeout, RemoteProtocolError (closed or malformed).
+- Failures are httpx's exceptions: PoolTimeout (no place under the cap), ConnectTimeout,
+  ConnectError (refused, TLS), ReadTimeout, WriteTimeout, RemoteProtocolError (closed, malformed,
+  or a response head over `http1.MAX_HEAD`), and through a proxy httpx's ProxyError.
 """
 
 from __future__ import annotations
@@ -23,186 +30,54 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Mapping
+from contextlib import suppress
+from dataclasses import dataclass
 
-import httptools
 import httpx
 
-HIGH_WATER = 256 * 1024  # buffered response bytes at which reading pauses
-LOW_WATER = 64 * 1024  # ... and resumes
+from proxy.http1 import LOW_WATER, Connection, send_stream, wait
+
 Origin = tuple[bytes, str, int]
 
 
-class _Connection(asyncio.Protocol):
-    """One HTTP/1.1 connection; the state of the exchange in flight lives here."""
+@dataclass(frozen=True)
+class Route:
+    """How to reach an origin: through the HTTP proxy `proxy` (a URL) or straight to it, its
+    certificate checked against the CAs in `ca_bundle` (a PEM file) or the system's."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        self.closed = False
-        self.idle_since = 0.0
-        self.drained: asyncio.Future[None] | None = None  # set while writing is paused
-        self.fresh_parser = False
-        self.begin(False)
-
-    def begin(self, head_only: bool) -> None:
-        """Reset for a new exchange on this connection."""
-        if self.fresh_parser:  # a HEAD answer left the parser expecting a body
-            self.parser = httptools.HttpResponseParser(self)
-            self.fresh_parser = False
-        self.head_only = head_only
-        self.active = True
-        self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.head: asyncio.Future[None] = self.loop.create_future()
-        self.chunks: deque[bytes] = deque()
-        self.buffered = 0
-        self.paused = False
-        self.headers_done = False
-        self.framed = False  # Content-Length or chunked; otherwise the body ends at EOF
-        self.interim = False
-        self.complete = False
-        self.keep_alive = False
-        self.got_bytes = False
-        self.error: Exception | None = None
-        self.waiter: asyncio.Future[None] | None = None
-
-    # asyncio.Protocol
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        if not self.active:  # bytes on an idle connection: nothing to match them to
-            self.close()
-            return
-        self.got_bytes = True
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            self.fail(httpx.RemoteProtocolError("The upstream sent a malformed response"))
-            self.close()
-
-    def eof_received(self) -> bool | None:
-        return None  # close the transport; connection_lost follows
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.drained is not None and not self.drained.done():
-            self.drained.set_result(None)
-        if self.active and not self.complete:
-            if self.headers_done and not self.framed:
-                self.complete = True  # a body delimited by the end of the connection
-                self.wake()
-            else:
-                self.fail(httpx.RemoteProtocolError("The upstream closed the connection"))
-
-    def pause_writing(self) -> None:
-        self.drained = self.loop.create_future()
-
-    def resume_writing(self) -> None:
-        if self.drained is not None and not self.drained.done():
-            self.drained.set_result(None)
-        self.drained = None
-
-    # httptools callbacks
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-        if len(name) in (14, 17) and name.lower() in (b"content-length", b"transfer-encoding"):
-            self.framed = True
-
-    def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
-        if 100 <= status < 200:  # 100 Continue and friends: the real answer follows
-            self.interim = True
-            self.headers = []
-            self.framed = False
-            return
-        self.status = status
-        self.headers_done = True
-        if self.head_only or status in (204, 304):
-            self.framed = True
-        if self.head_only:
-            self.fresh_parser = True
-            self.complete = True
-            self.keep_alive = self.parser.should_keep_alive()
-        if not self.head.done():
-            self.head.set_result(None)
-
-    def on_body(self, body: bytes) -> None:
-        self.chunks.append(body)
-        self.buffered += len(body)
-        if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
-        self.wake()
-
-    def on_message_complete(self) -> None:
-        if self.interim:
-            self.interim = False
-            return
-        if not self.head_only:
-            self.complete = True
-            self.keep_alive = self.parser.should_keep_alive()
-        self.wake()
-
-    # helpers
-
-    def fail(self, exc: Exception) -> None:
-        if self.error is None:
-            self.error = exc
-        if not self.head.done():
-            self.head.set_exception(exc)
-        self.wake()
-
-    def wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
-
-    async def write(self, data: bytes, seconds: float | None) -> None:
-        if self.closed or self.transport is None:
-            raise httpx.RemoteProtocolError("The upstream closed the connection")
-        self.transport.write(data)
-        if self.drained is not None:  # the socket's buffer is full: wait for it to drain
-            await _wait(self.drained, seconds, httpx.WriteTimeout)
-            if self.closed:
-                raise httpx.RemoteProtocolError("The upstream closed the connection")
+    proxy: str | None = None
+    ca_bundle: str | None = None
 
 
-def _expire(future: asyncio.Future[None], kind: type[httpx.TimeoutException]) -> None:
-    if not future.done():
-        future.set_exception(kind("The upstream did not answer in time"))
+def origin_of(url: httpx.URL) -> Origin:
+    scheme = url.raw_scheme
+    return scheme, url.raw_host.decode("ascii"), url.port or (443 if scheme == b"https" else 80)
 
 
-async def _wait(
-    future: asyncio.Future[None], seconds: float | None, kind: type[httpx.TimeoutException]
-) -> None:
-    if seconds is None:
-        await future
-        return
-    handle = asyncio.get_running_loop().call_later(seconds, _expire, future, kind)
-    try:
-        await future
-    finally:
-        handle.cancel()
+class _Origin:
+    """One origin's connections: the idle ones, and the places under the cap."""
+
+    __slots__ = ("active", "idle", "ssl", "via", "waiters")
+
+    def __init__(self, ssl_context: ssl.SSLContext | None,
+                 via: httpx.AsyncBaseTransport | None) -> None:
+        self.ssl = ssl_context  # for https; None: the transport's default context
+        self.via = via  # httpx's transport through a proxy, which keeps its own connections
+        self.idle: deque[Connection] = deque()  # the oldest at the left
+        self.active = 0  # places taken: requests with a connection or about to open one
+        self.waiters: deque[asyncio.Future[None]] = deque()  # first in, first given a place
 
 
 class _ResponseStream(httpx.AsyncByteStream):
-    """The body of one response, read from its connection as it arrives."""
+    """The body of one response, read from its connection as it arrives. Its origin's place
+    under the cap is held until the body was read to its end or closed."""
 
-    def __init__(self, owner: FastTransport, origin: Origin, conn: _Connection,
+    def __init__(self, owner: FastTransport, origin: _Origin, conn: Connection,
                  read_timeout: float | None) -> None:
         self.owner = owner
         self.origin = origin
-        self.conn: _Connection | None = conn
+        self.conn: Connection | None = conn
         self.read_timeout = read_timeout
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -224,18 +99,19 @@ class _ResponseStream(httpx.AsyncByteStream):
                 raise conn.error
             conn.waiter = conn.loop.create_future()
             try:
-                await _wait(conn.waiter, self.read_timeout, httpx.ReadTimeout)
+                await wait(conn.waiter, self.read_timeout, httpx.ReadTimeout)
             finally:
                 conn.waiter = None
 
-    def _finish(self, conn: _Connection) -> None:
+    def _finish(self, conn: Connection) -> None:
         """The body was read to its end: the connection may serve the next request."""
         self.conn = None
         conn.active = False
         if conn.keep_alive and not conn.closed and conn.error is None:
-            self.owner._release(self.origin, conn)
+            self.owner._keep(self.origin, conn)
         else:
             conn.close()
+        self.owner._leave(self.origin)
 
     async def aclose(self) -> None:
         conn, self.conn = self.conn, None
@@ -247,31 +123,92 @@ class _ResponseStream(httpx.AsyncByteStream):
         else:  # closed before its end: the rest of the answer would poison the connection
             conn.active = False
             conn.close()
+            self.owner._leave(self.origin)
 
 
 class FastTransport(httpx.AsyncBaseTransport):
-    """HTTP/1.1 for `httpx.AsyncClient`: a LIFO keep-alive pool per origin, no pool scan."""
+    """HTTP/1.1 for `httpx.AsyncClient`: a LIFO keep-alive pool per origin, no pool scan.
+
+    `routes` maps an upstream's URL to how its origin is reached; an origin without one is
+    reached directly, trusting `ssl_context` (default: the system's CAs). `max_connections`
+    caps the connections open to one origin at once (0: no cap); a request that finds no place
+    within the pool timeout gets `httpx.PoolTimeout`.
+    """
 
     def __init__(
         self,
         *,
+        routes: Mapping[str, Route] | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        max_connections: int = 0,
         max_keepalive: int = 256,
         keepalive_expiry: float = 60.0,
     ) -> None:
         self._ssl = ssl_context
+        self._cap = max_connections
         self._max_keepalive = max_keepalive
         self._expiry = keepalive_expiry
-        self._idle: dict[Origin, deque[_Connection]] = {}
+        self._origins: dict[Origin, _Origin] = {}
         self._closed = False
+        contexts: dict[str, ssl.SSLContext] = {}  # one per CA bundle
+        routed: dict[Origin, Route] = {}
+        for url, route in (routes or {}).items():
+            origin = origin_of(httpx.URL(url))
+            if routed.setdefault(origin, route) != route:
+                raise ValueError(f"two different routes for the origin of {url}")
+            if origin in self._origins:
+                continue
+            context = None
+            if route.ca_bundle is not None:
+                context = contexts.get(route.ca_bundle)
+                if context is None:
+                    context = contexts[route.ca_bundle] = ssl.create_default_context(
+                        cafile=route.ca_bundle)
+            via = None
+            if route.proxy is not None:
+                via = httpx.AsyncHTTPTransport(
+                    proxy=route.proxy, verify=context or ssl.create_default_context(),
+                    trust_env=False, limits=httpx.Limits(
+                        max_connections=max_connections or None,
+                        max_keepalive_connections=max_keepalive,
+                        keepalive_expiry=keepalive_expiry))
+            self._origins[origin] = _Origin(context, via)
 
-    def _ssl_context(self) -> ssl.SSLContext:
+    def _ssl_context(self, origin: _Origin) -> ssl.SSLContext:
+        if origin.ssl is not None:
+            return origin.ssl
         if self._ssl is None:
             self._ssl = ssl.create_default_context()
         return self._ssl
 
-    def _reuse(self, origin: Origin) -> _Connection | None:
-        idle = self._idle.get(origin)
+    async def _enter(self, origin: _Origin, seconds: float | None) -> None:
+        """Take a place under the origin's cap, waiting for one at most `seconds`."""
+        if not self._cap or origin.active < self._cap:
+            origin.active += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        origin.waiters.append(waiter)
+        try:
+            await wait(waiter, seconds, httpx.PoolTimeout)
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._leave(origin)  # handed a place just as we gave up: pass it on
+            else:
+                with suppress(ValueError):
+                    origin.waiters.remove(waiter)
+            raise
+
+    def _leave(self, origin: _Origin) -> None:
+        """Give a place back: to the first request still waiting for one, if any."""
+        while origin.waiters:
+            waiter = origin.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        origin.active -= 1
+
+    def _reuse(self, origin: _Origin) -> Connection | None:
+        idle = origin.idle
         if not idle:
             return None
         now = asyncio.get_running_loop().time()
@@ -282,10 +219,8 @@ class FastTransport(httpx.AsyncBaseTransport):
             conn.close()
         return None
 
-    def _release(self, origin: Origin, conn: _Connection) -> None:
-        idle = self._idle.get(origin)
-        if idle is None:
-            idle = self._idle[origin] = deque()
+    def _keep(self, origin: _Origin, conn: Connection) -> None:
+        idle = origin.idle
         now = conn.loop.time()
         while idle and (idle[0].closed or now - idle[0].idle_since >= self._expiry):
             idle.popleft().close()  # the oldest sit at the left
@@ -295,14 +230,14 @@ class FastTransport(httpx.AsyncBaseTransport):
         conn.idle_since = now
         idle.append(conn)
 
-    async def _connect(self, origin: Origin, seconds: float | None) -> _Connection:
-        scheme, host, port = origin
+    async def _connect(self, key: Origin, origin: _Origin, seconds: float | None) -> Connection:
+        scheme, host, port = key
         loop = asyncio.get_running_loop()
-        tls = self._ssl_context() if scheme == b"https" else None
+        tls = self._ssl_context(origin) if scheme == b"https" else None
         try:
             async with asyncio.timeout(seconds):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(loop), host, port,
+                    lambda: Connection(loop), host, port,
                     ssl=tls, server_hostname=host if tls is not None else None,
                 )
         except TimeoutError:
@@ -313,11 +248,14 @@ class FastTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
-        scheme = url.raw_scheme
-        if scheme not in (b"http", b"https"):
+        if url.raw_scheme not in (b"http", b"https"):
             raise httpx.UnsupportedProtocol(f"Unsupported URL scheme {url.scheme!r}")
-        port = url.port or (443 if scheme == b"https" else 80)
-        origin: Origin = (scheme, url.raw_host.decode("ascii"), port)
+        key = origin_of(url)
+        origin = self._origins.get(key)
+        if origin is None:
+            origin = self._origins[key] = _Origin(None, None)
+        elif origin.via is not None:
+            return await origin.via.handle_async_request(request)
         timeouts = request.extensions.get("timeout", {})
         connect_timeout = timeouts.get("connect")
         read_timeout = timeouts.get("read")
@@ -337,54 +275,45 @@ class FastTransport(httpx.AsyncBaseTransport):
         except httpx.RequestNotRead:
             body = None
 
-        for attempt in (1, 2):
-            conn = self._reuse(origin) if attempt == 1 else None
-            reused = conn is not None
-            if conn is None:
-                conn = await self._connect(origin, connect_timeout)
-            conn.begin(head_only)
-            try:
-                if body is not None:
-                    await conn.write(head + body, write_timeout)
-                else:
-                    await conn.write(head, write_timeout)
-                    await _send_stream(conn, request.stream, chunked, write_timeout)
-                await _wait(conn.head, read_timeout, httpx.ReadTimeout)
-            except httpx.RemoteProtocolError:
-                conn.close()
-                if reused and body is not None and not conn.got_bytes:
-                    continue  # a kept-alive connection the upstream had closed: once, fresh
-                raise
-            except BaseException:
-                conn.close()
-                raise
-            return httpx.Response(
-                conn.status,
-                headers=conn.headers,
-                stream=_ResponseStream(self, origin, conn, read_timeout),
-                extensions={"http_version": b"HTTP/1.1"},
-            )
-        raise AssertionError("unreachable")
+        await self._enter(origin, timeouts.get("pool"))
+        try:
+            for attempt in (1, 2):
+                conn = self._reuse(origin) if attempt == 1 else None
+                reused = conn is not None
+                if conn is None:
+                    conn = await self._connect(key, origin, connect_timeout)
+                conn.begin(head_only)
+                try:
+                    if body is not None:
+                        await conn.write(head + body, write_timeout)
+                    else:
+                        await conn.write(head, write_timeout)
+                        await send_stream(conn, request.stream, chunked, write_timeout)
+                    await wait(conn.head, read_timeout, httpx.ReadTimeout)
+                except httpx.RemoteProtocolError:
+                    conn.close()
+                    if reused and body is not None and not conn.got_bytes:
+                        continue  # a kept-alive connection the upstream had closed: once, fresh
+                    raise
+                except BaseException:
+                    conn.close()
+                    raise
+                return httpx.Response(
+                    conn.status,
+                    headers=conn.headers,
+                    stream=_ResponseStream(self, origin, conn, read_timeout),
+                    extensions={"http_version": b"HTTP/1.1"},
+                )
+            raise AssertionError("unreachable")
+        except BaseException:
+            self._leave(origin)
+            raise
 
     async def aclose(self) -> None:
         self._closed = True
-        for idle in self._idle.values():
-            while idle:
-                idle.pop().close()
-        self._idle.clear()
-
-
-async def _send_stream(conn: _Connection, stream: Any, chunked: bool,
-                       seconds: float | None) -> None:
-    """A streamed request body; chunk-encoded when its length was not given."""
-    async for piece in stream:
-        if not piece:
-            continue
-        if chunked:
-            await conn.write(b"%x\r\n%b\r\n" % (len(piece), piece), seconds)
-        else:
-            await conn.write(piece, seconds)
-        if conn.error is not None:  # the upstream answered (or failed) before the upload ended
-            break
-    if chunked:
-        await conn.write(b"0\r\n\r\n", seconds)
+        for origin in self._origins.values():
+            while origin.idle:
+                origin.idle.pop().close()
+            if origin.via is not None:
+                await origin.via.aclose()
+        self._origins.clear()

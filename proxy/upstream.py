@@ -4,25 +4,30 @@
 it arrives (the passthrough routes, a chat request without a session).
 
 Transport failures become the proxy's own errors: an unreachable upstream or a connect timeout is
-502, no next byte within the read timeout is 504, a redirect is 502 and is never followed. The
-client's key and the proxy's own headers never go upstream.
+502, no next byte within the read timeout is 504, no free place under the per-origin connection
+cap within the connect timeout is 503 `upstream_busy`, a redirect is 502 and is never followed.
+The client's key and the proxy's own headers never go upstream.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from http.cookiejar import CookieJar
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from litestar import Response
 
 from proxy import codec, metrics
 from proxy.config import Settings, Upstream
-from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
+from proxy.errors import ProxyError, UpstreamBusy, UpstreamError, UpstreamTimeout
 from proxy.streamresponse import ClosingStream
-from proxy.transport import FastTransport
+from proxy.transport import FastTransport, Route
+
+log = logging.getLogger("chatproxy.upstream")
 
 MAX_UPSTREAM_BODY = 64 * 1024 * 1024  # a non-streamed answer larger than this is a 502
 
@@ -97,7 +102,9 @@ def make_client(
 ) -> httpx.AsyncClient:
     """The process's one upstream client; `transport` lets tests put a mock underneath.
 
-    Without one, the client sends through `FastTransport` (proxy/transport.py).
+    Without one, the client sends through `FastTransport` (proxy/transport.py), each upstream's
+    origin routed as its settings say (proxy, CA bundle: resolved once, in `load_settings`).
+    A request waits for a place under `upstream_max_connections` at most the connect timeout.
     """
     timeout = httpx.Timeout(
         connect=settings.upstream_connect_timeout,
@@ -106,8 +113,21 @@ def make_client(
         pool=settings.upstream_connect_timeout,
     )
     if transport is None:
-        transport = FastTransport(max_keepalive=256, keepalive_expiry=60.0)
+        routes = {}
+        for upstream in settings.all_upstreams():
+            routes[upstream.base_url] = Route(upstream.proxy, upstream.ca_bundle)
+            if upstream.proxy is not None:
+                log.info("upstream %s: through the proxy at %s", upstream.name,
+                         _without_credentials(upstream.proxy))
+        transport = FastTransport(routes=routes,
+                                  max_connections=settings.upstream_max_connections,
+                                  max_keepalive=256, keepalive_expiry=60.0)
     return UpstreamClient(timeout=timeout, transport=transport)
+
+
+def _without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
 
 
 def request_headers(upstream: Upstream, incoming: Iterable[tuple[str, str]]) -> dict[str, str]:
@@ -162,7 +182,9 @@ async def open_stream(
     try:
         response = await _send(client, method, _parsed(url), headers, content)
     except httpx.TimeoutException as exc:
-        if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+        if isinstance(exc, httpx.PoolTimeout):
+            raise UpstreamBusy() from None
+        if isinstance(exc, httpx.ConnectTimeout):
             raise UpstreamError("The upstream could not be reached") from None
         raise UpstreamTimeout("The upstream did not answer in time") from None
     except httpx.HTTPError:

@@ -114,15 +114,21 @@ class FakeUpstream:
     `slow:N:D`      a stream of N chunks, D seconds apart, then [DONE]
     `hang`          never answers (until the caller goes away)
     `status:NNN`    that status with an OpenAI error body
+
+    `server_options` go to uvicorn (`ssl_certfile=...` serves HTTPS); `held` counts the `hang`
+    requests being held now.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, **server_options: Any) -> None:
         self.requests: list[tuple[dict[str, str], dict[str, Any]]] = []
         self.disconnects = 0
+        self.held = 0
         self._lock = threading.Lock()
-        self._threaded = Threaded(self._app, log_level="warning", loop="asyncio")
+        self._threaded = Threaded(self._app, log_level="warning", loop="asyncio",
+                                  **server_options)
         self.port: int = self._threaded.port
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        scheme = "https" if "ssl_certfile" in server_options else "http"
+        self.base_url = f"{scheme}://127.0.0.1:{self.port}/v1"
 
     def __enter__(self) -> FakeUpstream:
         self._threaded.start()
@@ -141,7 +147,13 @@ class FakeUpstream:
             self.requests.append((headers, body))
         model = str(body.get("model", "echo"))
         if model == "hang":
-            await self._wait_for_disconnect(receive)
+            with self._lock:
+                self.held += 1
+            try:
+                await self._wait_for_disconnect(receive)
+            finally:
+                with self._lock:
+                    self.held -= 1
             return
         if model.startswith("status:"):
             error = {"error": {"message": "upstream says no", "type": "invalid_request_error",

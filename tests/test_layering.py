@@ -24,7 +24,7 @@ LAYERS = [
     ("proxy.routes",),
     ("proxy.access", "proxy.reading", "proxy.rawrequest", "proxy.chatbody", "proxy.openapi"),
     ("proxy.turns",),
-    ("proxy.store", "proxy.upstream", "proxy.transport", "proxy.streamresponse",
+    ("proxy.store", "proxy.upstream", "proxy.transport", "proxy.http1", "proxy.streamresponse",
      "proxy.history", "proxy.tokens", "proxy.sse", "proxy.db", "proxy.pool", "proxy.migrate",
      "proxy.retention", "proxy.keylease", "proxy.auth", "proxy.metrics", "proxy.logs",
      "proxy.runtime"),
