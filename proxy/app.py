@@ -20,7 +20,6 @@ import httpx
 from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from proxy import db, keylease, logs, metrics, openapi, retention
 from proxy.config import Settings, load_settings
@@ -200,7 +199,7 @@ def create_app(
     settings: Settings, *, http_client: httpx.AsyncClient | None = None, freeze: bool = False
 ) -> Litestar:
     """The app; `freeze` (serve's workers) freezes the startup heap (`_frozen`)."""
-    from proxy.routes import admin, chat, direct, health, lifecycle, passthrough, sessions
+    from proxy.routes import admin, chat, direct, health, lifecycle, passthrough, sessions, swagger
     from proxy.routes import metrics as metrics_route
 
     lifespans: list[Any] = [_lifespan(settings, http_client), metrics.lifespan]
@@ -215,6 +214,7 @@ def create_app(
             *lifecycle.handlers,
             *chat.handlers,
             *passthrough.handlers,
+            *swagger.handlers,
         ],
         lifespan=lifespans,
         exception_handlers={
@@ -229,7 +229,7 @@ def create_app(
             description=openapi.DESCRIPTION,
             components=openapi.components(),
             path="/schema",
-            render_plugins=[SwaggerRenderPlugin(path="/")],
+            render_plugins=[swagger.render_plugin()],  # its assets are ours (works offline)
         ),
         logging_config=None,
         debug=False,
