@@ -80,3 +80,13 @@ async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> li
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
     return applied
+
+
+async def pending(conn: asyncpg.Connection, directory: Path | None = None) -> list[str]:
+    """The migrations `migrate` would apply now, without applying them (nor taking the lock)."""
+    names = [m.name for m in discover(directory)]
+    table = await conn.fetchval("SELECT to_regclass('schema_migrations')")
+    if table is None:
+        return names
+    done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+    return [name for name in names if name not in done]

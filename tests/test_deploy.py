@@ -6,8 +6,6 @@ import re
 import tomllib
 from pathlib import Path
 
-import pytest
-
 from proxy.config import FIELDS, Settings, load_settings
 from tests.conftest import ROOT
 
