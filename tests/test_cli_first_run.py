@@ -170,21 +170,19 @@ def test_serve_says_once_what_is_missing_and_how_to_fix_it(
 ) -> None:
     """With two workers: the missing upstream key and the unknown variable are said once (by
     serve, not by each worker); tiktoken's fallback once per process, with the fix."""
-    upstream = FakeUpstream()
-    upstream.start()
-    env = clean_env(
-        CHATPROXY_CONFIG=os.devnull, CHATPROXY_DATABASE_URL=database_url,
-        CHATPROXY_UPSTREAM_BASE_URL=upstream.url + "/v1", CHATPROXY_PROT="1",
-        # tiktoken finds nothing cached and cannot download (a closed port as its proxy).
-        TIKTOKEN_CACHE_DIR=str(workdir / "empty-cache"),
-        HTTPS_PROXY=f"http://127.0.0.1:{free_port()}",
-    )
-    server = Serve(env, workdir / "serve.log", args=("--workers", "2"))
-    try:
-        server.start()
-    finally:
-        server.stop()
-        upstream.stop()
+    with FakeUpstream() as upstream:
+        env = clean_env(
+            CHATPROXY_CONFIG=os.devnull, CHATPROXY_DATABASE_URL=database_url,
+            CHATPROXY_UPSTREAM_BASE_URL=upstream.url + "/v1", CHATPROXY_PROT="1",
+            # tiktoken finds nothing cached and cannot download (a closed port as its proxy).
+            TIKTOKEN_CACHE_DIR=str(workdir / "empty-cache"),
+            HTTPS_PROXY=f"http://127.0.0.1:{free_port()}",
+        )
+        server = Serve(env, workdir / "serve.log", args=("--workers", "2"))
+        try:
+            server.start()
+        finally:
+            server.stop()
     lines = records(server)
     warnings = [(r["logger"], r["msg"]) for r in lines if r["level"] == "warning"]
     assert warnings.count(("chatproxy", "no upstream key configured for default (set "

@@ -26,10 +26,8 @@ ALL = [m.name for m in discover()]
 
 @pytest.fixture(scope="module")
 def fake() -> Iterator[FakeUpstream]:
-    upstream = FakeUpstream()
-    upstream.start()
-    yield upstream
-    upstream.stop()
+    with FakeUpstream() as upstream:
+        yield upstream
 
 
 def doctor(cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:

@@ -37,10 +37,8 @@ def test_the_quick_start_block_runs_as_written(tmp_path: Path) -> None:
     assert block.startswith(". .venv/bin/activate\n")
     venv = Path(sys.prefix)
     assert (venv / "bin" / "activate").exists(), "the tests run in a virtualenv"
-    fake = FakeUpstream()
-    fake.start()
     # "The same directory" as the server: its ./data is the server's, its .venv this one.
-    with scratch_dir("chatproxy-quickstart-") as workdir:
+    with FakeUpstream() as fake, scratch_dir("chatproxy-quickstart-") as workdir:
         (workdir / ".venv").symlink_to(venv)
         server = Serve({"CHATPROXY_CONFIG": os.devnull,
                         "CHATPROXY_DATA_DIR": str(workdir / "data"),
@@ -58,7 +56,6 @@ def test_the_quick_start_block_runs_as_written(tmp_path: Path) -> None:
                 check=False)
         finally:
             server.stop()
-            fake.stop()
 
     assert done.returncode == 0, done.stdout + done.stderr
     # The CLI's own lines: the key's id on stderr, and nothing else (no warning).
