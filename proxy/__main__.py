@@ -283,11 +283,13 @@ ACTIONS: dict[tuple[str, str | None], Callable[[asyncpg.Connection, Any], Awaita
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     """`migrate` prepares a database, so it may create the embedded cluster, and says so."""
-    created = settings.database_url is None and not db.cluster_exists(settings.data_dir)
-    status = asyncio.run(_with_connection(settings, _noop, create=True))
-    if created:
-        print(f"created an embedded PostgreSQL cluster in {db.pgdata_of(settings.data_dir)}",
-              file=sys.stderr)
+    missing = settings.database_url is None and not db.cluster_exists(settings.data_dir)
+    try:
+        status = asyncio.run(_with_connection(settings, _noop, create=True))
+    finally:  # said even when a migration then failed
+        if missing and db.cluster_exists(settings.data_dir):
+            print(f"created an embedded PostgreSQL cluster in {db.pgdata_of(settings.data_dir)}",
+                  file=sys.stderr)
     if status == 0:
         print("database is up to date")
     return status
