@@ -9,6 +9,7 @@ of the key). Each check is one line, `ok` or `FAIL`; the exit status is 1 when a
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class Report:
 
 
 async def check(settings: Settings, environ: Mapping[str, str]) -> int:
+    """Print one line per fact and per check; the exit status: 1 when a check failed."""
     report = Report()
     path = config_path(environ)
     report.info("config", str(path.resolve()) if path else "no file: defaults and environment")
@@ -83,8 +85,10 @@ async def _database(settings: Settings, report: Report) -> None:
     except db.NoDatabase as exc:
         report.fail(str(exc))
         return
-    except (OSError, RuntimeError) as exc:
-        report.fail(f"the embedded PostgreSQL did not start: {type(exc).__name__}")
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        # Its log says why: pg_ctl's output is in $CHATPROXY_DATA_DIR/pg/log.
+        report.fail(f"the embedded PostgreSQL did not start ({type(exc).__name__}); see "
+                    f"{db.pgdata_of(settings.data_dir) / 'log'}")
         return
     try:
         conn = await asyncpg.connect(url, timeout=TIMEOUT)
