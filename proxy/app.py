@@ -18,7 +18,6 @@ from typing import Any
 import httpx
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from proxy import db, errors, keylease, logs, metrics, openapi, retention
 from proxy.config import Settings, load_settings
@@ -101,6 +100,7 @@ def create_app(
         prometheus,
         session_lifecycle,
         sessions,
+        swagger,
     )
 
     lifespans: list[Any] = [_lifespan(settings, http_client), metrics.lifespan]
@@ -115,6 +115,7 @@ def create_app(
             *session_lifecycle.handlers,
             *chat.handlers,
             *passthrough.handlers,
+            *swagger.handlers,
         ],
         lifespan=lifespans,
         exception_handlers=errors.handlers(),
@@ -125,7 +126,7 @@ def create_app(
             description=openapi.DESCRIPTION,
             components=openapi.components(),
             path="/schema",
-            render_plugins=[SwaggerRenderPlugin(path="/")],
+            render_plugins=[swagger.render_plugin()],  # its assets are ours (works offline)
         ),
         logging_config=None,
         debug=False,

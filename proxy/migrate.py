@@ -75,3 +75,10 @@ async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> li
     finally:
         await database.unlock(conn, MIGRATION_LOCK)
     return applied
+
+
+async def pending(conn: asyncpg.Connection, directory: Path | None = None) -> list[str]:
+    """The migrations `migrate` would apply now, without applying them (nor taking the lock)."""
+    names = [m.name for m in discover(directory)]
+    done = await migrations_table.applied(conn)
+    return [name for name in names if name not in done]

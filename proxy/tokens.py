@@ -42,6 +42,10 @@ class ModelTable:
         # Longest prefix first, so the first match is the most specific.
         self._models = sorted(models.items(), key=lambda item: -len(item[0]))
 
+    def encodings(self) -> list[str]:
+        """Every encoding the table names, sorted."""
+        return sorted({self.defaults.encoding} | {info.encoding for _, info in self._models})
+
     def lookup(self, model: object) -> ModelInfo:
         if isinstance(model, str):
             for prefix, info in self._models:
@@ -114,11 +118,16 @@ class TokenCounter:
         try:
             loaded = tiktoken.get_encoding(name)
         except Exception:  # tiktoken raises whatever its download raised
-            if not self._warned:
+            if not self._warned:  # once per counter: a server says it once per start
+                warm = "; ".join(f"tiktoken.get_encoding('{n}')" for n in self.table.encodings())
                 log.warning(
-                    "tiktoken encoding %s could not be loaded (no network or empty cache); "
-                    "counting with the bundled offline cl100k_base",
+                    "tiktoken could not load encoding %s (no network, and not in its cache); "
+                    "counting with the bundled offline cl100k_base. To fix: where there is "
+                    "network, run `TIKTOKEN_CACHE_DIR=DIR python -c \"import tiktoken; %s\"` "
+                    "once, and start chatproxy with TIKTOKEN_CACHE_DIR=DIR "
+                    "(README: Pre-warming tiktoken)",
                     name,
+                    warm,
                 )
                 self._warned = True
             loaded = tiktoken.get_encoding(OFFLINE_ENCODING)

@@ -59,6 +59,13 @@ class FakeUpstream:
         if self._threaded is not None:
             self._threaded.stop()
 
+    def __enter__(self) -> FakeUpstream:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def bodies(self, model: str | None = None) -> list[Any]:
         return [r.body for r in self.requests if model is None or r.body.get("model") == model]
 

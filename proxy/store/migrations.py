@@ -20,7 +20,9 @@ async def ensure_table(conn: asyncpg.Connection) -> None:
 
 
 async def applied(conn: asyncpg.Connection) -> set[str]:
-    """The names of the migrations applied so far."""
+    """The names of the migrations applied so far (none when the table is not there yet)."""
+    if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
+        return set()
     return {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
 
 
