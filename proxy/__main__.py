@@ -119,6 +119,11 @@ async def _keys_revoke(conn: asyncpg.Connection, args: argparse.Namespace) -> in
 
 
 async def _migrate_only(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
+    from proxy.searchstore import backfill
+
+    filled = await backfill(conn)  # rows stored before the search index existed
+    if filled:
+        print(f"search index: filled {filled} rows", file=sys.stderr)
     print("database is up to date")
     return 0
 

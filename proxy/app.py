@@ -22,7 +22,7 @@ from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
-from proxy import db, keylease, logs, metrics, openapi, retention
+from proxy import db, keylease, logs, metrics, openapi, retention, searchstore
 from proxy.config import Settings, load_settings
 from proxy.errors import (
     BadRequest,
@@ -88,12 +88,16 @@ def _lifespan(settings: Settings, http_client: httpx.AsyncClient | None) -> Any:
         app.state.rt = rt = Runtime(settings, pool, http, tokens)
         job = asyncio.create_task(retention.run_hourly(pool, settings))  # retention, pruning
         feed = asyncio.create_task(keylease.follow(rt.keys, url))
+        # Search words for rows stored before the search index existed (sql/005_search.sql).
+        backfill = asyncio.create_task(
+            searchstore.run_backfill(pool, settings.db_acquire_timeout))
         try:
             yield
         finally:
             job.cancel()
             feed.cancel()
-            await asyncio.gather(job, feed, return_exceptions=True)
+            backfill.cancel()
+            await asyncio.gather(job, feed, backfill, return_exceptions=True)
             # Requests cancelled at the grace deadline hand their write-backs over as they
             # unwind, possibly while this waits: wait until none is left (or the deadline).
             loop = asyncio.get_running_loop()
@@ -200,7 +204,17 @@ def create_app(
     settings: Settings, *, http_client: httpx.AsyncClient | None = None, freeze: bool = False
 ) -> Litestar:
     """The app; `freeze` (serve's workers) freezes the startup heap (`_frozen`)."""
-    from proxy.routes import admin, chat, direct, health, lifecycle, passthrough, sessions
+    from proxy.routes import (
+        admin,
+        chat,
+        direct,
+        health,
+        lifecycle,
+        passthrough,
+        search,
+        sessions,
+        ui,
+    )
     from proxy.routes import metrics as metrics_route
 
     lifespans: list[Any] = [_lifespan(settings, http_client), metrics.lifespan]
@@ -213,6 +227,8 @@ def create_app(
             *admin.handlers,
             *sessions.handlers,
             *lifecycle.handlers,
+            *search.handlers,
+            *ui.handlers,
             *chat.handlers,
             *passthrough.handlers,
         ],

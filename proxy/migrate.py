@@ -1,12 +1,20 @@
 """Applies `sql/NNN_name.sql` in order, each in its own transaction, under an advisory lock.
 
 Applied files are recorded by name in `schema_migrations`; a file that fails rolls back alone
-and stops the run, so a later start retries it. Concurrent runners wait on the lock, then find
+and stops the run, so a later start retries it. Concurrent runners wait for the lock, then find
 nothing left to do.
+
+A file with the line `-- chatproxy: no transaction` runs one statement at a time outside a
+transaction (statements end with `;` at the end of a line), for `CREATE INDEX CONCURRENTLY`; it
+must be written so that every statement can run again, and is recorded once all of it has run.
+Runners wait for the lock by polling `pg_try_advisory_lock` rather than blocking in
+`pg_advisory_lock`: a runner blocked in a statement holds a snapshot, which a concurrent index
+build would wait for while the runner waits for the builder's lock (a deadlock).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sys
 from dataclasses import dataclass
@@ -16,6 +24,9 @@ import asyncpg
 
 MIGRATION_LOCK = 0x63_68_61_74  # "chat": the advisory lock key shared by every runner
 _NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+_NO_TRANSACTION = re.compile(r"^-- chatproxy: no transaction$", re.MULTILINE)
+_STATEMENT_END = re.compile(r";[ \t]*$", re.MULTILINE)
+LOCK_POLL = 0.05  # seconds between tries for the migration lock
 
 
 class MigrationError(RuntimeError):
@@ -26,6 +37,16 @@ class MigrationError(RuntimeError):
 class Migration:
     name: str
     sql: str
+
+    @property
+    def transactional(self) -> bool:
+        return _NO_TRANSACTION.search(self.sql) is None
+
+    def statements(self) -> list[str]:
+        """The file's statements, for a file run outside a transaction (comments kept)."""
+        parts = (part.strip() for part in _STATEMENT_END.split(self.sql))
+        return [p for p in parts if any(
+            line.strip() and not line.strip().startswith("--") for line in p.splitlines())]
 
 
 def sql_dir() -> Path:
@@ -50,11 +71,20 @@ def discover(directory: Path | None = None) -> list[Migration]:
     return [Migration(p.stem, p.read_text(encoding="utf-8")) for p in files]
 
 
+async def _lock(conn: asyncpg.Connection) -> None:
+    """Take the migration lock, polling (see the module's docstring for why not blocking)."""
+    # The lock is held by another session: nothing in this process could signal its release.
+    while not await conn.fetchval(  # noqa: ASYNC110
+        "SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK
+    ):
+        await asyncio.sleep(LOCK_POLL)
+
+
 async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> list[str]:
     """Apply pending migrations; return the names applied by this call."""
     migrations = discover(directory)
     applied: list[str] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+    await _lock(conn)
     try:
         await conn.execute(
             """
@@ -69,8 +99,15 @@ async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> li
             if migration.name in done:
                 continue
             try:
-                async with conn.transaction():
-                    await conn.execute(migration.sql)
+                if migration.transactional:
+                    async with conn.transaction():
+                        await conn.execute(migration.sql)
+                        await conn.execute(
+                            "INSERT INTO schema_migrations (name) VALUES ($1)", migration.name
+                        )
+                else:
+                    for statement in migration.statements():
+                        await conn.execute(statement)
                     await conn.execute(
                         "INSERT INTO schema_migrations (name) VALUES ($1)", migration.name
                     )

@@ -11,7 +11,7 @@ from litestar import Request, Response, delete, get, patch, post, put
 from litestar.openapi.spec import OpenAPIType
 from pydantic import ConfigDict, Field
 
-from proxy import codec, db, messages, store, wire
+from proxy import codec, cursor, db, listing, messages, store, wire
 from proxy.app import runtime
 from proxy.errors import BadRequest, SessionNotFound
 from proxy.openapi import documented, query
@@ -62,6 +62,16 @@ LIMIT = "page size"
 OFFSET = "how many to skip"
 SESSION_BODY = "Any of these fields; anything else is 400 `unknown_parameter`."
 
+LIST_FILTERS = (
+    query("q", OpenAPIType.STRING, "only sessions whose name or a message has every word "
+          "of this (case-insensitive, words matched as prefixes)", max_length=1000),
+    query("model", OpenAPIType.STRING, "only sessions of this model"),
+    query("metadata.KEY", OpenAPIType.STRING, "`metadata.team=infra`: only sessions whose "
+          "metadata has this key with this value (repeatable with other keys; all must "
+          "match)"),
+    query("after", OpenAPIType.STRING, "a cursor: the `next_cursor` of the page before"),
+)
+
 
 @post(paths(), status_code=201, tags=TAGS, summary="Create a session", **documented(
     201, wire.Session, "The new session", 400, 401, 413, 503,
@@ -86,6 +96,7 @@ async def create_session(request: Request[Any, Any, Any]) -> Answer:
         query("offset", OpenAPIType.INTEGER, OFFSET, minimum=0, maximum=MAX_OFFSET),
         query("include_inactive", OpenAPIType.BOOLEAN,
               "also list deleted sessions not yet purged (`true` / `false`)"),
+        *LIST_FILTERS,
     ),
 ))
 async def list_sessions(request: Request[Any, Any, Any]) -> Answer:
@@ -94,12 +105,17 @@ async def list_sessions(request: Request[Any, Any, Any]) -> Answer:
     limit = query_int(request, "limit", 20, 1, 100)
     offset = query_int(request, "offset", 0, 0, MAX_OFFSET)
     include_inactive = query_bool(request, "include_inactive")
+    where = listing.session_filter(list(request.query_params.multi_items()))
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
-            data, total = await store.list_sessions(
-                conn, user_id, limit, offset, include_inactive
+            data, total, positions = await store.list_sessions(
+                conn, user_id, limit + 1, offset, include_inactive, where=where
             )
-    return _json(_page(data, total, limit, offset))
+    page = _page(data[:limit], total, limit, offset)
+    page["has_more"] = len(data) > limit
+    page["next_cursor"] = listing.next_cursor(cursor.SESSIONS, positions, limit)
+    return _json(page)
+
 
 
 def _page(data: list[dict[str, Any]], total: int, limit: int, offset: int) -> dict[str, Any]:
@@ -177,6 +193,10 @@ async def delete_session(request: Request[Any, Any, Any], session_id: str) -> Re
              query("limit", OpenAPIType.INTEGER, LIMIT, minimum=1, maximum=500),
              query("offset", OpenAPIType.INTEGER, OFFSET, minimum=0, maximum=MAX_OFFSET),
              query("order", OpenAPIType.STRING, "by `seq`", enum=["asc", "desc"]),
+             query("after_seq", OpenAPIType.INTEGER, "only messages with a greater `seq`, in "
+                   "ascending order (a keyset page: as fast however deep)", minimum=0),
+             query("before_seq", OpenAPIType.INTEGER, "only messages with a smaller `seq`, in "
+                   "descending order (a keyset page: as fast however deep)", minimum=0),
          ),
      ))
 async def list_messages(request: Request[Any, Any, Any], session_id: str) -> Answer:
@@ -187,15 +207,24 @@ async def list_messages(request: Request[Any, Any, Any], session_id: str) -> Ans
     order = request.query_params.get("order", "asc")
     if order not in ("asc", "desc"):
         raise BadRequest("order must be asc or desc", param="order")
+    items = list(request.query_params.multi_items())
+    after_seq, before_seq, keyset = listing.seq_bounds(items)
+    descending = order == "desc" if keyset is None else keyset
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         # One snapshot, so that `total` and `has_more` agree with the page.
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             session = await store.get_session(conn, user_id, session_id)
             if session is None:
                 raise SessionNotFound(session_id)
-            data = await messages.list_messages(conn, session_id, limit, offset, order == "desc")
+            data = await messages.list_messages(
+                conn, session_id, limit + (keyset is not None), offset, descending,
+                after_seq=after_seq, before_seq=before_seq,
+            )
     addressed(request, session_id)
-    return _json(_page(data, session["message_count"], limit, offset))
+    page = _page(data[:limit], session["message_count"], limit, offset)
+    if keyset is not None:  # `total` says nothing about what lies beyond a keyset position
+        page["has_more"] = len(data) > limit
+    return _json(page)
 
 
 handlers = [

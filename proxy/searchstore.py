@@ -1,0 +1,151 @@
+"""The search index's SQL: searching a user's messages, and filling `search` where it is NULL.
+
+`chat_messages.search` / `chat_sessions.search` (sql/005_search.sql) hold the words
+`proxy.searchtext` computes; turns, imports, forks, merges and session writes fill them as they
+store. Rows stored before that migration (or by an older process during a rolling upgrade) are
+NULL until `backfill` reaches them: batches of `BATCH` rows, each one short statement found
+through a partial index, so the table is never locked for long and live writes go on. One
+process at a time runs it (a session-level `pg_try_advisory_lock`); it is idempotent (it only
+fills NULLs), so a run cut short is finished by the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from proxy import codec, db, searchtext
+from proxy.codec import unpack_text
+from proxy.errors import DatabaseUnavailable
+from proxy.store import iso
+
+log = logging.getLogger("chatproxy.search")
+
+BACKFILL_LOCK = 0x73_72_63_68  # "srch": the advisory lock key every backfill runner tries
+BATCH = 1000  # rows per backfill statement
+INTERVAL = 600.0  # seconds between backfill runs inside `serve`
+
+_SEARCH = """
+    SELECT m.id, m.session_id, m.seq, m.role, m.body, m.created_at, s.session_name
+    FROM chat_messages m JOIN chat_sessions s ON s.id = m.session_id
+    WHERE m.search @@ $2::tsquery AND s.user_id = $1 AND s.is_active{scope}{keyset}
+    ORDER BY m.created_at DESC, m.id DESC
+    LIMIT $3 OFFSET $4
+"""
+
+
+async def search_messages(
+    conn: asyncpg.Connection,
+    user_id: str,
+    words: list[str],
+    limit: int,
+    offset: int,
+    *,
+    session_id: str | None = None,
+    after: tuple[datetime, int] | None = None,
+) -> tuple[list[dict[str, Any]], list[tuple[datetime, int]]]:
+    """The caller's messages (in active sessions) holding every word as a prefix, newest first,
+    each with a snippet; and each row's keyset position (created_at, id)."""
+    args: list[Any] = [user_id, searchtext.tsquery(words), limit, offset]
+    scope = keyset = ""
+    if session_id is not None:
+        args.append(session_id)
+        scope = f" AND m.session_id = ${len(args)}"
+    if after is not None:
+        args.extend(after)
+        keyset = (f" AND (m.created_at, m.id) < "
+                  f"(${len(args) - 1}::timestamptz, ${len(args)}::bigint)")
+    rows = await conn.fetch(_SEARCH.format(scope=scope, keyset=keyset), *args)
+    found = [
+        {
+            "session_id": r["session_id"],
+            "session_name": unpack_text(r["session_name"]),
+            "message_id": f"msg_{r['id']}",
+            "seq": r["seq"],
+            "role": r["role"],
+            "snippet": searchtext.snippet(_text(r["body"]), words),
+            "created_at": iso(r["created_at"]),
+        }
+        for r in rows
+    ]
+    return found, [(r["created_at"], r["id"]) for r in rows]
+
+
+def _text(body: str) -> str:
+    try:
+        value = codec.loads(body)
+    except codec.InvalidJSON:  # never written by chatproxy; nothing to index or show
+        return ""
+    return searchtext.message_text(value) if isinstance(value, dict) else ""
+
+
+# --- the backfill -----------------------------------------------------------------------------
+
+
+async def backfill_batch(conn: asyncpg.Connection, batch: int = BATCH) -> int:
+    """Fill `search` for up to `batch` messages and `batch` sessions that lack it; how many."""
+    rows = await conn.fetch(
+        "SELECT id, body FROM chat_messages WHERE search IS NULL ORDER BY id LIMIT $1", batch
+    )
+    if rows:
+        await conn.execute(
+            """
+            UPDATE chat_messages m SET search = array_to_tsvector(string_to_array(u.words, ' '))
+            FROM unnest($1::bigint[], $2::text[]) AS u(id, words)
+            WHERE m.id = u.id AND m.search IS NULL
+            """,
+            [r["id"] for r in rows],
+            [searchtext.words(_text(r["body"])) for r in rows],
+        )
+    sessions = await conn.fetch(
+        "SELECT id, session_name FROM chat_sessions WHERE search IS NULL ORDER BY id LIMIT $1",
+        batch,
+    )
+    if sessions:
+        await conn.execute(
+            """
+            UPDATE chat_sessions s SET search = array_to_tsvector(string_to_array(u.words, ' '))
+            FROM unnest($1::text[], $2::text[]) AS u(id, words)
+            WHERE s.id = u.id AND s.search IS NULL
+            """,
+            [r["id"] for r in sessions],
+            [searchtext.words(unpack_text(r["session_name"])) for r in sessions],
+        )
+    return len(rows) + len(sessions)
+
+
+async def backfill(conn: asyncpg.Connection, batch: int = BATCH) -> int | None:
+    """Fill every NULL `search`, a batch per statement; the rows filled, or None when another
+    process holds the backfill's lock (it is doing the work)."""
+    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", BACKFILL_LOCK):
+        return None
+    filled = 0
+    try:
+        while done := await backfill_batch(conn, batch):
+            filled += done
+            await asyncio.sleep(0)  # let requests on this process run between batches
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", BACKFILL_LOCK)
+    return filled
+
+
+async def run_backfill(pool: db.Pool, acquire_timeout: float, interval: float = INTERVAL) -> None:
+    """The in-process job: a run at startup, then one every `interval` seconds, until cancelled.
+
+    Later runs catch rows written without `search` by an older process (a rolling upgrade).
+    """
+    while True:
+        try:
+            async with db.connection(pool, acquire_timeout) as conn:
+                filled = await backfill(conn)
+            if filled:
+                log.info("search index: filled %d rows stored before it existed", filled)
+        except DatabaseUnavailable:
+            log.warning("search backfill skipped: the database is unavailable")
+        except Exception:
+            log.exception("search backfill failed")
+        await asyncio.sleep(interval)
