@@ -28,6 +28,7 @@ log = logging.getLogger("chatproxy.search")
 BACKFILL_LOCK = 0x73_72_63_68  # "srch": the advisory lock key every backfill runner tries
 BATCH = 1000  # rows per backfill statement
 INTERVAL = 600.0  # seconds between backfill runs inside `serve`
+FIRST_DELAY = 30.0  # seconds after startup before the first run (startup itself stays light)
 
 _SEARCH = """
     SELECT m.id, m.session_id, m.seq, m.role, m.body, m.created_at, s.session_name
@@ -133,11 +134,14 @@ async def backfill(conn: asyncpg.Connection, batch: int = BATCH) -> int | None:
     return filled
 
 
-async def run_backfill(pool: db.Pool, acquire_timeout: float, interval: float = INTERVAL) -> None:
-    """The in-process job: a run at startup, then one every `interval` seconds, until cancelled.
-
-    Later runs catch rows written without `search` by an older process (a rolling upgrade).
-    """
+async def run_backfill(
+    pool: db.Pool, acquire_timeout: float, *, interval: float = INTERVAL,
+    first_delay: float = FIRST_DELAY,
+) -> None:
+    """The in-process job: a run soon after startup, then one every `interval` seconds, until
+    cancelled. Later runs catch rows written without `search` by an older process (a rolling
+    upgrade). `chatproxy migrate` runs `backfill` to the end before it returns."""
+    await asyncio.sleep(first_delay)
     while True:
         try:
             async with db.connection(pool, acquire_timeout) as conn:

@@ -298,3 +298,113 @@ async def test_a_cursor_is_only_good_for_its_own_list(
         r = await client.get("/v1/chat/search", headers=alice.headers,
                              params={"q": "koala", "after": forged})
         assert r.status_code == 400, forged
+
+
+# --- list filters and keyset pages ----------------------------------------------------------
+
+
+async def test_the_session_list_filters_by_model_and_metadata(
+    client: Client, alice: User, bob: User
+) -> None:
+    a = await new_session(client, alice, model="gpt-4o", metadata={"team": "infra", "env": "p"})
+    b = await new_session(client, alice, model="gpt-4o", metadata={"team": "web"})
+    c = await new_session(client, alice, model="llama3", metadata={"team": "infra",
+                                                                  "odd": "a\x00b"})
+    await new_session(client, bob, model="gpt-4o", metadata={"team": "infra"})
+
+    async def listed(query: str) -> tuple[list[str], int]:
+        r = await client.get(f"/v1/chat/sessions?{query}", headers=alice.headers)
+        assert r.status_code == 200, r.text
+        return sorted(s["id"] for s in r.json()["data"]), r.json()["total"]
+
+    assert await listed("model=gpt-4o") == (sorted([a, b]), 2)
+    assert await listed("metadata.team=infra") == (sorted([a, c]), 2)
+    assert await listed("metadata.team=infra&metadata.env=p") == ([a], 1)
+    assert await listed("metadata.team=infra&model=llama3") == ([c], 1)
+    assert await listed("metadata.team=infra&metadata.team=web") == ([], 0)  # all must match
+    assert await listed("metadata.odd=a%00b") == ([c], 1)  # text PostgreSQL cannot keep
+    assert await listed("model=gpt") == ([], 0)  # exact, not a prefix
+    r = await client.get("/v1/chat/sessions?metadata.=x", headers=alice.headers)
+    assert r.json() == bad("metadata filters are metadata.KEY=VALUE", "metadata.")
+
+
+async def test_the_session_list_pages_by_cursor_like_by_offset(
+    client: Client, alice: User, db: asyncpg.Connection
+) -> None:
+    made = [await new_session(client, alice) for _ in range(5)]
+    await store(db, made[2], u("makes it the most recent"))
+    every = [s["id"] for s in (await client.get("/v1/chat/sessions?limit=100",
+                                                headers=alice.headers)).json()["data"]]
+    assert every[0] == made[2] and sorted(every) == sorted(made)
+    seen: list[str] = []
+    after = ""
+    while True:
+        r = await client.get(f"/v1/chat/sessions?limit=2{after}", headers=alice.headers)
+        page = r.json()
+        seen += [s["id"] for s in page["data"]]
+        assert page["total"] == 5 and page["has_more"] is (page["next_cursor"] is not None)
+        if page["next_cursor"] is None:
+            break
+        after = f"&after={page['next_cursor']}"
+    assert seen == every
+
+
+async def test_messages_page_by_seq_in_either_direction(
+    client: Client, alice: User, db: asyncpg.Connection
+) -> None:
+    sid = await new_session(client, alice)
+    await store(db, sid, *(u(f"m{i}") for i in range(1, 8)))
+
+    async def seqs(query: str) -> tuple[list[int], bool]:
+        r = await client.get(f"/v1/chat/sessions/{sid}/messages?{query}", headers=alice.headers)
+        assert r.status_code == 200, r.text
+        return [m["seq"] for m in r.json()["data"]], r.json()["has_more"]
+
+    assert await seqs("after_seq=2&limit=3") == ([3, 4, 5], True)
+    assert await seqs("after_seq=5&limit=3") == ([6, 7], False)
+    assert await seqs("after_seq=4&limit=3") == ([5, 6, 7], False)
+    assert await seqs("after_seq=0&limit=2&order=asc") == ([1, 2], True)
+    assert await seqs("before_seq=6&limit=3") == ([5, 4, 3], True)
+    assert await seqs("before_seq=3&limit=3&order=desc") == ([2, 1], False)
+    assert await seqs("before_seq=99") == ([7, 6, 5, 4, 3, 2, 1], False)
+    assert await seqs("after_seq=2&limit=2&offset=1") == ([4, 5], True)
+    for query, message, param in (
+        ("after_seq=1&before_seq=5", "Give after_seq or before_seq, not both", "before_seq"),
+        ("after_seq=1&order=desc", "after_seq lists in ascending order and before_seq in "
+         "descending order", "order"),
+        ("before_seq=1&order=asc", "after_seq lists in ascending order and before_seq in "
+         "descending order", "order"),
+        ("after_seq=x", "after_seq must be an integer", "after_seq"),
+        ("before_seq=-1", "before_seq must be between 0 and 9223372036854775807",
+         "before_seq"),
+    ):
+        r = await client.get(f"/v1/chat/sessions/{sid}/messages?{query}", headers=alice.headers)
+        assert r.status_code == 400
+        assert r.json() == bad(message, param)
+
+
+async def test_deep_pages_walk_an_index(client: Client, alice: User,
+                                        db: asyncpg.Connection) -> None:
+    """The plans behind a deep keyset page: an index walked from the position, no sort."""
+    sid = await new_session(client, alice, model="m")
+    plan = "\n".join(r[0] for r in await db.fetch(
+        "EXPLAIN SELECT seq FROM chat_messages WHERE session_id = $1 AND seq > $2 "
+        "ORDER BY seq LIMIT 50", sid, 199_900))
+    assert "Index" in plan and "Sort" not in plan
+    await db.execute("SET enable_seqscan = off")  # a tiny test table: as on a big one
+    try:
+        for where in ("", " AND model = 'm'"):
+            plan = "\n".join(r[0] for r in await db.fetch(
+                "EXPLAIN SELECT id FROM chat_sessions WHERE user_id = $1 AND is_active"
+                f"{where} AND (COALESCE(last_message_at, created_at), id) < (now(), 'x') "
+                "ORDER BY COALESCE(last_message_at, created_at) DESC, id DESC LIMIT 21",
+                alice.id))
+            assert "Index" in plan and "Sort" not in plan, plan
+        plan = "\n".join(r[0] for r in await db.fetch(
+            "EXPLAIN SELECT id FROM chat_sessions WHERE metadata @> '{\"a\": \"b\"}'"))
+        assert "chat_sessions_metadata_idx" in plan, plan
+        plan = "\n".join(r[0] for r in await db.fetch(
+            "EXPLAIN SELECT id FROM chat_messages WHERE search @@ 'abc:*'::tsquery"))
+        assert "chat_messages_search_idx" in plan, plan
+    finally:
+        await db.execute("RESET enable_seqscan")
