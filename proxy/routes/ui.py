@@ -29,9 +29,9 @@ HEADERS = {
     "Cache-Control": "no-cache",
 }
 FILES = {
-    "index.html": "text/html; charset=utf-8",
-    "app.css": "text/css; charset=utf-8",
-    "app.js": "text/javascript; charset=utf-8",
+    "index.html": "text/html",  # Litestar adds "; charset=utf-8" to text types
+    "app.css": "text/css",
+    "app.js": "text/javascript",
     "icon.svg": "image/svg+xml",
 }
 
