@@ -61,7 +61,7 @@ def session_filter(items: Items) -> SessionFilter:
     )
 
 
-def message_position(items: Items) -> tuple[datetime, int] | None:
+def message_position(items: Items) -> tuple[int, int] | None:
     """The search list's `after=` cursor, decoded."""
     after = _last(items, "after")
     if after is None:
@@ -102,11 +102,17 @@ def _seq(items: Items, name: str) -> int | None:
     return value
 
 
-def next_cursor(kind: str, positions: Sequence[tuple[datetime, str | int]],
-                limit: int) -> str | None:
-    """The cursor of the page after this one: rows were fetched with `limit + 1`, so a row
-    past `limit` means there is one."""
+def next_cursor(positions: Sequence[tuple[datetime, str]], limit: int) -> str | None:
+    """The session list's cursor for the page after this one: rows were fetched with
+    `limit + 1`, so a row past `limit` means there is one."""
     if len(positions) <= limit:
         return None
     moment, ident = positions[limit - 1]
-    return cursor.encode(kind, moment, ident)
+    return cursor.encode(cursor.SESSIONS, moment, ident)
+
+
+def next_search_cursor(positions: Sequence[tuple[int, int]], limit: int) -> str | None:
+    """The search's cursor for the page after this one (as `next_cursor`)."""
+    if len(positions) <= limit:
+        return None
+    return cursor.encode_message(*positions[limit - 1])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -30,11 +29,25 @@ BATCH = 1000  # rows per backfill statement
 INTERVAL = 600.0  # seconds between backfill runs inside `serve`
 FIRST_DELAY = 30.0  # seconds after startup before the first run (startup itself stays light)
 
+# Newest first is the order messages were stored in: by id (a fork's or an import's copies
+# count as stored when copied), or by seq within one session. Both orders have an index
+# (chat_messages_id_idx, the primary key), so for a common word the planner walks it newest
+# first and stops at the page's end, and for a rare one it takes the GIN index's few matches
+# and sorts them. Which is cheaper depends on the word, so each search is planned for its own
+# words (`force_custom_plan`), never from a cached generic plan.
 _SEARCH = """
     SELECT m.id, m.session_id, m.seq, m.role, m.body, m.created_at, s.session_name
     FROM chat_messages m JOIN chat_sessions s ON s.id = m.session_id
-    WHERE m.search @@ $2::tsquery AND s.user_id = $1 AND s.is_active{scope}{keyset}
-    ORDER BY m.created_at DESC, m.id DESC
+    WHERE m.search @@ $2::tsquery AND s.user_id = $1 AND s.is_active{keyset}
+    ORDER BY m.id DESC
+    LIMIT $3 OFFSET $4
+"""
+_SEARCH_SESSION = """
+    SELECT m.id, m.session_id, m.seq, m.role, m.body, m.created_at, s.session_name
+    FROM chat_messages m JOIN chat_sessions s ON s.id = m.session_id
+    WHERE m.search @@ $2::tsquery AND s.user_id = $1 AND s.is_active
+      AND m.session_id = $5{keyset}
+    ORDER BY m.seq DESC
     LIMIT $3 OFFSET $4
 """
 
@@ -47,20 +60,24 @@ async def search_messages(
     offset: int,
     *,
     session_id: str | None = None,
-    after: tuple[datetime, int] | None = None,
-) -> tuple[list[dict[str, Any]], list[tuple[datetime, int]]]:
+    after: tuple[int, int] | None = None,
+) -> tuple[list[dict[str, Any]], list[tuple[int, int]]]:
     """The caller's messages (in active sessions) holding every word as a prefix, newest first,
-    each with a snippet; and each row's keyset position (created_at, id)."""
+    each with a snippet; and each row's keyset position (id, seq). `after` is the position of
+    the last row of the page before."""
     args: list[Any] = [user_id, searchtext.tsquery(words), limit, offset]
-    scope = keyset = ""
-    if session_id is not None:
+    if session_id is None:
+        sql, column = _SEARCH, "m.id"
+    else:
+        sql, column = _SEARCH_SESSION, "m.seq"
         args.append(session_id)
-        scope = f" AND m.session_id = ${len(args)}"
+    keyset = ""
     if after is not None:
-        args.extend(after)
-        keyset = (f" AND (m.created_at, m.id) < "
-                  f"(${len(args) - 1}::timestamptz, ${len(args)}::bigint)")
-    rows = await conn.fetch(_SEARCH.format(scope=scope, keyset=keyset), *args)
+        args.append(after[0] if session_id is None else after[1])
+        keyset = f" AND {column} < ${len(args)}::bigint"
+    async with conn.transaction(readonly=True):
+        await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+        rows = await conn.fetch(sql.format(keyset=keyset), *args)
     found = [
         {
             "session_id": r["session_id"],
@@ -73,7 +90,7 @@ async def search_messages(
         }
         for r in rows
     ]
-    return found, [(r["created_at"], r["id"]) for r in rows]
+    return found, [(r["id"], r["seq"]) for r in rows]
 
 
 def _text(body: str) -> str:

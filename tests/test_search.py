@@ -294,7 +294,8 @@ async def test_a_cursor_is_only_good_for_its_own_list(
     r = await client.get("/v1/chat/search", headers=alice.headers,
                          params={"q": "koala", "after": sessions["next_cursor"]})
     assert r.json() == bad("after is not a cursor from this list (next_cursor)", "after")
-    for forged in ("", "=", "bXw", "bXwxfDA", "bXw5OTk5OTk5OTk5OTk5OTk5OTk5fDE", "\u00e9" * 10):
+    for forged in ("", "=", "bXw", "bXwwfDA", "bXw5OTk5OTk5OTk5OTk5OTk5OTk5fDE", "\u00e9" * 10,
+                   "bXwxfDF8MQ"):
         r = await client.get("/v1/chat/search", headers=alice.headers,
                              params={"q": "koala", "after": forged})
         assert r.status_code == 400, forged

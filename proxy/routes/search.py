@@ -13,7 +13,7 @@ from typing import Any
 from litestar import Request, Response, get
 from litestar.openapi.spec import OpenAPIType
 
-from proxy import codec, cursor, db, listing, searchstore, store, wire
+from proxy import codec, db, listing, searchstore, store, wire
 from proxy.app import runtime
 from proxy.errors import SessionNotFound
 from proxy.openapi import documented, query
@@ -61,7 +61,7 @@ async def search(request: Request[Any, Any, Any]) -> Response[bytes]:
         "object": "list",
         "data": found[:limit],
         "has_more": len(found) > limit,
-        "next_cursor": listing.next_cursor(cursor.MESSAGES, positions, limit),
+        "next_cursor": listing.next_search_cursor(positions, limit),
     }
     # Encoded here: a snippet may hold a lone surrogate, which only codec.dumps writes.
     return Response(codec.dumps(answer), media_type="application/json")

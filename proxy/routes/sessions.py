@@ -11,7 +11,7 @@ from litestar import Request, Response, delete, get, patch, post, put
 from litestar.openapi.spec import OpenAPIType
 from pydantic import ConfigDict, Field
 
-from proxy import codec, cursor, db, listing, messages, store, wire
+from proxy import codec, db, listing, messages, store, wire
 from proxy.app import runtime
 from proxy.errors import BadRequest, SessionNotFound
 from proxy.openapi import documented, query
@@ -113,7 +113,7 @@ async def list_sessions(request: Request[Any, Any, Any]) -> Answer:
             )
     page = _page(data[:limit], total, limit, offset)
     page["has_more"] = len(data) > limit
-    page["next_cursor"] = listing.next_cursor(cursor.SESSIONS, positions, limit)
+    page["next_cursor"] = listing.next_cursor(positions, limit)
     return _json(page)
 
 
