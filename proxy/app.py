@@ -20,7 +20,6 @@ import httpx
 from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from proxy import db, keylease, logs, metrics, openapi, retention, searchstore
 from proxy.config import Settings, load_settings
@@ -211,6 +210,7 @@ def create_app(
         health,
         lifecycle,
         passthrough,
+        schemapage,
         search,
         sessions,
         ui,
@@ -229,6 +229,7 @@ def create_app(
             *lifecycle.handlers,
             *search.handlers,
             *ui.handlers,
+            *schemapage.handlers,
             *chat.handlers,
             *passthrough.handlers,
         ],
@@ -245,7 +246,7 @@ def create_app(
             description=openapi.DESCRIPTION,
             components=openapi.components(),
             path="/schema",
-            render_plugins=[SwaggerRenderPlugin(path="/")],
+            render_plugins=[schemapage.swagger_plugin()],  # its assets served here (offline)
         ),
         logging_config=None,
         debug=False,

@@ -4,6 +4,7 @@ agree with what it says (checked with a JSON Schema validator)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
@@ -191,6 +192,18 @@ async def test_the_interactive_page_and_a_schema_tool_can_use_it(
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
     assert "SwaggerUIBundle" in page.text
+    # Offline: every asset the page loads is served by chatproxy itself.
+    loaded_from = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page.text)
+    assert sorted(loaded_from) == ["/schema/assets/swagger-ui-bundle.js",
+                                   "/schema/assets/swagger-ui-standalone-preset.js",
+                                   "/schema/assets/swagger-ui.css", "/ui/icon.svg"]
+    for path in loaded_from:
+        asset = await client.get(path)
+        assert asset.status_code == 200 and len(asset.content) > 100, path
+    assert "SwaggerUIBundle" in (await client.get("/schema/assets/swagger-ui-bundle.js")).text
+    missing = await client.get("/schema/assets/index.html")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "not_found"
     loaded = schemathesis.openapi.from_dict(schema)
     results = [type(result).__name__ for result in loaded.get_all_operations()]
     assert results == ["Ok"] * (len(ROWS) + 4)  # no operation schemathesis cannot read

@@ -213,6 +213,7 @@ async def test_browse_search_read_send_rename_fork_export_delete_restore_clear(
     assert "sunny" in call.find_element(By.CSS_SELECTOR, ".result").text
     assert "The weather is sunny." in "\n".join(messages(browser))
     assert visible(browser, ".msg.highlight")  # the hit's message
+    browser.execute_script("document.getElementById('list').scrollTop = 0")
     browser.save_screenshot(str(tmp_path / "transcript.png"))  # the transcript view
     assert (tmp_path / "transcript.png").stat().st_size > 10_000
     if target := os.environ.get("CHATPROXY_UI_SCREENSHOT"):  # docs/session-browser.png
@@ -300,3 +301,15 @@ async def test_browse_search_read_send_rename_fork_export_delete_restore_clear(
     # Signing out forgets the key.
     browser.find_element(By.ID, "sign-out").click()
     assert browser.execute_script("return sessionStorage.getItem('chatproxy.key')") is None
+
+
+def test_the_schema_page_renders_from_this_origin_alone(server: Serve, browser: WebDriver
+                                                         ) -> None:
+    """`/schema` (contract §12): Swagger UI from chatproxy's own assets, offline."""
+    browser.get(server.url + "/schema")
+    title = wait(browser, lambda d: next(iter(visible(d, ".swagger-ui .info .title")), None))
+    assert title.text.startswith("chatproxy")
+    assert wait(browser, lambda d: visible(d, ".opblock-tag-section"))
+    loaded = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name)")
+    assert loaded and all(url.startswith(server.url) for url in loaded), loaded

@@ -259,6 +259,8 @@ def _measure(args: argparse.Namespace, run: procs.Procs, db: procs.Database, tmp
     if "roundtrips" in only:
         _timed("database round trips", lambda: roundtrips.round_trips(b, run, tmp))
     if "search" in only:
+        big = groups[f"{args.big:,} messages"][0][0]
+        _timed("deep pages", lambda: search.deep_pages(b, big, args.big))
         _timed("search", lambda: search.search(b, run, tmp, args.search_sessions,
                                                args.search_per_session))
     if args.workers > 1:
