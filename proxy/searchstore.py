@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -104,36 +105,34 @@ def _text(body: str) -> str:
 # --- the backfill -----------------------------------------------------------------------------
 
 
+# What the backfill fills: table, its key's type, the column holding the text, and its words.
+_FILLED: tuple[tuple[str, str, str, Callable[[Any], str]], ...] = (
+    ("chat_messages", "bigint", "body", lambda body: searchtext.words(_text(body))),
+    ("chat_sessions", "text", "session_name", lambda name: searchtext.words(unpack_text(name))),
+)
+
+
 async def backfill_batch(conn: asyncpg.Connection, batch: int = BATCH) -> int:
     """Fill `search` for up to `batch` messages and `batch` sessions that lack it; how many."""
-    rows = await conn.fetch(
-        "SELECT id, body FROM chat_messages WHERE search IS NULL ORDER BY id LIMIT $1", batch
-    )
-    if rows:
-        await conn.execute(
-            """
-            UPDATE chat_messages m SET search = array_to_tsvector(string_to_array(u.words, ' '))
-            FROM unnest($1::bigint[], $2::text[]) AS u(id, words)
-            WHERE m.id = u.id AND m.search IS NULL
-            """,
-            [r["id"] for r in rows],
-            [searchtext.words(_text(r["body"])) for r in rows],
+    filled = 0
+    for table, key, column, words in _FILLED:
+        rows = await conn.fetch(
+            f"SELECT id, {column} AS text FROM {table} WHERE search IS NULL ORDER BY id "
+            "LIMIT $1",
+            batch,
         )
-    sessions = await conn.fetch(
-        "SELECT id, session_name FROM chat_sessions WHERE search IS NULL ORDER BY id LIMIT $1",
-        batch,
-    )
-    if sessions:
-        await conn.execute(
-            """
-            UPDATE chat_sessions s SET search = array_to_tsvector(string_to_array(u.words, ' '))
-            FROM unnest($1::text[], $2::text[]) AS u(id, words)
-            WHERE s.id = u.id AND s.search IS NULL
-            """,
-            [r["id"] for r in sessions],
-            [searchtext.words(unpack_text(r["session_name"])) for r in sessions],
-        )
-    return len(rows) + len(sessions)
+        if rows:
+            await conn.execute(
+                f"""
+                UPDATE {table} t SET search = array_to_tsvector(string_to_array(u.words, ' '))
+                FROM unnest($1::{key}[], $2::text[]) AS u(id, words)
+                WHERE t.id = u.id AND t.search IS NULL
+                """,
+                [r["id"] for r in rows],
+                [words(r["text"]) for r in rows],
+            )
+        filled += len(rows)
+    return filled
 
 
 async def backfill(conn: asyncpg.Connection, batch: int = BATCH) -> int | None:

@@ -1,11 +1,11 @@
 """Variant: the shipped server without the search index's work at write time.
 
-A turn's one statement stores its messages as before sql/005_search.sql: no `search` words are
-computed in Python and no tsvector is built or indexed (`store_turn` below is the shipped one
-with those two things taken out). The search phase (`run.py --only search`) measures a turn on
-both side by side. Messages this variant stores have no search words (the shipped server's
-backfill would fill them in later); search itself is not measured on it. Its own backfill is
-off, so the variant does nothing the shipped server does not.
+A turn's one statement stores its messages as before sql/005_search.sql: no search words are
+computed in Python (`message_words` answers "" at once) and no tsvector is built or indexed (the
+statement is the one before that migration; it only names the words' parameter, so the shipped
+`store_turn` runs unchanged around it). The search phase (`run.py --only search`) measures a
+turn on both side by side. Messages this variant stores have no search words (the shipped
+server's backfill fills them in later); its own backfill is off.
 """
 
 from __future__ import annotations
@@ -13,33 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import _base
-
-
-async def store_turn(conn: Any, session_id: str, messages: list[Any], *,
-                     unless_stored: bool = False) -> int:
-    from proxy import codec
-    from proxy.messages import _TURN_STORED
-
-    if not messages:
-        return 0
-    args = (
-        session_id,
-        [m.role for m in messages],
-        [m.has_tool_calls for m in messages],
-        [m.tokens for m in messages],
-        [codec.dumps_text(m.message) for m in messages],
-        [m.status for m in messages],
-    )
-    if not unless_stored:
-        count: int = await conn.fetchval(_STORE_TURN, *args)
-        return count
-    async with conn.transaction():
-        await conn.execute("SELECT 1 FROM chat_sessions WHERE id = $1 FOR UPDATE", session_id)
-        if await conn.fetchval(_TURN_STORED, session_id, args[4]):
-            return 0
-        count = await conn.fetchval(_STORE_TURN, *args)
-        return count
-
 
 _STORE_TURN = """
     WITH s AS (
@@ -49,7 +22,7 @@ _STORE_TURN = """
             total_tokens = total_tokens + (SELECT COALESCE(sum(t), 0) FROM unnest($4::int[]) t),
             last_message_at = now(),
             updated_at = now()
-        WHERE id = $1
+        WHERE id = $1 AND cardinality($7::text[]) >= 0
         RETURNING next_seq - cardinality($2::text[]) AS base
     ), ins AS (
         INSERT INTO chat_messages (session_id, seq, role, has_tool_calls, tokens, body, status)
@@ -62,13 +35,18 @@ _STORE_TURN = """
 """
 
 
+def _no_words(message: Any) -> str:
+    return ""
+
+
 async def _no_backfill(*args: Any, **kwargs: Any) -> None:
     return None
 
 
 if __name__ == "__main__":
-    from proxy import messages, searchstore
+    from proxy import messages, searchstore, searchtext
 
-    messages.store_turn = store_turn
+    messages._STORE_TURN = _STORE_TURN
+    searchtext.message_words = _no_words
     searchstore.run_backfill = _no_backfill
     _base.serve()
