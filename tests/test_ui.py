@@ -116,6 +116,21 @@ def click_text(driver: WebDriver, css: str, text: str) -> None:
     element.click()
 
 
+def open_listed(driver: WebDriver, name: str) -> None:
+    """Click the session named `name` in the list, loading further pages until it is there."""
+    def found(d: WebDriver) -> WebElement | None:
+        for item in visible(d, ".item:not(.hit)"):
+            if item.find_element(By.CSS_SELECTOR, ".name").text == name:
+                return item
+        more = visible(d, "#more")
+        if more:
+            more[0].click()
+        return None
+
+    wait(driver, lambda d: visible(d, ".item"))
+    wait(driver, found).click()
+
+
 def messages(driver: WebDriver) -> list[str]:
     return [e.text for e in visible(driver, "#messages > li")]
 
@@ -177,8 +192,12 @@ async def test_browse_search_read_send_rename_fork_export_delete_restore_clear(
     api(server, alice, "POST", "/v1/chat/completions", json={
         "model": "fake-echo", "session_id": chat,
         "messages": [{"role": "user", "content": HOSTILE}]})
-    for i in range(3):
+    for i in range(30):  # more than a page of the list (30)
         api(server, alice, "POST", "/v1/chat/sessions", json={"session_name": f"Scratch {i}"})
+    api(server, alice, "POST", "/v1/chat/sessions/import", json={
+        "format": "chatproxy.session.v1", "session": {"session_name": "Cut short"},
+        "messages": [{"role": "user", "content": "Say hello"},
+                     {"role": "assistant", "content": "Hello, wor", "status": "incomplete"}]})
     for name, text in (("Trip planning", "Find me a quiet hotel in Lisbon near the river."),
                        ("Team offsite", "Lisbon or Porto for a team offsite in May?")):
         sid = api(server, alice, "POST", "/v1/chat/sessions",
@@ -196,9 +215,18 @@ async def test_browse_search_read_send_rename_fork_export_delete_restore_clear(
     browser.find_element(By.ID, "key").send_keys(alice.key + Keys.ENTER)
     wait(browser, lambda d: visible(d, "#list .item"))
     names = [e.find_element(By.CSS_SELECTOR, ".name").text for e in visible(browser, ".item")]
-    assert names[:2] == ["Team offsite", "Trip planning"] and set(names) == {
-        "Weather desk", "Release notes", "Scratch 0", "Scratch 1", "Scratch 2",
-        "Trip planning", "Team offsite"}
+    assert names[:3] == ["Team offsite", "Trip planning", "Cut short"] and len(names) == 30
+    browser.find_element(By.ID, "more").click()  # the next page, by cursor
+    wait(browser, lambda d: len(visible(d, ".item")) == 35)
+    names = [e.find_element(By.CSS_SELECTOR, ".name").text for e in visible(browser, ".item")]
+    assert len(set(names)) == 35 and {"Weather desk", "Release notes", "Scratch 0"} <= set(names)
+    assert not visible(browser, "#more")
+
+    # An incomplete reply is marked as such.
+    open_listed(browser, "Cut short")
+    incomplete = wait(browser, lambda d: next(iter(visible(d, ".badge.incomplete")), None))
+    assert incomplete.text == "incomplete"
+    assert messages(browser)[-1].endswith("Hello, wor")
     assert alice.key not in browser.current_url and browser.get_cookies() == []
     assert browser.execute_script("return sessionStorage.getItem('chatproxy.key')") == alice.key
     assert browser.execute_script("return localStorage.length") == 0
@@ -223,7 +251,8 @@ async def test_browse_search_read_send_rename_fork_export_delete_restore_clear(
 
     # HTML in a message is shown as text, never run or rendered.
     browser.find_element(By.ID, "search").send_keys(Keys.CONTROL + "a", Keys.BACKSPACE)
-    click_text(browser, ".item", "Release notes")
+    wait(browser, lambda d: len(visible(d, ".item")) == 30)
+    open_listed(browser, "Release notes")
     wait(browser, lambda d: any(HOSTILE in m for m in messages(d)))
     assert browser.execute_script("return window.__pwned === undefined")
     assert browser.find_elements(By.CSS_SELECTOR, "#messages b, #messages img") == []
@@ -260,12 +289,12 @@ async def test_browse_search_read_send_rename_fork_export_delete_restore_clear(
     ActionChains(browser).move_to_element(first).perform()
     first.find_element(By.CSS_SELECTOR, ".fork-here").click()
     wait(browser, lambda d: len(messages(d)) == 1 and HOSTILE in messages(d)[0])
-    forks = [s for s in api(server, alice, "GET", "/v1/chat/sessions")["data"]
+    forks = [s for s in api(server, alice, "GET", "/v1/chat/sessions?limit=100")["data"]
              if s["id"] not in (chat, weather) and s["message_count"] == 1]
     assert len(forks) == 1 and forks[0]["session_name"] == "Release notes, v2"
 
     # Export: a file download of the export document.
-    click_text(browser, ".item", "Weather desk")
+    open_listed(browser, "Weather desk")
     wait(browser, lambda d: d.find_element(By.ID, "title").text == "Weather desk")
     browser.find_element(By.ID, "export").click()
     exported = downloads / f"{weather}.json"
@@ -280,7 +309,7 @@ async def test_browse_search_read_send_rename_fork_export_delete_restore_clear(
     wait(browser, lambda d: visible(d, "#restore"))
     wait(browser, lambda d: not any("Weather desk" in e.text for e in visible(d, ".item")))
     browser.find_element(By.ID, "show-deleted").click()
-    click_text(browser, ".item", "Weather desk")
+    open_listed(browser, "Weather desk")
     assert "deleted" in visible(browser, ".item.active")[0].text
     browser.find_element(By.ID, "restore").click()
     wait(browser, lambda d: visible(d, ".call .result"))
