@@ -117,7 +117,6 @@ async def list_sessions(request: Request[Any, Any, Any]) -> Answer:
     return _json(page)
 
 
-
 def _page(data: list[dict[str, Any]], total: int, limit: int, offset: int) -> dict[str, Any]:
     return {
         "object": "list",
