@@ -136,6 +136,16 @@ async def _keys_revoke(conn: asyncpg.Connection, args: argparse.Namespace) -> in
     return 0
 
 
+async def _migrate_only(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
+    from proxy.searchindex import backfill
+
+    filled = await backfill(conn)  # rows stored before the search index existed
+    if filled:
+        print(f"search index: filled {filled} rows", file=sys.stderr)
+    print("database is up to date")
+    return 0
+
+
 def _raise_open_files_limit() -> None:
     """Every open stream holds two sockets (the client's and the upstream's): raise the soft
     limit on open files to the hard one (as Go programs do), so that a shell's usual 1,024 does

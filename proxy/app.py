@@ -19,7 +19,7 @@ import httpx
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 
-from proxy import db, errors, keylease, logs, metrics, openapi, retention
+from proxy import db, errors, keylease, logs, metrics, openapi, retention, searchindex
 from proxy.config import Settings, load_settings
 from proxy.migrate import migrate
 from proxy.runtime import Runtime
@@ -52,12 +52,16 @@ def _lifespan(settings: Settings, http_client: httpx.AsyncClient | None) -> Any:
         app.state.rt = rt = Runtime(settings, pool, http, tokens)
         job = asyncio.create_task(retention.run_hourly(pool, settings))  # retention, pruning
         feed = asyncio.create_task(keylease.follow(rt.keys, url))
+        # Search words for rows stored before the search index existed (sql/005_search.sql).
+        backfill = asyncio.create_task(
+            searchindex.run_backfill(pool, settings.db_acquire_timeout))
         try:
             yield
         finally:
             job.cancel()
             feed.cancel()
-            await asyncio.gather(job, feed, return_exceptions=True)
+            backfill.cancel()
+            await asyncio.gather(job, feed, backfill, return_exceptions=True)
             # Requests cancelled at the grace deadline hand their write-backs over as they
             # unwind, possibly while this waits: wait until none is left (or the deadline).
             loop = asyncio.get_running_loop()
@@ -98,9 +102,11 @@ def create_app(
         health,
         passthrough,
         prometheus,
+        search,
         session_lifecycle,
         sessions,
         swagger,
+        ui,
     )
 
     lifespans: list[Any] = [_lifespan(settings, http_client), metrics.lifespan]
@@ -113,6 +119,8 @@ def create_app(
             *admin.handlers,
             *sessions.handlers,
             *session_lifecycle.handlers,
+            *search.handlers,
+            *ui.handlers,
             *chat.handlers,
             *passthrough.handlers,
             *swagger.handlers,

@@ -6,10 +6,18 @@ nothing left to do. The lock is session-level, since it spans the files' transac
 transaction-level one would let runners take turns file by file): a caller that lends
 connections out closes the one this ran on rather than lending it again (the server's
 lifespan does).
+
+A file with the line `-- chatproxy: no transaction` runs one statement at a time outside a
+transaction (statements end with `;` at the end of a line), for `CREATE INDEX CONCURRENTLY`; it
+must be written so that every statement can run again, and is recorded once all of it has run.
+Runners wait for the lock by polling `pg_try_advisory_lock` rather than blocking in
+`pg_advisory_lock`: a runner blocked in a statement holds a snapshot, which a concurrent index
+build would wait for while the runner waits for the builder's lock (a deadlock).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sys
 from dataclasses import dataclass
@@ -22,6 +30,9 @@ from proxy.store import migrations as migrations_table
 
 MIGRATION_LOCK = 0x63_68_61_74  # "chat": the advisory lock key shared by every runner
 _NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+_NO_TRANSACTION = re.compile(r"^-- chatproxy: no transaction$", re.MULTILINE)
+_STATEMENT_END = re.compile(r";[ \t]*$", re.MULTILINE)
+LOCK_POLL = 0.05  # seconds between tries for the migration lock
 
 
 class MigrationError(RuntimeError):
@@ -32,6 +43,16 @@ class MigrationError(RuntimeError):
 class Migration:
     name: str
     sql: str
+
+    @property
+    def transactional(self) -> bool:
+        return _NO_TRANSACTION.search(self.sql) is None
+
+    def statements(self) -> list[str]:
+        """The file's statements, for a file run outside a transaction (comments kept)."""
+        parts = (part.strip() for part in _STATEMENT_END.split(self.sql))
+        return [p for p in parts if any(
+            line.strip() and not line.strip().startswith("--") for line in p.splitlines())]
 
 
 def sql_dir() -> Path:
@@ -56,11 +77,18 @@ def discover(directory: Path | None = None) -> list[Migration]:
     return [Migration(p.stem, p.read_text(encoding="utf-8")) for p in files]
 
 
+async def _lock(conn: asyncpg.Connection) -> None:
+    """Take the migration lock, polling (see the module's docstring for why not blocking)."""
+    # The lock is held by another session: nothing in this process could signal its release.
+    while not await database.try_lock(conn, MIGRATION_LOCK):  # noqa: ASYNC110
+        await asyncio.sleep(LOCK_POLL)
+
+
 async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> list[str]:
     """Apply pending migrations; return the names applied by this call."""
     migrations = discover(directory)
     applied: list[str] = []
-    await database.lock(conn, MIGRATION_LOCK)
+    await _lock(conn)
     try:
         await migrations_table.ensure_table(conn)
         done = await migrations_table.applied(conn)
@@ -68,7 +96,12 @@ async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> li
             if migration.name in done:
                 continue
             try:
-                await migrations_table.apply(conn, migration.name, migration.sql)
+                if migration.transactional:
+                    await migrations_table.apply(conn, migration.name, migration.sql)
+                else:
+                    for statement in migration.statements():
+                        await conn.execute(statement)
+                    await migrations_table.record(conn, migration.name)
             except asyncpg.PostgresError as exc:
                 raise MigrationError(f"{migration.name}.sql failed: {exc}") from exc
             applied.append(migration.name)

@@ -39,7 +39,7 @@ from pydantic import BaseModel
 
 from proxy import schemas
 from proxy.errors import error_body
-from proxy.reading import BoolQuery, ChoiceQuery, IntQuery
+from proxy.reading import BoolQuery, ChoiceQuery, IntQuery, TextQuery
 
 DESCRIPTION = (
     "An OpenAI-compatible proxy that keeps chat history in sessions. Every error the proxy "
@@ -205,8 +205,12 @@ def request_schema(model: type[BaseModel]) -> dict[str, Any]:
 # --- parameters -----------------------------------------------------------------------------------
 
 
-def query(spec: IntQuery | BoolQuery | ChoiceQuery) -> Parameter:
+def query(spec: IntQuery | BoolQuery | ChoiceQuery | TextQuery) -> Parameter:
     """A query parameter as its handler reads it (proxy/reading.py)."""
+    if isinstance(spec, TextQuery):
+        return Parameter(name=spec.name, param_in="query", required=spec.required,
+                         description=spec.description,
+                         schema=Schema(type=OpenAPIType.STRING, max_length=spec.max_length))
     if isinstance(spec, IntQuery):
         schema = Schema(type=OpenAPIType.INTEGER, minimum=spec.low, maximum=spec.high)
     elif isinstance(spec, BoolQuery):

@@ -126,3 +126,15 @@ class ChoiceQuery:
         if value not in self.choices:
             raise BadRequest(f"{self.name} must be {' or '.join(self.choices)}", param=self.name)
         return value
+
+
+@dataclass(frozen=True, slots=True)
+class TextQuery:
+    """A string parameter, documented here and read by the handler that owns its rules
+    (search words, filters and cursors: proxy/listing.py)."""
+
+    name: str
+    description: str
+    max_length: int | None = None
+    required: bool = False
+

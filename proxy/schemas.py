@@ -94,10 +94,12 @@ class Session(BaseModel):
 class SessionList(BaseModel):
     object: Literal["list"]
     data: list[Session] = Field(description="most recent activity first")
-    total: int
+    total: int = Field(description="the sessions that match the filters, on every page")
     limit: int
     offset: int
     has_more: bool
+    next_cursor: str | None = Field(
+        description="pass as `after` for the next page; null on the last page")
 
 
 class Message(BaseModel):
@@ -136,6 +138,27 @@ class MessageList(BaseModel):
     limit: int
     offset: int
     has_more: bool
+
+
+class SearchHit(BaseModel):
+    """A stored message that matches a search, with a snippet of its text."""
+
+    session_id: str
+    session_name: str | None
+    message_id: str = Field(examples=["msg_42"])
+    seq: int
+    role: Role
+    snippet: str = Field(description="plain text around the first match (`…` where cut); "
+                         "not markup")
+    created_at: datetime
+
+
+class SearchList(BaseModel):
+    object: Literal["list"]
+    data: list[SearchHit] = Field(description="newest first")
+    has_more: bool
+    next_cursor: str | None = Field(
+        description="pass as `after` for the next page; null on the last page")
 
 
 class ExportDocument(BaseModel):

@@ -22,14 +22,15 @@ WEB = ("litestar", "starlette", "uvicorn")
 LAYERS = [
     ("proxy.__main__", "proxy.app", "proxy.doctor"),
     ("proxy.routes",),
-    ("proxy.access", "proxy.reading", "proxy.rawrequest", "proxy.chatbody", "proxy.openapi"),
+    ("proxy.access", "proxy.reading", "proxy.rawrequest", "proxy.chatbody", "proxy.openapi",
+     "proxy.listing"),
     ("proxy.turns",),
     ("proxy.store", "proxy.upstream", "proxy.transport", "proxy.http1", "proxy.streamresponse",
-     "proxy.history", "proxy.tokens", "proxy.sse", "proxy.db", "proxy.pool", "proxy.migrate",
-     "proxy.retention", "proxy.keylease", "proxy.auth", "proxy.metrics", "proxy.logs",
-     "proxy.runtime"),
+     "proxy.history", "proxy.tokens", "proxy.sse", "proxy.searchtext", "proxy.searchindex",
+     "proxy.db", "proxy.pool", "proxy.migrate", "proxy.retention", "proxy.keylease", "proxy.auth",
+     "proxy.metrics", "proxy.logs", "proxy.runtime"),
     ("proxy.errors", "proxy.codec", "proxy.config", "proxy.schemas", "proxy.validation",
-     "proxy.document", "proxy.ids", "proxy.timefmt"),
+     "proxy.document", "proxy.ids", "proxy.timefmt", "proxy.cursor"),
 ]
 HTTP_SIDE = ("proxy.app", "proxy.routes", "proxy.access", "proxy.reading", "proxy.rawrequest",
              "proxy.streamresponse", "proxy.openapi", "proxy.validation", "proxy.chatbody")

@@ -579,11 +579,13 @@ async def seed_big(db: asyncpg.Connection, session_id: str, count: int) -> None:
     await db.execute(
         """
         WITH ins AS (
-            INSERT INTO chat_messages (session_id, seq, role, has_tool_calls, tokens, body)
+            INSERT INTO chat_messages (session_id, seq, role, has_tool_calls, tokens, body,
+                                       search)
             SELECT $1, g, CASE WHEN g % 2 = 1 THEN 'user' ELSE 'assistant' END, false, 3,
                    json_build_object('role', CASE WHEN g % 2 = 1 THEN 'user'
                                                   ELSE 'assistant' END,
-                                     'content', 'm' || g)::text
+                                     'content', 'm' || g)::text,
+                   array_to_tsvector(ARRAY['m' || g])  -- the words proxy.searchtext gives
             FROM generate_series(1, $2::int) g
             RETURNING 1
         )

@@ -4,6 +4,7 @@ agree with what it says (checked with a JSON Schema validator)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
@@ -46,6 +47,8 @@ def session_rows(prefix: str) -> list[Row]:
          "Session", {400, 401, 404, 413, 503}),
         ("post", s + "/merge", "required", frozenset({"source_session_id"}), 200, "Session",
          {400, 401, 404, 413, 503}),
+        ("get", prefix.replace("/sessions", "/search"), None, NONE, 200, "SearchList",
+         {400, 401, 404, 503}),
     ]
     return [(*row[:6], frozenset(row[6])) for row in rows]
 
@@ -98,7 +101,7 @@ async def test_every_owned_route_is_listed_and_nothing_else(schema: Json) -> Non
     listed = {(method, path) for path, item in schema["paths"].items()
               for method in item if method in OPERATIONS}
     expected = {(row[0], row[1]) for row in ROWS} | {
-        ("get", "/health"), ("get", "/ready"), ("get", "/metrics")}
+        ("get", "/health"), ("get", "/ready"), ("get", "/metrics"), ("get", "/ui")}
     assert listed == expected
 
 
@@ -161,11 +164,24 @@ async def test_list_routes_document_their_query_parameters(schema: Json) -> None
         "limit": {"type": "integer", "minimum": 1, "maximum": 100},
         "offset": {"type": "integer", "minimum": 0, "maximum": 2147483647},
         "include_inactive": {"type": "boolean"},
+        "q": {"type": "string", "maxLength": 1000},
+        "model": {"type": "string"},
+        "metadata.KEY": {"type": "string"},
+        "after": {"type": "string"},
     }
     assert params("/v1/chat/sessions/{session_id}/messages") == {
         "limit": {"type": "integer", "minimum": 1, "maximum": 500},
         "offset": {"type": "integer", "minimum": 0, "maximum": 2147483647},
         "order": {"type": "string", "enum": ["asc", "desc"]},
+        "after_seq": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+        "before_seq": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+    }
+    assert params("/v1/chat/search") == {
+        "q": {"type": "string", "maxLength": 1000},
+        "limit": {"type": "integer", "minimum": 1, "maximum": 100},
+        "offset": {"type": "integer", "minimum": 0, "maximum": 2147483647},
+        "after": {"type": "string"},
+        "session_id": {"type": "string"},
     }
 
 
@@ -176,9 +192,22 @@ async def test_the_interactive_page_and_a_schema_tool_can_use_it(
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
     assert "SwaggerUIBundle" in page.text
+    # Offline: every asset the page loads is served by chatproxy itself.
+    loaded_from = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page.text)
+    assert sorted(loaded_from) == ["/schema/assets/favicon-32x32.png",
+                                   "/schema/assets/swagger-ui-bundle.js",
+                                   "/schema/assets/swagger-ui-standalone-preset.js",
+                                   "/schema/assets/swagger-ui.css"]
+    for path in loaded_from:
+        asset = await client.get(path)
+        assert asset.status_code == 200 and len(asset.content) > 100, path
+    assert "SwaggerUIBundle" in (await client.get("/schema/assets/swagger-ui-bundle.js")).text
+    missing = await client.get("/schema/assets/index.html")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "not_found"
     loaded = schemathesis.openapi.from_dict(schema)
     results = [type(result).__name__ for result in loaded.get_all_operations()]
-    assert results == ["Ok"] * (len(ROWS) + 3)  # no operation schemathesis cannot read
+    assert results == ["Ok"] * (len(ROWS) + 4)  # no operation schemathesis cannot read
 
 
 # --- what the server does agrees with it ------------------------------------------------------
@@ -210,6 +239,9 @@ async def test_answers_and_requests_agree_with_the_schema(
     history = await client.get(f"/v1/chat/sessions/{sid}/messages", headers=alice.headers)
     check(schema, "MessageList", history.json())
     assert len(history.json()["data"]) == 2
+    found = await client.get("/v1/chat/search?q=hel", headers=alice.headers)
+    check(schema, "SearchList", found.json())
+    assert len(found.json()["data"]) == 1
 
     exported = await client.get(f"/v1/chat/sessions/{sid}/export", headers=alice.headers)
     check(schema, "ExportDocument", exported.json())

@@ -220,7 +220,8 @@ async def test_list_most_recent_activity_first_with_pages(
     page = r.json()
     assert [s["id"] for s in page["data"]] == expected_order
     assert {k: v for k, v in page.items() if k != "data"} == {
-        "object": "list", "total": 5, "limit": 20, "offset": 0, "has_more": False}
+        "object": "list", "total": 5, "limit": 20, "offset": 0, "has_more": False,
+        "next_cursor": None}
     first = page["data"][0]
     assert (first["message_count"], first["total_tokens"]) == (2, 3)
     assert ISO_RE.match(first["last_message_at"])
@@ -249,7 +250,7 @@ async def test_list_most_recent_activity_first_with_pages(
 async def test_list_is_empty_for_a_new_user(client, bob: User, prefix: str) -> None:
     r = await client.get(prefix, headers=bob.headers)
     assert r.json() == {"object": "list", "data": [], "total": 0, "limit": 20, "offset": 0,
-                        "has_more": False}
+                        "has_more": False, "next_cursor": None}
 
 
 LIST_PAGING = [

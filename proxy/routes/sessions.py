@@ -10,11 +10,11 @@ from typing import Any
 from litestar import Request, Response, delete, get, patch, post, put
 from pydantic import ConfigDict, Field
 
-from proxy import codec, db, schemas
+from proxy import codec, db, listing, schemas
 from proxy.access import addressed, authenticate
 from proxy.errors import SessionNotFound
 from proxy.openapi import documented, query
-from proxy.reading import MAX_OFFSET, BoolQuery, ChoiceQuery, IntQuery, read_json
+from proxy.reading import MAX_OFFSET, BoolQuery, ChoiceQuery, IntQuery, TextQuery, read_json
 from proxy.routes import paths
 from proxy.runtime import runtime
 from proxy.schemas import (
@@ -63,6 +63,19 @@ INCLUDE_INACTIVE = BoolQuery(
 ORDER = ChoiceQuery("order", ("asc", "desc"), "by `seq`")
 SESSION_BODY = "Any of these fields; anything else is 400 `unknown_parameter`."
 
+AFTER_SEQ = IntQuery("after_seq", 0, 0, listing.MAX_SEQ, "only messages with a greater `seq`, "
+                     "in ascending order (a keyset page: as fast however deep)")
+BEFORE_SEQ = IntQuery("before_seq", 0, 0, listing.MAX_SEQ, "only messages with a smaller "
+                      "`seq`, in descending order (a keyset page: as fast however deep)")
+LIST_FILTERS = tuple(query(spec) for spec in (
+    TextQuery("q", "only sessions whose name or a message has every word of this "
+              "(case-insensitive, words matched as prefixes)", max_length=1000),
+    TextQuery("model", "only sessions of this model"),
+    TextQuery("metadata.KEY", "`metadata.team=infra`: only sessions whose metadata has this "
+              "key with this value (repeatable with other keys; all must match)"),
+    TextQuery("after", "a cursor: the `next_cursor` of the page before"),
+))
+
 
 @post(paths(), status_code=201, tags=TAGS, summary="Create a session", **documented(
     201, schemas.Session, "The new session", 400, 401, 413, 503,
@@ -83,7 +96,7 @@ async def create_session(request: Request[Any, Any, Any]) -> Answer:
 @get(paths(), tags=TAGS, summary="List the caller's sessions", **documented(
     200, schemas.SessionList, "The caller's sessions, most recent activity first", 400, 401, 503,
     parameters=(
-        query(SESSIONS_LIMIT), query(OFFSET), query(INCLUDE_INACTIVE),
+        query(SESSIONS_LIMIT), query(OFFSET), query(INCLUDE_INACTIVE), *LIST_FILTERS,
     ),
 ))
 async def list_sessions(request: Request[Any, Any, Any]) -> Answer:
@@ -92,12 +105,16 @@ async def list_sessions(request: Request[Any, Any, Any]) -> Answer:
     limit = SESSIONS_LIMIT.read(request)
     offset = OFFSET.read(request)
     include_inactive = INCLUDE_INACTIVE.read(request)
+    where = listing.session_filter(list(request.query_params.multi_items()))
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
-            data, total = await sessions.list_sessions(
-                conn, user_id, limit, offset, include_inactive
+            data, total, positions = await sessions.list_sessions(
+                conn, user_id, limit + 1, offset, include_inactive, where=where
             )
-    return _json(_page(data, total, limit, offset))
+    page = _page(data[:limit], total, limit, offset)
+    page["has_more"] = len(data) > limit
+    page["next_cursor"] = listing.next_cursor(positions, limit)
+    return _json(page)
 
 
 def _page(data: list[dict[str, Any]], total: int, limit: int, offset: int) -> dict[str, Any]:
@@ -172,7 +189,8 @@ async def delete_session(request: Request[Any, Any, Any], session_id: str) -> Re
      **documented(
          200, schemas.MessageList, "The session's stored messages", 400, 401, 404, 503,
          parameters=(
-             query(MESSAGES_LIMIT), query(OFFSET), query(ORDER),
+             query(MESSAGES_LIMIT), query(OFFSET), query(ORDER), query(AFTER_SEQ),
+             query(BEFORE_SEQ),
          ),
      ))
 async def list_messages(request: Request[Any, Any, Any], session_id: str) -> Answer:
@@ -181,15 +199,24 @@ async def list_messages(request: Request[Any, Any, Any], session_id: str) -> Ans
     limit = MESSAGES_LIMIT.read(request)
     offset = OFFSET.read(request)
     order = ORDER.read(request)
+    items = list(request.query_params.multi_items())
+    after_seq, before_seq, keyset = listing.seq_bounds(items)
+    descending = order == "desc" if keyset is None else keyset
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         # One snapshot, so that `total` and `has_more` agree with the page.
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             session = await sessions.get_session(conn, user_id, session_id)
             if session is None:
                 raise SessionNotFound(session_id)
-            data = await messages.list_messages(conn, session_id, limit, offset, order == "desc")
+            data = await messages.list_messages(
+                conn, session_id, limit + (keyset is not None), offset, descending,
+                after_seq=after_seq, before_seq=before_seq,
+            )
     addressed(request, session_id)
-    return _json(_page(data, session["message_count"], limit, offset))
+    page = _page(data[:limit], session["message_count"], limit, offset)
+    if keyset is not None:  # `total` says nothing about what lies beyond a keyset position
+        page["has_more"] = len(data) > limit
+    return _json(page)
 
 
 handlers = [

@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from proxy import codec, document, ids
+from proxy import codec, document, ids, searchtext
 from proxy.errors import BadRequest, SessionNotFound
 from proxy.store import messages, sessions
 
@@ -134,12 +134,13 @@ async def import_session(
             await conn.execute(
                 """
                 INSERT INTO chat_messages
-                    (session_id, seq, role, has_tool_calls, tokens, body, status, created_at)
+                    (session_id, seq, role, has_tool_calls, tokens, body, status, created_at,
+                     search)
                 SELECT $1, $2 + m.ord, m.role, m.tc, m.tokens, m.body, m.status,
-                       COALESCE(m.at, now())
+                       COALESCE(m.at, now()), array_to_tsvector(string_to_array(m.words, ' '))
                 FROM unnest($3::text[], $4::bool[], $5::int[], $6::text[], $7::text[],
-                            $8::timestamptz[])
-                     WITH ORDINALITY AS m(role, tc, tokens, body, status, at, ord)
+                            $8::timestamptz[], $9::text[])
+                     WITH ORDINALITY AS m(role, tc, tokens, body, status, at, words, ord)
                 """,
                 session_id,
                 start,
@@ -149,6 +150,7 @@ async def import_session(
                 [codec.dumps_text(m.body) for m in chunk],
                 [m.status for m in chunk],
                 [m.created_at for m in chunk],
+                [searchtext.message_words(m.body) for m in chunk],
             )
         await conn.execute(
             """
@@ -224,22 +226,27 @@ async def fork_session(
         await conn.execute(
             """
             INSERT INTO chat_sessions (id, user_id, session_name, model, system_prompt,
-                                       max_history_messages, max_history_tokens, metadata)
+                                       max_history_messages, max_history_tokens, metadata,
+                                       search)
             SELECT $1, user_id, CASE WHEN $3 THEN $4 ELSE session_name END, model,
-                   system_prompt, max_history_messages, max_history_tokens, metadata
+                   system_prompt, max_history_messages, max_history_tokens, metadata,
+                   CASE WHEN $3 THEN array_to_tsvector(string_to_array($5, ' '))
+                        ELSE search END
             FROM chat_sessions WHERE id = $2
             """,
             fork_id,
             session_id,
             given,
             codec.pack_text(name),
+            searchtext.words(name),
         )
         await conn.execute(
             """
             WITH copied AS (
                 INSERT INTO chat_messages
-                    (session_id, seq, role, has_tool_calls, tokens, body, status, created_at)
-                SELECT $1, seq, role, has_tool_calls, tokens, body, status, created_at
+                    (session_id, seq, role, has_tool_calls, tokens, body, status, created_at,
+                     search)
+                SELECT $1, seq, role, has_tool_calls, tokens, body, status, created_at, search
                 FROM chat_messages WHERE session_id = $2 AND seq <= $3
                 RETURNING seq, tokens, created_at
             )
@@ -293,9 +300,10 @@ async def merge_sessions(
             """
             WITH copied AS (
                 INSERT INTO chat_messages
-                    (session_id, seq, role, has_tool_calls, tokens, body, status, created_at)
+                    (session_id, seq, role, has_tool_calls, tokens, body, status, created_at,
+                     search)
                 SELECT $1, $3 + row_number() OVER (ORDER BY seq) - 1, role, has_tool_calls,
-                       tokens, body, status, created_at
+                       tokens, body, status, created_at, search
                 FROM chat_messages WHERE session_id = $2
                 RETURNING tokens, created_at
             ), added AS (

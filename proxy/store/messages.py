@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from proxy import codec
+from proxy import codec, searchtext
 from proxy.schemas import MESSAGE_ENVELOPE, MESSAGE_FIELDS
 from proxy.timefmt import iso
 
@@ -187,6 +187,7 @@ async def store_turn(
         [m.tokens for m in messages],
         [codec.dumps_text(m.message) for m in messages],
         [m.status for m in messages],
+        [searchtext.message_words(m.message) for m in messages],  # the search column's words
     )
     if not unless_stored:
         count: int = await conn.fetchval(_STORE_TURN, *args)
@@ -210,10 +211,12 @@ _STORE_TURN = """
         WHERE id = $1
         RETURNING next_seq - cardinality($2::text[]) AS base
     ), ins AS (
-        INSERT INTO chat_messages (session_id, seq, role, has_tool_calls, tokens, body, status)
-        SELECT $1, s.base + m.ord - 1, m.role, m.tc, m.tokens, m.body, m.status
-        FROM s, unnest($2::text[], $3::bool[], $4::int[], $5::text[], $6::text[])
-                WITH ORDINALITY AS m(role, tc, tokens, body, status, ord)
+        INSERT INTO chat_messages
+            (session_id, seq, role, has_tool_calls, tokens, body, status, search)
+        SELECT $1, s.base + m.ord - 1, m.role, m.tc, m.tokens, m.body, m.status,
+               array_to_tsvector(string_to_array(m.words, ' '))
+        FROM s, unnest($2::text[], $3::bool[], $4::int[], $5::text[], $6::text[], $7::text[])
+                WITH ORDINALITY AS m(role, tc, tokens, body, status, words, ord)
         RETURNING 1
     )
     SELECT count(*) FROM ins
@@ -263,16 +266,22 @@ def message_object(
 
 
 async def list_messages(
-    conn: asyncpg.Connection, session_id: str, limit: int, offset: int, descending: bool
+    conn: asyncpg.Connection, session_id: str, limit: int, offset: int, descending: bool,
+    *, after_seq: int | None = None, before_seq: int | None = None,
 ) -> list[dict[str, Any]]:
+    """A page in `seq` order; `after_seq` / `before_seq` (a keyset: the primary key is walked
+    from there, so a page costs the same however deep it is) keep only seqs beyond them."""
     order = "DESC" if descending else "ASC"
+    keyset = [(op, v) for op, v in ((">", after_seq), ("<", before_seq)) if v is not None]
+    bounds = "".join(f" AND seq {op} ${4 + i}::bigint" for i, (op, _) in enumerate(keyset))
     rows = await conn.fetch(
         f"""
         SELECT id, seq, role, tokens, body, status, created_at FROM chat_messages
-        WHERE session_id = $1 ORDER BY seq {order} LIMIT $2 OFFSET $3
+        WHERE session_id = $1{bounds} ORDER BY seq {order} LIMIT $2 OFFSET $3
         """,
         session_id,
         limit,
         offset,
+        *(v for _, v in keyset),
     )
     return [message_object(session_id, r) for r in rows]

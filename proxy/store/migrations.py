@@ -30,4 +30,9 @@ async def apply(conn: asyncpg.Connection, name: str, sql: str) -> None:
     """Run one migration file and record it, in one transaction: all of it or nothing."""
     async with conn.transaction():
         await conn.execute(sql)
-        await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
+        await record(conn, name)
+
+
+async def record(conn: asyncpg.Connection, name: str) -> None:
+    """Note `name` as applied (a file that ran outside a transaction, once all of it ran)."""
+    await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)

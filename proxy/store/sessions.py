@@ -8,10 +8,13 @@ proxy/store/lifecycle.py's.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 
+from proxy import searchtext
 from proxy.codec import pack_text, unpack_text
 from proxy.ids import new_id
 from proxy.timefmt import iso
@@ -53,8 +56,8 @@ async def create_session(
     row = await conn.fetchrow(
         f"""
         INSERT INTO chat_sessions (id, user_id, session_name, model, system_prompt,
-                                   max_history_messages, max_history_tokens, metadata)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                                   max_history_messages, max_history_tokens, metadata, search)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, array_to_tsvector(string_to_array($9, ' ')))
         RETURNING {SESSION_COLUMNS}
         """,
         new_id("sess_"),
@@ -65,6 +68,7 @@ async def create_session(
         fields["max_history_messages"],
         fields.get("max_history_tokens"),
         pack_metadata(fields.get("metadata") or {}),
+        searchtext.words(fields.get("session_name")),
     )
     return _session(row)
 
@@ -83,26 +87,84 @@ async def get_session(
 
 
 async def list_sessions(
-    conn: asyncpg.Connection, user_id: str, limit: int, offset: int, include_inactive: bool
-) -> tuple[list[dict[str, Any]], int]:
+    conn: asyncpg.Connection, user_id: str, limit: int, offset: int, include_inactive: bool,
+    *, where: SessionFilter | None = None,
+) -> tuple[list[dict[str, Any]], int, list[tuple[datetime, str]]]:
+    """A page of the caller's sessions, most recent activity first; how many match in all;
+    and each row's keyset position (its activity and id), from which a cursor continues.
+
+    `where` narrows the list (filters, a search) and starts it after a position. The unfiltered
+    list and the `model=` one each walk an index in the list's order, so a keyset page costs
+    the same however deep it is.
+    """
+    sql, args = (where or SessionFilter()).clauses(2)
+    if where is not None and where.query is not None and conn.is_in_transaction():
+        # planned for these words, never from a generic plan (see proxy/store/search.py)
+        await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
     total: int = await conn.fetchval(
-        "SELECT count(*) FROM chat_sessions WHERE user_id = $1 AND (is_active OR $2)",
+        f"SELECT count(*) FROM chat_sessions WHERE user_id = $1 AND (is_active OR $2){sql}",
         user_id,
         include_inactive,
+        *args,
     )
+    keyset, keyargs = (where or SessionFilter()).keyset(2 + len(args))
+    used = 2 + len(args) + len(keyargs)
     rows = await conn.fetch(
         f"""
-        SELECT {SESSION_COLUMNS} FROM chat_sessions
-        WHERE user_id = $1 AND (is_active OR $2)
+        SELECT {SESSION_COLUMNS}, COALESCE(last_message_at, created_at) AS activity
+        FROM chat_sessions
+        WHERE user_id = $1 AND (is_active OR $2){sql}{keyset}
         ORDER BY COALESCE(last_message_at, created_at) DESC, id DESC
-        LIMIT $3 OFFSET $4
+        LIMIT ${used + 1} OFFSET ${used + 2}
         """,
         user_id,
         include_inactive,
+        *args,
+        *keyargs,
         limit,
         offset,
     )
-    return [_session(r) for r in rows], total
+    return [_session(r) for r in rows], total, [(r["activity"], r["id"]) for r in rows]
+
+
+@dataclass
+class SessionFilter:
+    """What narrows the session list: `model=`, `metadata.KEY=VALUE` (all must match), `q`
+    (a tsquery from proxy.searchtext: a matching name or message), a keyset position `after`
+    (the activity and id of the last row of the page before). Values as clients sent them."""
+
+    model: str | None = None
+    metadata: list[tuple[str, str]] = field(default_factory=list)
+    query: str | None = None
+    after: tuple[datetime, str] | None = None
+
+    def clauses(self, first: int) -> tuple[str, list[Any]]:
+        """SQL conditions (` AND ...`) with placeholders after `$first`, and their values."""
+        sql: list[str] = []
+        args: list[Any] = []
+
+        def arg(value: Any) -> str:
+            args.append(value)
+            return f"${first + len(args)}"
+
+        if self.model is not None:
+            sql.append(f" AND model = {arg(pack_text(self.model))}")
+        for key, value in self.metadata:
+            sql.append(f" AND metadata @> {arg(pack_metadata({key: value}))}::jsonb")
+        if self.query is not None:
+            # EXISTS lets the planner choose, for the words at hand, between probing each
+            # session's messages in list order (a common word) and hashing the GIN index's
+            # matches (a rare one).
+            q = arg(self.query)
+            sql.append(f" AND (search @@ {q}::tsquery OR EXISTS (SELECT 1 FROM chat_messages m"
+                       f" WHERE m.session_id = chat_sessions.id AND m.search @@ {q}::tsquery))")
+        return "".join(sql), args
+
+    def keyset(self, first: int) -> tuple[str, list[Any]]:
+        if self.after is None:
+            return "", []
+        return (f" AND (COALESCE(last_message_at, created_at), id) < "
+                f"(${first + 1}::timestamptz, ${first + 2}::text)", list(self.after))
 
 
 _UPDATABLE = (
@@ -131,6 +193,9 @@ async def update_session(
             value = pack_text(value)
         values.append(value)
         sets.append(f"{name} = ${len(values)}")
+    if "session_name" in fields:  # the name's words, for search
+        values.append(searchtext.words(fields["session_name"]))
+        sets.append(f"search = array_to_tsvector(string_to_array(${len(values)}, ' '))")
     row = await conn.fetchrow(
         f"UPDATE chat_sessions SET {', '.join(sets)} "
         f"WHERE id = $1 AND user_id = $2 AND is_active RETURNING {SESSION_COLUMNS}",

@@ -32,12 +32,14 @@ import phases
 import procs
 import roundtrips
 import scaling
+import search
 import seed
 import spy
 from report import markdown, render
 
 RESULTS = procs.BENCH / "results"
-PHASES = ("hops", "streams", "latency", "throughput", "streaming", "history", "roundtrips")
+PHASES = ("hops", "streams", "latency", "throughput", "streaming", "history", "roundtrips",
+          "search")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,6 +57,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds each target gets per round")
     parser.add_argument("--streams", type=int, default=500, help="open slow streams to hold")
     parser.add_argument("--big", type=int, default=1_000_000, help="messages in the big session")
+    parser.add_argument("--search-sessions", type=int, default=10_000, metavar="N",
+                        help="sessions of the search phase's user")
+    parser.add_argument("--search-per-session", type=int, default=100, metavar="N",
+                        help="messages in each of them")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME",
                         help="also measure tests/bench/variants/NAME.py, a patched chatproxy")
@@ -252,6 +258,11 @@ def _measure(args: argparse.Namespace, run: procs.Procs, db: procs.Database, tmp
         _timed("history against session size", lambda: phases.history_size(b, groups))
     if "roundtrips" in only:
         _timed("database round trips", lambda: roundtrips.round_trips(b, run, tmp))
+    if "search" in only:
+        big = groups[f"{args.big:,} messages"][0][0]
+        _timed("deep pages", lambda: search.deep_pages(b, big, args.big))
+        _timed("search", lambda: search.search(b, run, tmp, args.search_sessions,
+                                               args.search_per_session))
     if args.workers > 1:
         _timed(f"{args.workers} workers", lambda: scaling.workers(b, run, tmp, args.workers))
     b.raw["proxy_log_tail"] = (tmp / "chatproxy.log").read_text()[-4000:]

@@ -1,7 +1,8 @@
 """Seeding: sessions are created through the API, their messages with set-based SQL.
 
 A seeded message is what the proxy itself would store for a short chat message: its JSON text
-in `body` (compact, as `proxy.codec.dumps_text` writes it), alternating user/assistant roles,
+in `body` (compact, as `proxy.codec.dumps_text` writes it), its search words (`search`, so the
+server's backfill finds nothing to do during a run), alternating user/assistant roles,
 consecutive seqs from 1, and each session's counters (`next_seq`, `message_count`,
 `total_tokens`) set to match.
 """
@@ -17,14 +18,17 @@ from procs import http_json, log
 TOKENS_PER_SEEDED_MESSAGE = 24  # what the counter gives a ~20-token message in chat format
 
 _INSERT = """
-INSERT INTO chat_messages (session_id, seq, role, has_tool_calls, body, tokens)
+INSERT INTO chat_messages (session_id, seq, role, has_tool_calls, body, tokens, search)
 SELECT s.id, g.n,
        CASE WHEN g.n % 2 = 1 THEN 'user' ELSE 'assistant' END,
        false,
        format('{"role":"%s","content":"message %s of a benchmark session: the quick brown fox '
               'jumps over the lazy dog."}',
               CASE WHEN g.n % 2 = 1 THEN 'user' ELSE 'assistant' END, g.n),
-       $3
+       $3,
+       -- the words proxy.searchtext computes for that content, as the proxy would store them
+       array_to_tsvector(string_to_array(format('message %s of a benchmark session the quick '
+                                                'brown fox jumps over the lazy dog', g.n), ' '))
 FROM unnest($1::text[]) AS s(id), generate_series(1, $2::int) AS g(n)
 """
 
