@@ -230,7 +230,7 @@ async def _sessions_import(conn: asyncpg.Connection, args: argparse.Namespace) -
         return _fail(f"no user {args.user!r}")
     try:
         source = sys.stdin.buffer.read if args.file == "-" else Path(args.file).read_bytes
-        data = codec.loads(await asyncio.to_thread(source))
+        data = codec.loads_strict(await asyncio.to_thread(source))
     except OSError as exc:
         return _fail(f"cannot read {args.file}: {exc.strerror}")
     except codec.InvalidJSON:

@@ -1,0 +1,107 @@
+"""What a hostile client sends that is not about the turn (issue 13, items 9, 10, 13 and 15).
+
+Non-finite numbers in a JSON body, bytes beyond ASCII in a header, hop-by-hop headers named by
+`Connection`, and control characters in a path parameter: each is a 4xx or travels exactly, never
+a 500, and nothing changes on the way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import respx
+
+from tests.conftest import ADMIN_KEY, UPSTREAM_KEY, User
+from tests.turns import completion, new_session
+
+CHAT = "/v1/chat/completions"
+INVALID_JSON = {"error": {"message": "The request body is not valid JSON",
+                          "type": "invalid_request_error", "param": None, "code": "invalid_json"}}
+
+
+@pytest.fixture
+def route(upstream: respx.Router) -> respx.Route:
+    return upstream.post("/chat/completions").mock(
+        return_value=httpx.Response(200, json=completion("fine")))
+
+
+# --- 10. NaN, Infinity and numbers beyond a float ---------------------------------------------
+
+# Each is what Python's json module takes and msgspec refuses; the request body holds it raw.
+NON_FINITE = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400", "1" + "0" * 400 + ".5"]
+NON_FINITE_IDS = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400", "long-mantissa"]
+
+
+def chat_body(number: str, session_id: str | None) -> bytes:
+    sid = f'"session_id": "{session_id}", ' if session_id else ""
+    return ('{"model": "gpt-4o", ' + sid + '"temperature": ' + number
+            + ', "messages": [{"role": "user", "content": "hi"}]}').encode()
+
+
+@pytest.mark.parametrize("number", NON_FINITE, ids=NON_FINITE_IDS)
+async def test_non_finite_numbers_are_refused_on_the_chat_route(
+    client: Any, route: respx.Route, alice: User, db: asyncpg.Connection, number: str
+) -> None:
+    sid = await new_session(client, alice)
+    for session_id in (sid, None):
+        r = await client.post(CHAT, content=chat_body(number, session_id), headers=alice.headers)
+        assert (r.status_code, r.json()) == (400, INVALID_JSON)
+    # Also where only the stdlib can decode the body (a lone surrogate beside the number).
+    body = chat_body(number, sid).replace(b'"hi"', b'"\\ud800"')
+    r = await client.post(CHAT, content=body, headers=alice.headers)
+    assert (r.status_code, r.json()) == (400, INVALID_JSON)
+    assert route.call_count == 0
+    assert await db.fetchval("SELECT count(*) FROM chat_messages WHERE session_id = $1", sid) == 0
+
+
+@pytest.mark.parametrize("number", NON_FINITE, ids=NON_FINITE_IDS)
+async def test_non_finite_numbers_are_refused_on_every_json_route(
+    client: Any, alice: User, db: asyncpg.Connection, number: str
+) -> None:
+    sid = await new_session(client, alice, session_name="before")
+    other = await new_session(client, alice)
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    document = ('{"format": "chatproxy.session.v1", "session": {"session_name": "x"}, '
+                '"messages": [{"role": "user", "content": "hi", "tokens": ' + number + '}]}')
+    cases = [
+        ("POST", "/v1/chat/sessions", '{"max_history_messages": ' + number + "}", alice.headers),
+        ("PATCH", f"/v1/chat/sessions/{sid}",
+         '{"session_name": "after", "max_history_tokens": ' + number + "}", alice.headers),
+        ("PUT", f"/chat/sessions/{sid}", '{"max_history_messages": ' + number + "}",
+         alice.headers),
+        ("POST", "/v1/chat/sessions/import", document, alice.headers),
+        ("POST", f"/v1/chat/sessions/{sid}/fork", '{"up_to_seq": ' + number + "}",
+         alice.headers),
+        ("POST", f"/v1/chat/sessions/{sid}/merge",
+         '{"source_session_id": "' + other + '", "x": ' + number + "}", alice.headers),
+        ("POST", "/admin/users", '{"name": "nan-user", "x": ' + number + "}", admin),
+        ("POST", f"/admin/users/{alice.id}/keys", '{"name": "k", "x": ' + number + "}", admin),
+    ]
+    sessions = await db.fetchval("SELECT count(*) FROM chat_sessions")
+    keys = await db.fetchval("SELECT count(*) FROM api_keys")
+    for method, path, body, headers in cases:
+        r = await client.request(method, path, content=body.encode(),
+                                 headers={**headers, "content-type": "application/json"})
+        assert (method, path, r.status_code, r.json()) == (method, path, 400, INVALID_JSON)
+    assert await db.fetchval("SELECT count(*) FROM chat_sessions") == sessions
+    assert await db.fetchval("SELECT count(*) FROM api_keys") == keys
+    r = await client.get(f"/v1/chat/sessions/{sid}", headers=alice.headers)
+    assert (r.json()["session_name"], r.json()["is_active"]) == ("before", True)
+    r = await client.get(f"/v1/chat/sessions/{other}", headers=alice.headers)
+    assert r.json()["is_active"] is True
+
+
+async def test_finite_numbers_still_pass_on_both_decoding_paths(
+    client: Any, route: respx.Route, alice: User
+) -> None:
+    sid = await new_session(client, alice)
+    for content in ("hi", "\\ud800"):  # msgspec's path, then the stdlib's
+        body = ('{"model": "gpt-4o", "session_id": "' + sid + '", "temperature": 1.5e-3, '
+                '"top_p": 1E2, "messages": [{"role": "user", "content": "' + content + '"}]}')
+        r = await client.post(CHAT, content=body.encode(), headers=alice.headers)
+        assert r.status_code == 200, r.text
+        sent = route.calls[-1].request.content
+        assert b'"temperature":0.0015' in sent and b'"top_p":100.0' in sent
