@@ -14,7 +14,9 @@ import httpx
 import pytest
 import respx
 
+from proxy.config import Settings
 from tests.conftest import ADMIN_KEY, UPSTREAM_KEY, User
+from tests.fault_helpers import LiveClient, app_client
 from tests.turns import completion, new_session
 
 CHAT = "/v1/chat/completions"
@@ -105,3 +107,104 @@ async def test_finite_numbers_still_pass_on_both_decoding_paths(
         assert r.status_code == 200, r.text
         sent = route.calls[-1].request.content
         assert b'"temperature":0.0015' in sent and b'"top_p":100.0' in sent
+
+
+# --- 9. header bytes beyond ASCII travel exactly --------------------------------------------
+
+# UTF-8 `Café`, a byte that is not UTF-8, and a character beyond latin-1 (UTF-8 `€`).
+ODD_VALUES = ["Café".encode(), b"caf\xe9 \xff", "5 €".encode()]
+
+
+async def test_header_bytes_beyond_ascii_go_upstream_as_they_came(
+    settings: Settings, upstream: respx.Router, route: respx.Route, alice: User
+) -> None:
+    # httpx's ASGI transport passes header bytes as they are (Litestar's test client re-encodes
+    # them as UTF-8).
+    async with app_client(settings, upstream) as raw_client:
+        await _odd_headers_go_upstream(raw_client, upstream, route, alice)
+
+
+async def _odd_headers_go_upstream(
+    raw_client: LiveClient, upstream: respx.Router, route: respx.Route, alice: User
+) -> None:
+    models = upstream.get("/models").mock(
+        return_value=httpx.Response(200, json={"object": "list", "data": []}))
+    sid = await new_session(raw_client, alice)
+    for value in ODD_VALUES:
+        headers = [*alice.headers.items(), ("x-title", value)]
+        for body in ({"session_id": sid}, {}):  # a turn, then the relay without a session
+            r = await raw_client.post(CHAT, json={"model": "gpt-4o", "messages": [
+                {"role": "user", "content": "hi"}], **body}, headers=headers)
+            assert r.status_code == 200, r.text
+            assert dict(route.calls[-1].request.headers.raw)[b"x-title"] == value
+        r = await raw_client.get("/v1/models", headers=headers)  # a passthrough route
+        assert r.status_code == 200, r.text
+        assert dict(models.calls[-1].request.headers.raw)[b"x-title"] == value
+
+
+async def test_header_bytes_beyond_ascii_come_back_from_upstream_as_they_came(
+    settings: Settings, upstream: respx.Router, alice: User
+) -> None:
+    async with app_client(settings, upstream) as raw_client:
+        await _odd_headers_come_back(raw_client, upstream, alice)
+
+
+async def _odd_headers_come_back(
+    raw_client: LiveClient, upstream: respx.Router, alice: User
+) -> None:
+    sid = await new_session(raw_client, alice)
+    for value in ODD_VALUES:
+        answer = httpx.Response(200, json=completion("fine"), headers=[(b"x-note", value)])
+        upstream.post("/chat/completions").mock(return_value=answer)
+        upstream.get("/models").mock(return_value=httpx.Response(
+            200, json={"object": "list", "data": []}, headers=[(b"x-note", value)]))
+        for body in ({"session_id": sid}, {}):
+            r = await raw_client.post(CHAT, json={"model": "gpt-4o", "messages": [
+                {"role": "user", "content": "hi"}], **body}, headers=alice.headers)
+            assert r.status_code == 200, r.text
+            assert dict(r.headers.raw)[b"x-note"] == value
+        r = await raw_client.get("/v1/models", headers=alice.headers)
+        assert (r.status_code, dict(r.headers.raw)[b"x-note"]) == (200, value)
+
+
+# --- 15. headers named by `Connection` are hop-by-hop ------------------------------------------
+
+
+async def test_headers_named_by_connection_are_not_forwarded_either_way(
+    client: Any, upstream: respx.Router, alice: User
+) -> None:
+    hop = [(b"connection", b"close"), (b"connection", b"X-Hop-One , x-hop-two"),
+           (b"x-hop-one", b"1"), (b"x-hop-two", b"2"), (b"x-kept", b"3")]
+    answer = httpx.Response(200, json=completion("fine"), headers=hop)
+    route = upstream.post("/chat/completions").mock(return_value=answer)
+    models = upstream.get("/models").mock(
+        return_value=httpx.Response(200, json={"object": "list", "data": []}, headers=hop))
+    sid = await new_session(client, alice)
+    headers = [(k.encode(), v.encode()) for k, v in alice.headers.items()] + hop
+    for body in ({"session_id": sid}, {}):
+        r = await client.post(CHAT, json={"model": "gpt-4o", "messages": [
+            {"role": "user", "content": "hi"}], **body}, headers=headers)
+        assert r.status_code == 200, r.text
+        sent = route.calls[-1].request.headers
+        assert (sent.get("x-hop-one"), sent.get("x-hop-two"), sent["x-kept"]) == (None, None, "3")
+        assert sent["authorization"] == f"Bearer {UPSTREAM_KEY}"
+        assert (r.headers.get("x-hop-one"), r.headers.get("x-hop-two")) == (None, None)
+        assert r.headers["x-kept"] == "3"
+    r = await client.get("/v1/models", headers=headers)
+    assert r.status_code == 200
+    sent = models.calls[-1].request.headers
+    assert (sent.get("x-hop-one"), sent.get("x-hop-two"), sent["x-kept"]) == (None, None, "3")
+    assert (r.headers.get("x-hop-one"), r.headers.get("x-hop-two"), r.headers["x-kept"]) == (
+        None, None, "3")
+
+
+async def test_connection_cannot_strip_the_proxys_own_headers(
+    client: Any, route: respx.Route, alice: User
+) -> None:
+    headers = {**alice.headers, "connection": "authorization, accept-encoding, host"}
+    r = await client.post(CHAT, json={"model": "gpt-4o", "messages": [
+        {"role": "user", "content": "hi"}]}, headers=headers)
+    assert r.status_code == 200, r.text
+    sent = route.calls[-1].request.headers
+    assert (sent["authorization"], sent["accept-encoding"], sent["host"]) == (
+        f"Bearer {UPSTREAM_KEY}", "identity", "upstream.test")
