@@ -118,6 +118,7 @@ class FakeUpstream:
 
     def __init__(self) -> None:
         self.requests: list[tuple[dict[str, str], dict[str, Any]]] = []
+        self.paths: list[bytes] = []  # each request's path as it arrived, in order
         self.disconnects = 0
         self._lock = threading.Lock()
         self._threaded = Threaded(self._app, log_level="warning", loop="asyncio")
@@ -139,6 +140,7 @@ class FakeUpstream:
         body = json.loads(raw) if raw else {}
         with self._lock:
             self.requests.append((headers, body))
+            self.paths.append(scope["raw_path"])
         model = str(body.get("model", "echo"))
         if model == "hang":
             await self._wait_for_disconnect(receive)

@@ -7,7 +7,9 @@ a 500, and nothing changes on the way.
 
 from __future__ import annotations
 
+import json
 from typing import Any
+from urllib.parse import unquote
 
 import asyncpg
 import httpx
@@ -208,3 +210,90 @@ async def test_connection_cannot_strip_the_proxys_own_headers(
     sent = route.calls[-1].request.headers
     assert (sent["authorization"], sent["accept-encoding"], sent["host"]) == (
         f"Bearer {UPSTREAM_KEY}", "identity", "upstream.test")
+
+
+# --- 5 and 13. a passthrough path never leaves the upstream's base --------------------------
+
+BAD_PATH = {"error": {
+    "message": "Invalid path: dot segments, backslashes, encoded ? or #, and characters other "
+               "than printable ASCII are not allowed",
+    "type": "invalid_request_error", "param": "path", "code": "invalid_value"}}
+ESCAPING = [
+    b"/v1/../../internal/billing", b"/v1/./models", b"/v1/models/..",
+    b"/v1/%2e%2e/%2e%2e/internal/keys", b"/v1/%2E%2e/internal", b"/v1/.%2E/internal",
+    b"/v1/models/%2e", b"/v1/x%2F..%2F..%2Finternal", b"/v1/x%2f%2e%2e%2finternal",
+    b"/v1/..\\internal", b"/v1/%5C..%5Cinternal", b"/v1/models%3Fadmin=1",
+    b"/v1/models%23frag", b"/v1/models%0D%0AX-Injected:%201", b"/v1/models%0a",
+    b"/v1/models%00", b"/v1/models%7F", b"/v1/caf\xc3\xa9", b"/v1/a b",
+]
+# As sent -> as the upstream gets it (under its base URL, http://upstream.test/v1).
+KEPT = [
+    (b"/v1/models", b"/v1/models"),
+    (b"/v1/models/anthropic%2Fclaude-3", b"/v1/models/anthropic/claude-3"),  # the SDK's way
+    (b"/v1/files/a%20b%25c", b"/v1/files/a%20b%25c"),
+    (b"/v1/files/report.v2..final", b"/v1/files/report.v2..final"),
+    (b"/v1/files/%252e%252e", b"/v1/files/%252e%252e"),  # a literal "%2e%2e" in a name
+]
+
+
+async def asgi_get(app: Any, raw_path: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+    """One GET with `raw_path` exactly as given (every HTTP client normalises dot segments)."""
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": unquote(raw_path.decode("latin-1")), "raw_path": raw_path,
+        "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50000),
+        "server": ("proxy.test", 80),
+        "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+    }
+    pending = [{"type": "http.request", "body": b"", "more_body": False}]
+    status, body = 0, b""
+
+    async def receive() -> dict[str, Any]:
+        return pending.pop(0) if pending else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status, body
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        else:
+            body += message.get("body", b"")
+
+    await app(scope, receive, send)
+    return status, body
+
+
+async def test_passthrough_paths_that_could_leave_the_base_are_400_and_never_sent(
+    settings: Settings, alice: User
+) -> None:
+    anywhere = respx.Router(assert_all_called=False)  # any host, any path: every request lands
+    sent = anywhere.route().mock(return_value=httpx.Response(200, json={"ok": True}))
+    async with app_client(settings, anywhere) as live:
+        for raw_path in ESCAPING:
+            status, body = await asgi_get(live.app, raw_path, alice.headers)
+            assert (raw_path, status, json.loads(body)) == (raw_path, 400, BAD_PATH)
+        assert sent.call_count == 0
+        for raw_path, arrived in KEPT:
+            status, _ = await asgi_get(live.app, raw_path, alice.headers)
+            assert status == 200
+            url = sent.calls[-1].request.url
+            assert (url.host, url.raw_path) == ("upstream.test", arrived)
+
+
+async def test_control_characters_in_admin_path_ids_are_404_not_500(
+    client: Any, alice: User, admin_headers: dict[str, str], db: asyncpg.Connection
+) -> None:
+    keys = await db.fetchval("SELECT count(*) FROM api_keys")
+    for bad in ("%00", "user_%00x", "a%0D%0Ab", "%7F", "%C3%A9", "x" * 65):
+        for method, path, param in (
+            ("POST", f"/admin/users/{bad}/keys", "user_id"),
+            ("GET", f"/admin/users/{bad}/keys", "user_id"),
+            ("DELETE", f"/admin/keys/{bad}", "key_id"),
+        ):
+            r = await client.request(method, path, headers=admin_headers)
+            what = "User" if param == "user_id" else "Key"
+            assert (method, path, r.status_code, r.json()) == (method, path, 404, {"error": {
+                "message": f"{what} not found", "type": "invalid_request_error",
+                "param": param, "code": "not_found"}})
+    assert await db.fetchval("SELECT count(*) FROM api_keys") == keys
+    r = await client.get(f"/admin/users/{alice.id}/keys", headers=admin_headers)
+    assert r.status_code == 200 and r.json()["data"][0]["revoked_at"] is None

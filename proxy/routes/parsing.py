@@ -22,16 +22,21 @@ MAX_OFFSET = 2_147_483_647  # beyond any real list, and within what PostgreSQL's
 T = TypeVar("T", bound=BaseModel)
 
 
-def is_session_id(value: object) -> bool:
-    """Whether `value` has the shape of a session id (`sess_` + letters and digits, or alike).
+def is_object_id(value: object) -> bool:
+    """Whether `value` has the shape of one of our ids (`sess_`, `user_`, `key_` + letters and
+    digits, or alike).
 
-    Anything else names no session, so it is answered 404 without a query: PostgreSQL cannot
-    even take some strings (a NUL, a lone surrogate) as a parameter.
+    Anything else names nothing, so it is answered 404 without a query: PostgreSQL cannot even
+    take some strings (a NUL, a lone surrogate) as a parameter.
     """
     return (
         isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH and value.isascii()
         and value.replace("_", "").isalnum()
     )
+
+
+def is_session_id(value: object) -> bool:
+    return is_object_id(value)
 
 
 def json_content_type(

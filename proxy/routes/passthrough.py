@@ -7,13 +7,19 @@ With `[[upstreams]]` configured, a request goes where its model is served (contr
 instead of streamed, and forwarded as it came) or the id in `/v1/models/{model}`; anything
 else (multipart uploads, routes without a model) goes to the default upstream.
 `GET /v1/models` merges every upstream's list (proxy/routes/models.py).
+
+The path goes upstream as the client sent it, checked first so that it can never leave the
+upstream's base URL (`upstream_path`). A body goes byte for byte, unparsed (unless its `model`
+is read for routing), so the upstream alone judges it.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import httpx
 import msgspec
@@ -26,7 +32,7 @@ from proxy import codec, metrics
 from proxy import upstream as up
 from proxy.app import Runtime, runtime
 from proxy.config import Upstream
-from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
+from proxy.errors import BadRequest, ProxyError, UpstreamError, UpstreamTimeout
 from proxy.routes.models import merged_models
 from proxy.routes.parsing import authenticate, json_content_type
 
@@ -126,6 +132,7 @@ async def relay(
 async def passthrough(request: Request[Any, Any, Any], path: str) -> Response[Any]:
     await authenticate(request, stores_nothing=True)
     rt = runtime(request)
+    forwarded = upstream_path(request.scope.get("raw_path") or request.url.path.encode())
     path = path if path.startswith("/") else "/" + path
     has_body = request.method in ("POST", "PUT", "PATCH")
     content: bytes | AsyncIterator[bytes] | None = None
@@ -141,8 +148,42 @@ async def passthrough(request: Request[Any, Any, Any], path: str) -> Response[An
     if has_body and content is None:
         content = request.stream()
     return await relay(
-        rt, target, request.method, path, request.url.query, request.headers.items(), content,
-        state=request.scope["state"],
+        rt, target, request.method, forwarded, request.url.query, request.headers.items(),
+        content, state=request.scope["state"],
+    )
+
+
+_PREFIX = b"/v1"
+_PRINTABLE = re.compile(rb"[\x21-\x7e]*")
+_ENCODED_SLASH = re.compile(rb"%2f", re.IGNORECASE)
+_NEVER = re.compile(rb"[\x00-\x1f\x7f\\?#]")  # control characters, backslash, ? and #
+
+
+def upstream_path(raw_path: bytes) -> str:
+    """The path relative to the upstream's base URL for a `/v1/...` request path as it was sent.
+
+    Every path stays under the upstream's base however the upstream reads it, or is a 400
+    naming `path`: no dot segment (`.` or `..`, plain or percent-encoded in any case), no
+    backslash, `?`, `#` or control character (CR, LF, NUL, ...), raw or percent-encoded, and
+    nothing but printable ASCII as sent. An encoded slash goes as the plain `/` it stands for
+    (the OpenAI SDK writes a model id `org/model` in a path as `org%2Fmodel`), so the upstream
+    sees the very segments checked here; every other byte goes as the client sent it.
+    """
+    raw = raw_path.split(b"?", 1)[0]  # a test transport may leave the query on
+    rest = raw[len(_PREFIX):] or b"/"
+    if not raw.startswith(_PREFIX) or rest[:1] != b"/" or not _PRINTABLE.fullmatch(rest):
+        raise _bad_path()
+    rest = _ENCODED_SLASH.sub(b"/", rest)
+    decoded = unquote_to_bytes(rest)
+    if _NEVER.search(decoded) or any(s in (b".", b"..") for s in decoded.split(b"/")):
+        raise _bad_path()
+    return rest.decode("ascii")
+
+
+def _bad_path() -> BadRequest:
+    return BadRequest(
+        "Invalid path: dot segments, backslashes, encoded ? or #, and characters other than "
+        "printable ASCII are not allowed", param="path",
     )
 
 
