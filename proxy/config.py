@@ -129,6 +129,9 @@ FIELDS: tuple[Field, ...] = (
     Field("upstream_connect_timeout", 10.0, _float(0.001), "seconds to connect upstream (502)"),
     Field("upstream_timeout", 600.0, _float(0.001),
           "seconds to wait for the next byte from the upstream (504)"),
+    Field("max_event_bytes", 16_777_216, _int(1024),
+          "one streamed event from the upstream larger than this ends a session's stream "
+          "with an error event"),
     Field("db_pool_size", 10, _int(1, 1000), "connections in each process's pool"),
     Field("db_acquire_timeout", 1.5, _float(0.01),
           "seconds to wait for a pool connection before answering 503"),
@@ -167,6 +170,7 @@ class Settings:
     max_request_messages: int = 2048
     upstream_connect_timeout: float = 10.0
     upstream_timeout: float = 600.0
+    max_event_bytes: int = 16_777_216
     db_pool_size: int = 10
     db_acquire_timeout: float = 1.5
     shutdown_grace: float = 30.0

@@ -24,7 +24,7 @@ from proxy.app import Runtime
 from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
 from proxy.idempotency import Answer
 from proxy.routes.passthrough import ClosingStream
-from proxy.sse import DONE, EventSplitter, ReplyAssembler, event_data
+from proxy.sse import DONE, EventSplitter, EventTooLarge, ReplyAssembler, event_data
 from proxy.turn import Turn, persist, release_claim, reply_tokens
 
 log = logging.getLogger("chatproxy.stream")
@@ -66,7 +66,7 @@ async def _relay(
     ttfb: tuple[float, str] | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """The client's stream; `headers` are the response's, recorded for an idempotent replay."""
-    splitter = EventSplitter()
+    splitter = EventSplitter(rt.settings.max_event_bytes)
     assembler = ReplyAssembler()
     done_event: bytes | None = None
     failure: ProxyError | None = None
@@ -105,6 +105,8 @@ async def _relay(
                 # unless it is the [DONE] of an upstream that forgot the blank line.
                 if event_data(splitter.pending) == DONE:
                     done_event = b"data: [DONE]\n\n"
+        except EventTooLarge as exc:
+            failure = exc
         except httpx.TimeoutException:
             failure = UpstreamTimeout("The upstream stopped sending before the reply was complete")
         except httpx.HTTPError:
