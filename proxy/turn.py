@@ -48,7 +48,7 @@ def _reserved_output(body: dict[str, Any], default: int) -> int:
     return default
 
 
-def prepare(
+async def prepare(
     rt: Runtime, body: dict[str, Any], items: list[dict[str, Any]],
     ctx: messages.TurnContext, session_id: str,
 ) -> tuple[Turn, dict[str, Any]]:
@@ -61,11 +61,11 @@ def prepare(
         head = [{"role": "system", "content": ctx.system_prompt}]
     model = body.get("model")
     info = rt.tokens.table.lookup(model)
-    head_tokens = sum(rt.tokens.message(model, m) for m in head)
-    new = [NewMessage(m, rt.tokens.message(model, m)) for m in rest if m["role"] not in HEAD_ROLES]
-    rest_tokens = sum(n.tokens for n in new) + sum(
-        rt.tokens.message(model, m) for m in rest if m["role"] in HEAD_ROLES
-    )
+    counts = await rt.tokens.counts(model, [*head, *rest])  # off the loop when long
+    head_tokens, rest_counts = sum(counts[: len(head)]), counts[len(head) :]
+    new = [NewMessage(m, n) for m, n in zip(rest, rest_counts, strict=True)
+           if m["role"] not in HEAD_ROLES]
+    rest_tokens = sum(rest_counts)
     budget = history.budget(
         info.context_window,
         _reserved_output(body, info.reserve_output_tokens),
@@ -89,11 +89,14 @@ async def persist(
     rt: Runtime,
     turn: Turn,
     reply: dict[str, Any],
-    tokens: int,
+    usage: Any,
     status: str,
     answer: Answer | None = None,
 ) -> None:
     """Store the turn: one statement, retried once on a fresh connection if the first one died.
+
+    The reply's tokens come from the upstream's `usage` (`reply_tokens`), counted inside the
+    write's own task when there is none, so that a cancelled request cannot cut the count short.
 
     Never stores a turn twice: when the first attempt failed after its statement was sent (it
     may have committed before the connection died), the retry stores only if the turn is not
@@ -101,10 +104,11 @@ async def persist(
     With an Idempotency-Key, `answer` (the response as sent) is recorded in the same
     transaction; without an answer to replay (an incomplete turn) the key is released instead.
     """
-    rows = [*turn.new, NewMessage(reply, tokens, status)]
     turn.settled = True
 
     async def write() -> None:
+        tokens = await reply_tokens(rt, turn.model, reply, usage)
+        rows = [*turn.new, NewMessage(reply, tokens, status)]
         in_doubt = False
         for attempt in (1, 2):
             sent = False
@@ -148,7 +152,7 @@ async def release_claim(rt: Runtime, claim: idempotency.Claim) -> None:
     await asyncio.shield(rt.track(asyncio.create_task(release())))
 
 
-def reply_tokens(rt: Runtime, model: Any, reply: dict[str, Any], usage: Any) -> int:
+async def reply_tokens(rt: Runtime, model: Any, reply: dict[str, Any], usage: Any) -> int:
     """The reply's tokens as history: the upstream's `usage.completion_tokens` when given.
 
     Reasoning tokens are part of `completion_tokens` but never go back upstream as history, so
@@ -156,7 +160,7 @@ def reply_tokens(rt: Runtime, model: Any, reply: dict[str, Any], usage: Any) -> 
     """
     completion = usage.get("completion_tokens") if isinstance(usage, dict) else None
     if not isinstance(completion, int) or isinstance(completion, bool) or completion < 0:
-        return rt.tokens.message(model, reply)
+        return (await rt.tokens.counts(model, [reply]))[0]
     details = usage.get("completion_tokens_details")
     reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
     if isinstance(reasoning, int) and not isinstance(reasoning, bool) and 0 < reasoning:

@@ -143,7 +143,7 @@ async def complete(rt: Runtime, request: Incoming) -> Response[Any]:
         raise SessionNotFound(session_id)
     state["session_id"] = session_id
 
-    current, upstream_body = turn.prepare(rt, body, items, ctx, session_id)
+    current, upstream_body = await turn.prepare(rt, body, items, ctx, session_id)
     if idem_key is not None:
         fingerprint = idempotency.request_hash(session_id, await request.body())
         async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
@@ -189,10 +189,9 @@ async def _complete(rt: Runtime, response: httpx.Response, current: turn.Turn) -
     if message is None:  # a 200 that is not a chat completion: passed through, nothing stored
         return Response(raw, status_code=200, headers=headers)
     reply = turn.reply_message(message)
-    tokens = turn.reply_tokens(rt, current.model, reply, answer.get("usage"))
     headers = {**headers, **current.headers}
     sent = idempotency.Answer(200, headers, raw) if current.claim is not None else None
-    await turn.persist(rt, current, reply, tokens, "complete", sent)
+    await turn.persist(rt, current, reply, answer.get("usage"), "complete", sent)
     return Response(raw, status_code=200, headers=headers)
 
 

@@ -7,6 +7,7 @@ shape and validation in `proxy.document`.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
@@ -103,8 +104,9 @@ async def export_session(request: Request[Any, Any, Any], session_id: str) -> Re
 async def import_session(request: Request[Any, Any, Any]) -> Response[bytes]:
     user_id = await authenticate(request)
     rt = runtime(request)
-    doc = document.parse(
-        await read_json(request), rt.settings.default_max_history_messages, rt.tokens.message
+    doc = await asyncio.to_thread(  # counting a large document must not stall the loop
+        document.parse, await read_json(request), rt.settings.default_max_history_messages,
+        rt.tokens.message,
     )
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         session = await lifecycle.import_session(conn, user_id, doc)

@@ -25,7 +25,7 @@ from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
 from proxy.idempotency import Answer
 from proxy.routes.passthrough import ClosingStream
 from proxy.sse import DONE, EventSplitter, EventTooLarge, ReplyAssembler, event_data
-from proxy.turn import Turn, persist, release_claim, reply_tokens
+from proxy.turn import Turn, persist, release_claim
 
 log = logging.getLogger("chatproxy.stream")
 DRAIN_SECONDS = 2.0  # after [DONE], how long the end of the upstream body may take
@@ -75,11 +75,10 @@ async def _relay(
 
     def write(status: str) -> Awaitable[None]:
         reply = assembler.message()
-        tokens = reply_tokens(rt, current.model, reply, assembler.usage)
         answer = None
         if sent is not None and status == "complete" and done_event is not None:
             answer = Answer(200, headers or {}, b"".join(sent) + done_event)
-        return persist(rt, current, reply, tokens, status, answer)
+        return persist(rt, current, reply, assembler.usage, status, answer)
 
     chunks = response.aiter_bytes()
     try:
