@@ -135,6 +135,12 @@ FIELDS: tuple[Field, ...] = (
     Field("db_pool_size", 10, _int(1, 1000), "connections in each process's pool"),
     Field("db_acquire_timeout", 1.5, _float(0.01),
           "seconds to wait for a pool connection before answering 503"),
+    Field("db_statement_timeout", 2.0, _float(0.01),
+          "seconds one database statement of a request may take; past it (a hung database) "
+          "503, and the connection is dropped"),
+    Field("db_bulk_timeout", 300.0, _float(0.01),
+          "the same for one statement of import, export, fork, merge, clear, pruning and the "
+          "retention job"),
     Field("shutdown_grace", 30.0, _float(0), "seconds in-flight streams get after SIGTERM"),
     Field("log_level", "info", _log_level, "debug, info, warning, error or critical"),
 )
@@ -173,6 +179,8 @@ class Settings:
     max_event_bytes: int = 16_777_216
     db_pool_size: int = 10
     db_acquire_timeout: float = 1.5
+    db_statement_timeout: float = 2.0
+    db_bulk_timeout: float = 300.0
     shutdown_grace: float = 30.0
     log_level: str = "info"
     upstreams: tuple[Upstream, ...] = field(default=())

@@ -220,7 +220,9 @@ async def prune_after_turn(pool: db.Pool, settings: Settings, session_id: str) -
     if settings.max_stored_messages <= 0:
         return
     try:
-        async with db.connection(pool, settings.db_acquire_timeout) as conn:
+        async with db.connection(
+            pool, settings.db_acquire_timeout, statement_timeout=settings.db_bulk_timeout
+        ) as conn:
             pruned = await prune_session(conn, session_id, settings.max_stored_messages)
         metrics.retention_deleted(0, pruned)
     except (DatabaseUnavailable, asyncpg.PostgresError) as exc:
@@ -262,7 +264,9 @@ async def cleanup(
 
 
 async def run_once(pool: db.Pool, settings: Settings) -> Report:
-    async with db.connection(pool, settings.db_acquire_timeout) as conn:
+    async with db.connection(
+        pool, settings.db_acquire_timeout, statement_timeout=settings.db_bulk_timeout
+    ) as conn:
         report = await cleanup(
             conn,
             now=datetime.now(UTC),
