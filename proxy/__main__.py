@@ -139,7 +139,7 @@ def _raise_open_files_limit() -> None:
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
-    from proxy import logs, metrics
+    from proxy import logs, metrics, server
     from proxy.tokens import ModelTable
 
     logs.configure(settings.log_level)
@@ -167,7 +167,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
             port=port,
             workers=args.workers if args.workers > 1 else None,
             loop="uvloop",
-            http="httptools",
+            # httptools under guards: head timeout, head size, connections (proxy/server.py)
+            **server.uvicorn_options(settings),
             log_config=logs.config(settings.log_level),
             log_level=settings.log_level,
             access_log=False,  # proxy/logs.py writes one line per request

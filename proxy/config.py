@@ -142,6 +142,14 @@ FIELDS: tuple[Field, ...] = (
           "the same for one statement of import, export, fork, merge, clear, pruning and the "
           "retention job"),
     Field("shutdown_grace", 30.0, _float(0), "seconds in-flight streams get after SIGTERM"),
+    Field("head_timeout", 10, _int(1),
+          "seconds a connection has to send a whole request head, after opening or after its "
+          "previous response; then it is closed (408 if part of a head came)"),
+    Field("max_head_bytes", 65_536, _int(1024),
+          "a larger request head (request line and headers) gets 431 and the connection closed"),
+    Field("max_connections", 4096, _int(1),
+          "open client connections per process; one more gets 503 and is closed (at most half "
+          "the open-files limit)"),
     Field("log_level", "info", _log_level, "debug, info, warning, error or critical"),
 )
 
@@ -182,6 +190,9 @@ class Settings:
     db_statement_timeout: float = 2.0
     db_bulk_timeout: float = 300.0
     shutdown_grace: float = 30.0
+    head_timeout: int = 10
+    max_head_bytes: int = 65_536
+    max_connections: int = 4096
     log_level: str = "info"
     upstreams: tuple[Upstream, ...] = field(default=())
 

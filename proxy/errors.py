@@ -6,13 +6,21 @@
      ├── Forbidden                  403 insufficient_permissions
      ├── NotFound                   404 not_found
      │    └── SessionNotFound       404 session_not_found
+     ├── RequestTimeout             408 request_timeout (no whole request head in time)
      ├── Conflict                   409 conflict / idempotency_key_in_use
      ├── PayloadTooLarge            413 request_too_large
      ├── Unprocessable              422 idempotency_key_reused
+     ├── HeaderTooLarge             431 request_header_too_large
      ├── UpstreamError              502 upstream_error
+     │    └── EventTooLarge         502 upstream_error (proxy/sse.py)
      ├── DatabaseUnavailable        503 database_unavailable
+     ├── ShuttingDown               503 server_shutting_down
+     ├── TooManyConnections         503 too_many_connections
      ├── UpstreamTimeout            504 upstream_timeout
      └── InternalError              500 internal_error
+
+The 408, 431 and 503 `too_many_connections` are written by the server's connection guard
+(proxy/server.py) before any request reaches the app.
 
 Messages never carry internals: no exception text, key, SQL or message content.
 """
@@ -103,6 +111,27 @@ class ShuttingDown(ProxyError):
     status, type, code = 503, "server_error", "server_shutting_down"
 
     def __init__(self, message: str = "The server is shutting down, try again"):
+        super().__init__(message)
+
+
+class RequestTimeout(ProxyError):
+    status, type, code = 408, "invalid_request_error", "request_timeout"
+
+    def __init__(self, message: str = "The request head did not arrive in time"):
+        super().__init__(message)
+
+
+class HeaderTooLarge(ProxyError):
+    status, type, code = 431, "invalid_request_error", "request_header_too_large"
+
+    def __init__(self, message: str = "The request head is too large"):
+        super().__init__(message)
+
+
+class TooManyConnections(ProxyError):
+    status, type, code = 503, "server_error", "too_many_connections"
+
+    def __init__(self, message: str = "The server has too many open connections, try again"):
         super().__init__(message)
 
 

@@ -115,6 +115,8 @@ class FakeUpstream:
     `slow:N:D`      a stream of N chunks, D seconds apart, then [DONE]
     `hang`          never answers (until the caller goes away)
     `status:NNN`    that status with an OpenAI error body
+
+    A GET (`/models`, ...) answers an empty list.
     """
 
     def __init__(self) -> None:
@@ -142,6 +144,9 @@ class FakeUpstream:
         with self._lock:
             self.requests.append((headers, body))
             self.paths.append(scope["raw_path"])
+        if scope["method"] == "GET":  # /models and the like
+            await self._send(send, 200, b'{"object": "list", "data": []}')
+            return
         model = str(body.get("model", "echo"))
         if model == "hang":
             await self._wait_for_disconnect(receive)
