@@ -43,19 +43,27 @@ class EventSplitter:
         if self._over:
             raise EventTooLarge(self._max)
         buffer = self._buffer
-        # No boundary lies wholly in what was buffered before (it would have been cut there).
-        pos = max(0, len(buffer) - (_LONGEST - 1))
-        buffer += chunk
+        data: bytes | bytearray = chunk  # the usual case: a chunk that starts an event
+        pos = 0
+        if buffer:
+            # No boundary lies wholly in what was buffered before (it would have been cut there).
+            pos = max(0, len(buffer) - (_LONGEST - 1))
+            buffer += chunk
+            data = buffer
         events = []
         start = 0
-        while match := _BOUNDARY.search(buffer, pos):
+        while match := _BOUNDARY.search(data, pos):
             end = match.end()
             if end - start > self._max:
                 self._over = True
                 break
-            events.append(bytes(buffer[start:end]))
+            events.append(bytes(data[start:end]))  # a whole chunk is not copied
             start = pos = end
-        if start:
+        if data is chunk:
+            if start == len(chunk) and not self._over:
+                return events  # nothing left over: the usual end
+            buffer += chunk[start:]
+        else:
             del buffer[:start]
         if len(buffer) > self._max:
             self._over = True
