@@ -22,9 +22,10 @@ from typing import Any
 
 import asyncpg
 
-from proxy import db, keylease, store
+from proxy import auth, db, keylease
 from proxy.config import ConfigError, Settings, load_settings
 from proxy.migrate import MigrationError, migrate
+from proxy.store import users
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,7 +91,7 @@ async def _users_create(conn: asyncpg.Connection, args: argparse.Namespace) -> i
     name = args.name.strip()
     if not name:
         return _fail("a user name cannot be empty")
-    user = await store.create_user(conn, name)
+    user = await users.create_user(conn, name)
     if user is None:
         return _fail(f"a user named {name!r} already exists")
     print(user["id"])
@@ -98,12 +99,10 @@ async def _users_create(conn: asyncpg.Connection, args: argparse.Namespace) -> i
 
 
 async def _keys_create(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
-    from proxy.routes.admin import issue_key
-
-    user = await store.find_user(conn, args.user)
+    user = await users.find_user(conn, args.user)
     if user is None:
         return _fail(f"no user {args.user!r}")
-    key = await issue_key(conn, user["id"], args.name)
+    key = await auth.issue_key(conn, user["id"], args.name)
     assert key is not None
     print(f"key id: {key['id']} (user {user['name']})", file=sys.stderr)
     print(key["key"])
@@ -111,7 +110,7 @@ async def _keys_create(conn: asyncpg.Connection, args: argparse.Namespace) -> in
 
 
 async def _keys_revoke(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
-    if not await store.revoke_key(conn, args.key_id):
+    if not await users.revoke_key(conn, args.key_id):
         return _fail(f"no key {args.key_id!r}")
     await keylease.settle()  # until no server can still trust a cached copy (proxy/keylease.py)
     print(f"revoked {args.key_id}")
@@ -204,8 +203,8 @@ async def _cleanup(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
 
 
 async def _sessions_export(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
-    from proxy import lifecycle
     from proxy.errors import SessionNotFound
+    from proxy.store import lifecycle
 
     await db._init_connection(conn)
     out = sys.stdout.buffer
@@ -221,12 +220,13 @@ async def _sessions_export(conn: asyncpg.Connection, args: argparse.Namespace) -
 
 
 async def _sessions_import(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
-    from proxy import codec, document, lifecycle, retention
+    from proxy import codec, document, retention
     from proxy.errors import BadRequest
+    from proxy.store import lifecycle
     from proxy.tokens import ModelTable, TokenCounter
 
     settings: Settings = args.settings
-    user = await store.find_user(conn, args.user)
+    user = await users.find_user(conn, args.user)
     if user is None:
         return _fail(f"no user {args.user!r}")
     try:

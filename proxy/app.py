@@ -1,7 +1,8 @@
 """create_app(): the lifespan (pool, HTTP client, tokenizer), the routes and the error handlers.
 
 Nothing happens at import. The lifespan owns every collaborator a request uses and puts them on
-`app.state.rt` as one `Runtime`; handlers reach it through `runtime(request)`.
+`app.state.rt` as one `Runtime` (proxy/runtime.py); the error handlers are proxy/errors.py's.
+Only the CLI (through uvicorn's factory string) and the tests import this module.
 """
 
 from __future__ import annotations
@@ -10,59 +11,23 @@ import asyncio
 import gc
 import logging
 import os
-import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from litestar import Litestar, Request, Response
-from litestar.exceptions import HTTPException
+from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
-from proxy import db, keylease, logs, metrics, openapi, retention
+from proxy import db, errors, keylease, logs, metrics, openapi, retention
 from proxy.config import Settings, load_settings
-from proxy.errors import (
-    BadRequest,
-    InternalError,
-    MethodNotAllowed,
-    PayloadTooLarge,
-    ProxyError,
-    error_bytes,
-    unknown_route,
-)
 from proxy.migrate import migrate
+from proxy.runtime import Runtime
 from proxy.tokens import ModelTable, TokenCounter
 from proxy.upstream import make_client
 
 log = logging.getLogger("chatproxy")
-
-
-@dataclass
-class Runtime:
-    """Everything a request needs, owned by the lifespan."""
-
-    settings: Settings
-    pool: db.Pool
-    http: httpx.AsyncClient
-    tokens: TokenCounter
-    # Write-backs detached from their request (a client that went away); shutdown awaits them.
-    writes: set[asyncio.Task[Any]] = field(default_factory=set)
-    # Keys this process verified: trusted under a lease, and while the database is down
-    # (proxy/keylease.py).
-    keys: keylease.KeyLease = field(default_factory=keylease.KeyLease)
-
-    def track(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
-        self.writes.add(task)
-        task.add_done_callback(self.writes.discard)
-        return task
-
-
-def runtime(request: Request[Any, Any, Any]) -> Runtime:
-    rt: Runtime = request.app.state.rt
-    return rt
 
 
 def _lifespan(settings: Settings, http_client: httpx.AsyncClient | None) -> Any:
@@ -107,79 +72,6 @@ def _lifespan(settings: Settings, http_client: httpx.AsyncClient | None) -> Any:
     return lifespan
 
 
-# --- errors -----------------------------------------------------------------------------------
-
-
-def render_error(error: ProxyError, headers: dict[str, str] | None = None) -> Response[bytes]:
-    return Response(
-        error_bytes(error),
-        status_code=error.status,
-        media_type="application/json",
-        headers=headers,
-    )
-
-
-def handle_proxy_error(request: Request[Any, Any, Any], exc: ProxyError) -> Response[bytes]:
-    return render_error(exc)
-
-
-def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
-    """Litestar's own errors (routing, body size, parameter validation) in the OpenAI envelope."""
-    error: ProxyError
-    headers = None
-    if exc.status_code == 404:
-        error = unknown_route(request.method, request.url.path)
-    elif exc.status_code == 405:
-        error = MethodNotAllowed(f"Method {request.method} not allowed on {request.url.path}")
-        allow = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow")
-        headers = {"Allow": allow} if allow else None
-    elif exc.status_code == 413:
-        error = PayloadTooLarge("Request body too large")
-    elif exc.status_code < 500:
-        error = _bad_request(exc)
-        error.status = exc.status_code
-    else:
-        return handle_internal_error(request, exc)
-    return render_error(error, headers)
-
-
-def _bad_request(exc: HTTPException) -> ProxyError:
-    """A 4xx from Litestar; a parameter validation failure names its parameter."""
-    extra = exc.extra
-    first = extra[0] if isinstance(extra, list) and extra else None
-    key = first.get("key") if isinstance(first, dict) else None
-    if isinstance(key, str) and key:
-        return BadRequest(f"Invalid value for {key}", param=key)
-    missing = _MISSING_PARAMETER.match(exc.detail)
-    if missing:
-        return BadRequest(
-            f"Missing required parameter: {missing[1]}",
-            param=missing[1],
-            code="missing_required_parameter",
-        )
-    return BadRequest("Malformed request")
-
-
-# Litestar's wording for a required query/header/cookie parameter that was not sent.
-_MISSING_PARAMETER = re.compile(r"Missing required \w+ parameter '([^']{1,100})'")
-
-
-def handle_internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-    return internal_error(request.scope, exc)
-
-
-def internal_error(scope: Any, exc: Exception) -> Response[bytes]:
-    """A 500 that tells the client nothing; the traceback is logged with the request id."""
-    log.error(
-        "unhandled error on %s %s (request id %s)",
-        scope.get("method"),
-        scope.get("path"),
-        scope.get("state", {}).get("request_id"),
-        exc_info=exc,
-    )
-    return render_error(InternalError())
-
-
 # --- the app ----------------------------------------------------------------------------------
 
 
@@ -200,8 +92,16 @@ def create_app(
     settings: Settings, *, http_client: httpx.AsyncClient | None = None, freeze: bool = False
 ) -> Litestar:
     """The app; `freeze` (serve's workers) freezes the startup heap (`_frozen`)."""
-    from proxy.routes import admin, chat, direct, health, lifecycle, passthrough, sessions
-    from proxy.routes import metrics as metrics_route
+    from proxy.routes import (
+        admin,
+        chat,
+        fastpath,
+        health,
+        passthrough,
+        prometheus,
+        session_lifecycle,
+        sessions,
+    )
 
     lifespans: list[Any] = [_lifespan(settings, http_client), metrics.lifespan]
     if freeze:
@@ -209,19 +109,15 @@ def create_app(
     app = Litestar(
         route_handlers=[
             *health.handlers,
-            *metrics_route.handlers,
+            *prometheus.handlers,
             *admin.handlers,
             *sessions.handlers,
-            *lifecycle.handlers,
+            *session_lifecycle.handlers,
             *chat.handlers,
             *passthrough.handlers,
         ],
         lifespan=lifespans,
-        exception_handlers={
-            ProxyError: handle_proxy_error,
-            HTTPException: handle_http_exception,
-            Exception: handle_internal_error,
-        },
+        exception_handlers=errors.handlers(),
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="chatproxy",
@@ -234,9 +130,9 @@ def create_app(
         logging_config=None,
         debug=False,
     )
-    # The chat route answered ahead of routing (proxy/routes/direct.py); the access log outside
+    # The chat route answered ahead of routing (proxy/routes/fastpath.py); the access log outside
     # routing and error handling, so unknown routes and errors get a request id and a line.
-    app.asgi_handler = logs.access_log(direct.chat_first(app, app.asgi_handler))
+    app.asgi_handler = logs.access_log(fastpath.chat_first(app, app.asgi_handler, chat.complete))
     return app
 
 

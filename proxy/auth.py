@@ -1,4 +1,4 @@
-"""Bearer keys: the `sk-cp-` format, SHA-256 hashes, and the admin key.
+"""Bearer keys: the `sk-cp-` format, SHA-256 hashes, issuing one, and the admin key.
 
 A key is `sk-cp-` + 43 URL-safe base64 characters (32 random bytes). Anything else is refused
 before the database is asked. Only the hash and a short display prefix are stored.
@@ -11,8 +11,12 @@ import hashlib
 import hmac
 import re
 import secrets
+from typing import Any
+
+import asyncpg
 
 from proxy.errors import Forbidden, NotFound, Unauthorized
+from proxy.store import users
 
 KEY_PREFIX = "sk-cp-"
 _KEY_RE = re.compile(r"sk-cp-[A-Za-z0-9_-]{43}")  # used with fullmatch: no trailing "\n"
@@ -29,6 +33,17 @@ def hash_key(key: str) -> bytes:
 
 def display_prefix(key: str) -> str:
     return key[:DISPLAY_PREFIX_LENGTH]
+
+
+async def issue_key(
+    conn: asyncpg.Connection, user_id: str, name: str | None
+) -> dict[str, Any] | None:
+    """Create a key for `user_id`; the result is the only place the secret ever appears."""
+    key = generate_key()
+    row = await users.create_key(conn, user_id, hash_key(key), display_prefix(key), name)
+    if row is None:
+        return None
+    return {**row, "key": key}
 
 
 def bearer(header: str | None) -> str | None:

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from proxy.schemas import MAX_HISTORY_MESSAGES
+
 
 class ConfigError(ValueError):
     """A setting is missing or malformed; the message names the key."""
@@ -119,7 +121,7 @@ FIELDS: tuple[Field, ...] = (
           "the key sent upstream; a client's key never goes upstream"),
     Field("admin_key", None, _opt_str, "bearer key for `/admin/*`; unset: the admin API is 404"),
     Field("models_file", "config/models.toml", _str, "the model table"),
-    Field("default_max_history_messages", 20, _int(0, 1000),
+    Field("default_max_history_messages", 20, _int(0, MAX_HISTORY_MESSAGES),
           "for sessions created without their own value"),
     Field("retention_days", 7, _int(0), "inactive sessions are deleted after this; 0 keeps all"),
     Field("max_stored_messages", 0, _int(0),

@@ -3,33 +3,37 @@
     {"format": "chatproxy.session.v1", "session": {...session object...}, "messages": [...]}
 
 A message is written as its message object (contract §5) with, beside `role` and `content`,
-every other field its stored body holds (`function_call`, `audio`, a `name` that is null...), so
-that importing it stores the same message. Keys that name the envelope (`id`, `object`,
+every other field its stored body holds (`store.messages.message_object(..., whole=True)`), so
+that importing it stores the same message. The keys that name the envelope (`id`, `object`,
 `session_id`, `seq`, `tokens`, `status`, `created_at`) are never part of a stored message.
 
-`parse` validates a whole document before anything is written: the first problem is a
-`BadRequest` whose `param` names the field (`messages[3].role`), and nothing is created.
-Pure: no I/O.
+`parse` validates a whole document with `schemas.ImportDocument` before anything is written:
+the first problem is a `BadRequest` whose `param` names the field (`messages[3].role`), and
+nothing is created. The text stored is the document's own, exactly (lone surrogates and NULs
+included). Pure: no I/O.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
+
+from pydantic import ValidationError
 
 from proxy import codec
 from proxy.errors import BadRequest
-from proxy.store import iso
-
-FORMAT = "chatproxy.session.v1"
-ENVELOPE = frozenset({"id", "object", "session_id", "seq", "tokens", "status", "created_at"})
-ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
-STATUSES = frozenset({"complete", "incomplete"})
-MAX_TOKENS = 2**31 - 1
-MAX_METADATA = 64
-
+from proxy.schemas import (
+    FORMAT,
+    MAX_HISTORY_MESSAGES,
+    MAX_HISTORY_TOKENS,
+    MAX_TOKENS,
+    MESSAGE_ENVELOPE,
+    ROLES,
+    ImportDocument,
+)
+from proxy.validation import validated
 
 # --- writing ----------------------------------------------------------------------------------
 
@@ -41,29 +45,6 @@ def head(session: dict[str, Any]) -> bytes:
 
 
 TAIL = b"]}"
-
-
-def message(
-    session_id: str, msg_id: int, seq: int, role: str, body: str, tokens: int, status: str,
-    created_at: datetime,
-) -> dict[str, Any]:
-    """One stored message as the document writes it."""
-    stored = codec.loads(body)
-    result: dict[str, Any] = {
-        "id": f"msg_{msg_id}",
-        "object": "chat.message",
-        "session_id": session_id,
-        "seq": seq,
-        "role": role,
-        "content": stored.get("content"),
-    }
-    for key, value in stored.items():
-        if key not in result and key not in ENVELOPE:
-            result[key] = value
-    result["tokens"] = tokens
-    result["status"] = status
-    result["created_at"] = iso(created_at)
-    return result
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -96,133 +77,88 @@ class Document:
 
 
 TokenCount = Callable[[Any, dict[str, Any]], int]
-
-
-def _bad(param: str, reason: str) -> BadRequest:
-    return BadRequest(f"Invalid value for {param}: {reason}", param=param)
-
-
-def _missing(param: str) -> BadRequest:
-    return BadRequest(
-        f"Missing required parameter: {param}", param=param, code="missing_required_parameter"
-    )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _opt_str(data: dict[str, Any], key: str, where: str, max_length: int | None) -> str | None:
-    value = data.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise _bad(f"{where}.{key}", "expected a string or null")
-    if max_length is not None and len(value) > max_length:
-        raise _bad(f"{where}.{key}", f"at most {max_length} characters")
-    return value
-
-
-def _opt_int(data: dict[str, Any], key: str, where: str, low: int, high: int) -> int | None:
-    value = data.get(key)
-    if value is None:
-        return None
-    if not _is_int(value) or not low <= value <= high:
-        raise _bad(f"{where}.{key}", f"expected an integer between {low} and {high}")
-    return int(value)
-
-
-def _session(data: Any, default_max_history: int) -> dict[str, Any]:
-    if data is None:
-        raise _missing("session")
-    if not isinstance(data, dict):
-        raise _bad("session", "expected an object")
-    metadata = data.get("metadata")
-    if metadata is None:
-        metadata = {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise _bad("session.metadata", "expected an object of strings")
-    if len(metadata) > MAX_METADATA:
-        raise _bad("session.metadata", f"at most {MAX_METADATA} entries")
-    max_history = _opt_int(data, "max_history_messages", "session", 0, 1000)
-    return {
-        "session_name": _opt_str(data, "session_name", "session", 1000),
-        "model": _opt_str(data, "model", "session", 200),
-        "system_prompt": _opt_str(data, "system_prompt", "session", None),
-        "max_history_messages": default_max_history if max_history is None else max_history,
-        "max_history_tokens": _opt_int(data, "max_history_tokens", "session", 0, 100_000_000),
-        "metadata": metadata,
-    }
-
-
-def _timestamp(value: Any, param: str) -> datetime | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise _bad(param, "expected an ISO 8601 timestamp")
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise _bad(param, "expected an ISO 8601 timestamp") from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
-def _message(item: Any, where: str, model: Any, count: TokenCount) -> tuple[Message, Any]:
-    if not isinstance(item, dict):
-        raise _bad(where, "expected an object")
-    role = item.get("role")
-    if role is None:
-        raise _missing(f"{where}.role")
-    if role not in ROLES:
-        raise _bad(f"{where}.role", f"expected one of {', '.join(sorted(ROLES))}")
-    if "content" not in item:
-        raise _missing(f"{where}.content")
-    if item["content"] is not None and not isinstance(item["content"], str | list):
-        raise _bad(f"{where}.content", "expected a string, an array or null")
-    tool_calls = item.get("tool_calls")
-    if tool_calls is not None and (
-        not isinstance(tool_calls, list) or not all(isinstance(c, dict) for c in tool_calls)
-    ):
-        raise _bad(f"{where}.tool_calls", "expected an array of objects")
-    _opt_str(item, "tool_call_id", where, None)
-    _opt_str(item, "name", where, None)
-    status = item.get("status", "complete")
-    if status not in STATUSES:
-        raise _bad(f"{where}.status", "expected complete or incomplete")
-    seq = item.get("seq")
-    if seq is not None and not _is_int(seq):
-        raise _bad(f"{where}.seq", "expected an integer")
-    body = {"role": role, "content": item["content"]}
-    body.update((k, v) for k, v in item.items() if k not in ENVELOPE and k not in body)
-    tokens = _opt_int(item, "tokens", where, 0, MAX_TOKENS)
-    if tokens is None:
-        tokens = count(model, body)
-    created_at = _timestamp(item.get("created_at"), f"{where}.created_at")
-    return Message(body, tokens, str(status), created_at), seq
+SETTINGS = ("session_name", "model", "system_prompt", "max_history_messages",
+            "max_history_tokens", "metadata")
 
 
 def parse(doc: Any, default_max_history: int, count: TokenCount) -> Document:
     """A whole document, validated; `count(model, message)` fills in missing token counts."""
     if not isinstance(doc, dict):
         raise BadRequest("The export document must be a JSON object", code="invalid_value")
-    if "format" not in doc:
-        raise _missing("format")
-    if doc["format"] != FORMAT:
-        raise _bad("format", f"expected {FORMAT!r}")
-    fields = _session(doc.get("session"), default_max_history)
-    items = doc.get("messages")
-    if items is None:
-        raise _missing("messages")
-    if not isinstance(items, list):
-        raise _bad("messages", "expected an array")
+    try:
+        checked = validated(ImportDocument, doc)
+    except ValidationError as exc:
+        raise _refusal(exc) from None
+    # The text comes from the document itself, the numbers and times from the model.
+    session = doc["session"]
+    fields = {name: session.get(name) for name in SETTINGS}
+    if fields["max_history_messages"] is None:
+        fields["max_history_messages"] = default_max_history
+    fields["metadata"] = fields["metadata"] or {}
     result: list[Message] = []
     previous: int | None = None
-    for index, item in enumerate(items):
-        where = f"messages[{index}]"
-        parsed, seq = _message(item, where, fields["model"], count)
-        if seq is not None:
-            if previous is not None and seq <= previous:
-                raise _bad(f"{where}.seq", "messages must be in increasing seq order")
-            previous = seq
-        result.append(parsed)
+    for index, (item, message) in enumerate(zip(doc["messages"], checked.messages, strict=True)):
+        if message.seq is not None:
+            if previous is not None and message.seq <= previous:
+                raise _bad(f"messages[{index}].seq", "messages must be in increasing seq order")
+            previous = message.seq
+        body = {"role": item["role"], "content": item["content"]}
+        body.update((k, v) for k, v in item.items() if k not in MESSAGE_ENVELOPE and k not in body)
+        tokens = message.tokens if message.tokens is not None else count(fields["model"], body)
+        result.append(Message(body, tokens, message.status, message.created_at))
     return Document(fields, result)
+
+
+# --- the first problem, worded as the document format always has --------------------------------
+
+# Why a field's value is refused, by field name (a message of `messages` has its own below).
+_REASONS = {
+    "format": f"expected {FORMAT!r}",
+    "session": "expected an object",
+    "messages": "expected an array",
+    "session_name": "expected a string or null",
+    "model": "expected a string or null",
+    "system_prompt": "expected a string or null",
+    "max_history_messages": f"expected an integer between 0 and {MAX_HISTORY_MESSAGES}",
+    "max_history_tokens": f"expected an integer between 0 and {MAX_HISTORY_TOKENS}",
+    "metadata": "expected an object of strings",
+    "role": f"expected one of {', '.join(sorted(ROLES))}",
+    "content": "expected a string, an array or null",
+    "tool_calls": "expected an array of objects",
+    "tool_call_id": "expected a string or null",
+    "name": "expected a string or null",
+    "status": "expected complete or incomplete",
+    "seq": "expected an integer",
+    "tokens": f"expected an integer between 0 and {MAX_TOKENS}",
+    "created_at": "expected an ISO 8601 timestamp",
+}
+_TOO_LONG = {"session_name": "characters", "model": "characters", "metadata": "entries"}
+# Required fields for which null counts as left out.
+_NULL_IS_MISSING = frozenset({"session", "messages", "role"})
+
+
+def _refusal(exc: ValidationError) -> BadRequest:
+    error = exc.errors()[0]
+    loc = error["loc"]
+    # Down to the field the problem is about: `session.<field>`, `messages[i].<field>`.
+    depth = 3 if loc[0] == "messages" else 2
+    parts = loc[:depth]
+    param = str(parts[0]) + "".join(
+        f"[{part}]" if isinstance(part, int) else f".{part}" for part in parts[1:]
+    )
+    name = parts[-1]
+    if error["type"] == "missing" or (error.get("input", 0) is None and name in _NULL_IS_MISSING):
+        return BadRequest(
+            f"Missing required parameter: {param}", param=param,
+            code="missing_required_parameter",
+        )
+    if isinstance(name, int):
+        return _bad(param, "expected an object")
+    unit = _TOO_LONG.get(name)
+    if unit is not None and error["type"] in ("string_too_long", "too_long"):
+        return _bad(param, f"at most {error['ctx']['max_length']} {unit}")
+    return _bad(param, _REASONS[name])
+
+
+def _bad(param: str, reason: str) -> BadRequest:
+    return BadRequest(f"Invalid value for {param}: {reason}", param=param)

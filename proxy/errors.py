@@ -1,4 +1,4 @@
-"""Every error the proxy produces, rendered in one place as OpenAI's error envelope.
+"""Every error the proxy produces, and the one place that renders it as OpenAI's error envelope.
 
     ProxyError                      status, type, code, param
      ├── BadRequest                 400 invalid_value (and the other 400 codes)
@@ -6,6 +6,7 @@
      ├── Forbidden                  403 insufficient_permissions
      ├── NotFound                   404 not_found
      │    └── SessionNotFound       404 session_not_found
+     ├── MethodNotAllowed           405 method_not_allowed
      ├── RequestTimeout             408 request_timeout (no whole request head in time)
      ├── Conflict                   409 conflict / idempotency_key_in_use
      ├── PayloadTooLarge            413 request_too_large
@@ -23,13 +24,26 @@ The 408, 431 and 503 `too_many_connections` are written by the server's connecti
 (proxy/server.py) before any request reaches the app.
 
 Messages never carry internals: no exception text, key, SQL or message content.
+
+Rendering: `render_error` is the response of any `ProxyError`; `internal_error` is the 500 for
+anything else (its traceback logged with the request id, nothing told to the client);
+`handlers()` is the app's exception-handler map, which also puts Litestar's own errors (routing,
+body size, parameter validation) in the envelope.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any
 
 import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException
+
+from proxy.ids import is_session_id
+
+log = logging.getLogger("chatproxy")
 
 
 class ProxyError(Exception):
@@ -69,7 +83,7 @@ class SessionNotFound(NotFound):
 
     def __init__(self, session_id: str, *, param: str | None = "session_id"):
         # The id is echoed only when it has the shape of ours, so hostile text is never reflected.
-        shown = session_id if _looks_like_id(session_id) else "(malformed id)"
+        shown = session_id if is_session_id(session_id) else "(malformed id)"
         super().__init__(f"Session {shown} not found", param=param)
 
 
@@ -152,5 +166,84 @@ def error_bytes(error: ProxyError) -> bytes:
     return msgspec.json.encode(error.body())
 
 
-def _looks_like_id(value: str) -> bool:
-    return 0 < len(value) <= 64 and value.isascii() and value.replace("_", "").isalnum()
+
+# --- rendering ----------------------------------------------------------------------------------
+
+
+def render_error(error: ProxyError, headers: dict[str, str] | None = None) -> Response[bytes]:
+    return Response(
+        error_bytes(error),
+        status_code=error.status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def internal_error(scope: Any, exc: Exception) -> Response[bytes]:
+    """A 500 that tells the client nothing; the traceback is logged with the request id."""
+    log.error(
+        "unhandled error on %s %s (request id %s)",
+        scope.get("method"),
+        scope.get("path"),
+        scope.get("state", {}).get("request_id"),
+        exc_info=exc,
+    )
+    return render_error(InternalError())
+
+
+def handlers() -> dict[Any, Any]:
+    """The app's exception handlers: every error a response in the envelope."""
+    return {
+        ProxyError: _proxy_error,
+        HTTPException: _http_exception,
+        Exception: _internal_error,
+    }
+
+
+def _proxy_error(request: Request[Any, Any, Any], exc: ProxyError) -> Response[bytes]:
+    return render_error(exc)
+
+
+def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    return internal_error(request.scope, exc)
+
+
+def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    """Litestar's own errors (routing, body size, parameter validation) in the OpenAI envelope."""
+    error: ProxyError
+    headers = None
+    if exc.status_code == 404:
+        error = unknown_route(request.method, request.url.path)
+    elif exc.status_code == 405:
+        error = MethodNotAllowed(f"Method {request.method} not allowed on {request.url.path}")
+        allow = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow")
+        headers = {"Allow": allow} if allow else None
+    elif exc.status_code == 413:
+        error = PayloadTooLarge("Request body too large")
+    elif exc.status_code < 500:
+        error = _bad_request(exc)
+        error.status = exc.status_code
+    else:
+        return _internal_error(request, exc)
+    return render_error(error, headers)
+
+
+def _bad_request(exc: HTTPException) -> ProxyError:
+    """A 4xx from Litestar; a parameter validation failure names its parameter."""
+    extra = exc.extra
+    first = extra[0] if isinstance(extra, list) and extra else None
+    key = first.get("key") if isinstance(first, dict) else None
+    if isinstance(key, str) and key:
+        return BadRequest(f"Invalid value for {key}", param=key)
+    missing = _MISSING_PARAMETER.match(exc.detail)
+    if missing:
+        return BadRequest(
+            f"Missing required parameter: {missing[1]}",
+            param=missing[1],
+            code="missing_required_parameter",
+        )
+    return BadRequest("Malformed request")
+
+
+# Litestar's wording for a required query/header/cookie parameter that was not sent.
+_MISSING_PARAMETER = re.compile(r"Missing required \w+ parameter '([^']{1,100})'")

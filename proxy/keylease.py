@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from proxy import db
+from proxy.store import database
 
 log = logging.getLogger("chatproxy.keys")
 
@@ -192,6 +193,5 @@ async def _listen(lease: KeyLease, conn: asyncpg.Connection) -> None:
             await lease.asked.wait()
         number += 1
         sent[number] = lease.now()
-        await conn.execute(
-            "SELECT pg_notify($1, $2)", channel, str(number), timeout=BEAT_TIMEOUT)
+        await database.notify(conn, channel, str(number), timeout=BEAT_TIMEOUT)
         await asyncio.sleep(BEAT)

@@ -19,7 +19,7 @@ Handlers fill in what only they know in the request's `scope["state"]` dict (all
 |--------------------|-------|---------------------------------------------------------------|
 | `request_id`       | str   | this middleware                                               |
 | `request_started`  | float | this middleware: `time.perf_counter()` at arrival            |
-| `user_id`          | str   | `proxy.routes.parsing.authenticate`                           |
+| `user_id`          | str   | `proxy.access.authenticate`, or a turn's read (proxy/turns/) |
 | `session_id`       | str   | a handler that addressed a session                            |
 | `upstream`         | str   | the name of the upstream called (config `[[upstreams]].name`) |
 | `upstream_status`  | int   | the upstream's HTTP status                                    |

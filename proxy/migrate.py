@@ -14,6 +14,9 @@ from pathlib import Path
 
 import asyncpg
 
+from proxy.store import database
+from proxy.store import migrations as migrations_table
+
 MIGRATION_LOCK = 0x63_68_61_74  # "chat": the advisory lock key shared by every runner
 _NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 
@@ -54,29 +57,18 @@ async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> li
     """Apply pending migrations; return the names applied by this call."""
     migrations = discover(directory)
     applied: list[str] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+    await database.lock(conn, MIGRATION_LOCK)
     try:
-        await conn.execute(
-            """
-            CREATE TABLE IF NOT EXISTS schema_migrations (
-                name        text PRIMARY KEY,
-                applied_at  timestamptz NOT NULL DEFAULT now()
-            )
-            """
-        )
-        done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+        await migrations_table.ensure_table(conn)
+        done = await migrations_table.applied(conn)
         for migration in migrations:
             if migration.name in done:
                 continue
             try:
-                async with conn.transaction():
-                    await conn.execute(migration.sql)
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (name) VALUES ($1)", migration.name
-                    )
+                await migrations_table.apply(conn, migration.name, migration.sql)
             except asyncpg.PostgresError as exc:
                 raise MigrationError(f"{migration.name}.sql failed: {exc}") from exc
             applied.append(migration.name)
     finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+        await database.unlock(conn, MIGRATION_LOCK)
     return applied

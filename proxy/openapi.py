@@ -4,7 +4,7 @@ The handlers parse their bodies themselves (so that every error is the OpenAI en
 Litestar cannot see their request or response types; this module tells it. `documented(...)`
 returns the route decorator's keyword arguments:
 
-- `responses`: a `ResponseSpec` per status — the success body (a model from `proxy.wire`) and
+- `responses`: a `ResponseSpec` per status — the success body (a model from `proxy.schemas`) and
   the OpenAI error envelope for each error status the route can answer, with an example;
 - `operation_class`: an `Operation` subclass that adds the request body, the query and header
   parameters the handler reads, and the success response's headers, and drops what Litestar
@@ -37,8 +37,9 @@ from litestar.openapi.spec import (
 )
 from pydantic import BaseModel
 
-from proxy import wire
+from proxy import schemas
 from proxy.errors import error_body
+from proxy.reading import BoolQuery, ChoiceQuery, IntQuery
 
 DESCRIPTION = (
     "An OpenAI-compatible proxy that keeps chat history in sessions. Every error the proxy "
@@ -121,7 +122,7 @@ def _error(status: int, description: str, code: str, message: str,
            param: str | None) -> ResponseSpec:
     example = error_body(message, _TYPES.get(status, "server_error"), code, param)
     return ResponseSpec(
-        wire.ErrorResponse, description=description, generate_examples=False,
+        schemas.ErrorResponse, description=description, generate_examples=False,
         examples=[Example(summary=code, value=Verbatim(example))],
     )
 
@@ -203,9 +204,16 @@ def request_schema(model: type[BaseModel]) -> dict[str, Any]:
 # --- parameters -----------------------------------------------------------------------------------
 
 
-def query(name: str, kind: OpenAPIType, description: str, **schema: Any) -> Parameter:
-    return Parameter(name=name, param_in="query", required=False, description=description,
-                     schema=Schema(type=kind, **schema))
+def query(spec: IntQuery | BoolQuery | ChoiceQuery) -> Parameter:
+    """A query parameter as its handler reads it (proxy/reading.py)."""
+    if isinstance(spec, IntQuery):
+        schema = Schema(type=OpenAPIType.INTEGER, minimum=spec.low, maximum=spec.high)
+    elif isinstance(spec, BoolQuery):
+        schema = Schema(type=OpenAPIType.BOOLEAN)
+    else:
+        schema = Schema(type=OpenAPIType.STRING, enum=list(spec.choices))
+    return Parameter(name=spec.name, param_in="query", required=False,
+                     description=spec.description, schema=schema)
 
 
 def header(name: str, description: str, **schema: Any) -> Parameter:
@@ -281,7 +289,7 @@ CHAT_COMPLETIONS = {
         "The upstream's answer as it sent it: a chat completion, or (with `stream: true`) "
         "its server-sent events",
         400, 401, 404, 409, 413, 422, 502, 503, 504,
-        body=wire.ChatCompletionRequest, body_required=True,
+        body=schemas.ChatCompletionRequest, body_required=True,
         conflict="idempotency",
         parameters=(
             header("X-Session-Id", "the session, instead of `session_id` in the body (both "

@@ -29,10 +29,12 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from proxy import db, idempotency, metrics
+from proxy import db, metrics
 from proxy.config import Settings
 from proxy.errors import DatabaseUnavailable
-from proxy.store import iso
+from proxy.store import database, idempotency
+from proxy.store import retention as statements
+from proxy.timefmt import iso
 
 log = logging.getLogger("chatproxy.retention")
 
@@ -111,26 +113,6 @@ def retention_of(settings: Settings, older_than: timedelta | None = None) -> tim
 
 # --- retention --------------------------------------------------------------------------------
 
-_PURGE = """
-    WITH candidates AS (
-        SELECT id, message_count FROM chat_sessions
-        WHERE updated_at < $1 OR deleted_at < $1
-        LIMIT $2
-        FOR UPDATE SKIP LOCKED
-    ), doomed AS (
-        -- the first candidate, and as many more as keep the batch within $3 messages
-        SELECT id FROM (
-            SELECT id, row_number() OVER w AS n, sum(message_count) OVER w AS upto
-            FROM candidates WINDOW w AS (ORDER BY id)
-        ) c
-        WHERE n = 1 OR upto <= $3
-    )
-    DELETE FROM chat_sessions s USING doomed
-    WHERE s.id = doomed.id AND (s.updated_at < $1 OR s.deleted_at < $1)
-    RETURNING s.is_active, s.message_count
-"""
-
-
 async def purge_expired(
     conn: asyncpg.Connection, cutoff: datetime, batch: int = BATCH,
     batch_messages: int = BATCH_MESSAGES,
@@ -139,47 +121,18 @@ async def purge_expired(
     more) `batch_messages` messages per statement: (inactive, soft-deleted, messages)."""
     inactive = deleted = removed = 0
     while True:
-        rows = await conn.fetch(_PURGE, cutoff, batch, batch_messages)
+        rows = await statements.purge_batch(conn, cutoff, batch, batch_messages)
         if not rows:
             return inactive, deleted, removed
-        for row in rows:
-            if row["is_active"]:
+        for active, message_count in rows:
+            if active:
                 inactive += 1
             else:
                 deleted += 1
-            removed += row["message_count"]
+            removed += message_count
 
 
 # --- pruning ----------------------------------------------------------------------------------
-
-_PRUNE = """
-    WITH s AS (
-        SELECT id FROM chat_sessions WHERE id = $1 AND message_count > $2
-        FOR UPDATE SKIP LOCKED
-    ), edge AS (
-        -- the oldest of the newest $2 messages
-        SELECT seq FROM chat_messages
-        WHERE session_id = $1 AND EXISTS (SELECT 1 FROM s)
-        ORDER BY seq DESC OFFSET $2::int - 1 LIMIT 1
-    ), cut AS (
-        SELECT COALESCE(
-            (SELECT min(m.seq) FROM chat_messages m, edge
-             WHERE m.session_id = $1 AND m.seq >= edge.seq AND m.role <> 'tool'),
-            (SELECT max(m.seq) FROM chat_messages m, edge
-             WHERE m.session_id = $1 AND m.seq < edge.seq AND m.role <> 'tool')
-        ) AS seq
-    ), gone AS (
-        DELETE FROM chat_messages m USING cut
-        WHERE m.session_id = $1 AND m.seq < cut.seq
-        RETURNING m.tokens
-    )
-    UPDATE chat_sessions
-    SET message_count = message_count - (SELECT count(*) FROM gone),
-        total_tokens = total_tokens - (SELECT COALESCE(sum(tokens), 0) FROM gone)
-    WHERE id = $1 AND EXISTS (SELECT 1 FROM gone)
-    RETURNING (SELECT count(*) FROM gone)
-"""
-
 
 async def prune_session(conn: asyncpg.Connection, session_id: str, keep: int) -> int:
     """Prune one session down to its newest whole units within `keep`; messages removed.
@@ -189,8 +142,7 @@ async def prune_session(conn: asyncpg.Connection, session_id: str, keep: int) ->
     """
     if keep <= 0:
         return 0
-    pruned: int | None = await conn.fetchval(_PRUNE, session_id, keep)
-    return pruned or 0
+    return await statements.prune(conn, session_id, keep)
 
 
 async def prune_all(conn: asyncpg.Connection, keep: int, batch: int = BATCH) -> tuple[int, int]:
@@ -198,21 +150,15 @@ async def prune_all(conn: asyncpg.Connection, keep: int, batch: int = BATCH) -> 
     sessions = removed = 0
     after = ""
     while True:
-        rows = await conn.fetch(
-            "SELECT id FROM chat_sessions WHERE message_count > $1 AND id > $2 "
-            "ORDER BY id LIMIT $3",
-            keep,
-            after,
-            batch,
-        )
-        if not rows:
+        ids = await statements.sessions_over(conn, keep, after, batch)
+        if not ids:
             return sessions, removed
-        for row in rows:
-            pruned = await prune_session(conn, row["id"], keep)
+        for session_id in ids:
+            pruned = await prune_session(conn, session_id, keep)
             if pruned:
                 sessions += 1
                 removed += pruned
-        after = rows[-1]["id"]
+        after = ids[-1]
 
 
 async def prune_after_turn(pool: db.Pool, settings: Settings, session_id: str) -> None:
@@ -245,7 +191,7 @@ async def cleanup(
     """One run of the job, if no other process is running it. `conn` must not be in a
     transaction: every batch commits on its own."""
     cutoff = now - retention if retention is not None else None
-    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", RETENTION_LOCK):
+    if not await database.try_lock(conn, RETENTION_LOCK):
         return Report(ran=False, cutoff=cutoff, keep=keep)
     try:
         inactive = deleted = messages = 0
@@ -257,7 +203,7 @@ async def cleanup(
         keys = await idempotency.purge_expired(conn)
     finally:
         try:
-            await conn.execute("SELECT pg_advisory_unlock($1)", RETENTION_LOCK)
+            await database.unlock(conn, RETENTION_LOCK)
         except db.UNAVAILABLE:
             pass  # a closed connection has released its locks
     return Report(True, cutoff, keep, inactive, deleted, messages, pruned_sessions, pruned, keys)

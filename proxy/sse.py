@@ -96,19 +96,21 @@ class ReplyAssembler:
     usage: dict[str, Any] | None = None
     saw_content: bool = False
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> dict[str, Any] | None:
+        """Fold one event's data in; the chunk it parsed to, or None when it is not one."""
         try:
             chunk = codec.loads(data)
         except codec.InvalidJSON:
-            return
+            return None
         if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
-            return
+            return None
         self.valid_chunks += 1
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
         for choice in chunk["choices"]:
             if isinstance(choice, dict) and choice.get("index", 0) == 0:
                 self._choice(choice)
+        return chunk
 
     def _choice(self, choice: dict[str, Any]) -> None:
         if isinstance(choice.get("finish_reason"), str):

@@ -1,5 +1,8 @@
 """The upstreams: one pooled httpx client per process, requests built with the upstream's key.
 
+`relay` sends a request the proxy does not look into and answers with the upstream's answer as
+it arrives (the passthrough routes, a chat request without a session).
+
 Transport failures become the proxy's own errors: an unreachable upstream or a connect timeout is
 502, no next byte within the read timeout is 504, a redirect is 502 and is never followed. The
 client's key and the proxy's own headers never go upstream.
@@ -13,10 +16,12 @@ from http.cookiejar import CookieJar
 from typing import Any
 
 import httpx
+from litestar import Response
 
-from proxy import metrics
+from proxy import codec, metrics
 from proxy.config import Settings, Upstream
-from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
+from proxy.streamresponse import ClosingStream
 from proxy.transport import FastTransport
 
 MAX_UPSTREAM_BODY = 64 * 1024 * 1024  # a non-streamed answer larger than this is a 502
@@ -249,3 +254,70 @@ async def read_body(response: httpx.Response, limit: int = MAX_UPSTREAM_BODY) ->
     finally:
         await response.aclose()
     return b"".join(chunks)
+
+
+# --- relaying an answer as it came -------------------------------------------------------
+
+
+async def _body_chunks(
+    response: httpx.Response, ttfb: tuple[float, str] | None = None
+) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in response.aiter_bytes():
+            if ttfb is not None:
+                metrics.stream_ttfb(time.perf_counter() - ttfb[0], upstream=ttfb[1])
+                ttfb = None
+            yield chunk
+    except httpx.HTTPError as exc:
+        # The upstream broke off. An event stream ends with an error event (as a session
+        # turn's does), so an SDK sees the failure; any other body ends where it stopped.
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            failure: ProxyError = (
+                UpstreamTimeout("The upstream stopped sending before the reply was complete")
+                if isinstance(exc, httpx.TimeoutException)
+                else UpstreamError("The upstream broke off the stream")
+            )
+            yield b"\n\ndata: " + codec.dumps(failure.body()) + b"\n\n"
+    finally:
+        await response.aclose()
+
+
+async def relay(
+    client: httpx.AsyncClient,
+    target: Upstream,
+    method: str,
+    path: str,
+    query: str,
+    headers: Iterable[tuple[str, str]],
+    content: bytes | AsyncIterator[bytes] | None,
+    *,
+    state: dict[str, Any] | None = None,
+    stream: bool = False,
+    whole: bool = False,
+) -> Response[Any]:
+    """Send one request upstream and stream its answer back as it arrives.
+
+    `state` is the request's `scope["state"]` (the access log's upstream fields); `stream`
+    says the answer is a streamed chat completion, whose time to first byte is measured.
+    `whole` says the answer is one JSON document (a chat completion without `stream`): it is
+    read whole and sent as a plain response, cheaper than a streamed one; an answer that
+    breaks off is then a 502 instead of a body cut short.
+    """
+    response = await open_stream(
+        client, method, url_for(target, path, query), request_headers(target, headers),
+        content, state=state, name=target.name,
+    )
+    if whole:
+        raw = await read_body(response)
+        return Response(
+            raw, status_code=response.status_code, headers=response_headers(response.headers)
+        )
+    started = state.get("request_started") if state is not None else None
+    ttfb = None
+    if stream and response.status_code == 200 and isinstance(started, float):
+        ttfb = (started, target.name)
+    return ClosingStream(
+        _body_chunks(response, ttfb),
+        status_code=response.status_code,
+        headers=response_headers(response.headers),
+    )

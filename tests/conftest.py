@@ -26,10 +26,11 @@ import pytest
 import respx
 from litestar.testing import AsyncTestClient
 
-from proxy import auth, logs, store
+from proxy import auth, logs
 from proxy.app import create_app
 from proxy.config import Settings
 from proxy.migrate import migrate
+from proxy.store import users
 from proxy.upstream import make_client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,10 +146,10 @@ class User:
 
 async def make_user(conn: asyncpg.Connection) -> User:
     name = "user-" + secrets.token_hex(6)
-    user = await store.create_user(conn, name)
+    user = await users.create_user(conn, name)
     assert user is not None
     key = auth.generate_key()
-    row = await store.create_key(conn, user["id"], auth.hash_key(key), key[:12], "test")
+    row = await users.create_key(conn, user["id"], auth.hash_key(key), key[:12], "test")
     assert row is not None
     return User(user["id"], name, key, row["id"])
 

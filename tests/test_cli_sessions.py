@@ -16,8 +16,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from proxy import codec, lifecycle, messages, store
-from proxy.messages import NewMessage
+from proxy import codec
+from proxy.store import lifecycle, messages, sessions
+from proxy.store.messages import NewMessage
 from tests.conftest import ROOT, User, fresh_database, make_user
 from tests.test_lifecycle import CONVO, bodies
 
@@ -40,7 +41,7 @@ async def with_codec(conn: asyncpg.Connection) -> asyncpg.Connection:
 
 
 async def convo(conn: asyncpg.Connection, owner: User, **fields: Any) -> str:
-    session = await store.create_session(conn, owner.id, {"max_history_messages": 20, **fields})
+    session = await sessions.create_session(conn, owner.id, {"max_history_messages": 20, **fields})
     turn = [NewMessage(m, tokens, status) for m, tokens, status in CONVO]
     await messages.store_turn(conn, session["id"], turn)
     return str(session["id"])
@@ -68,7 +69,7 @@ async def test_export_writes_the_document(db, database_url, alice) -> None:
 async def test_export_of_a_soft_deleted_session(db, database_url, alice) -> None:
     conn = await with_codec(db)
     session_id = await convo(conn, alice)
-    await store.soft_delete_session(conn, alice.id, session_id)
+    await sessions.soft_delete_session(conn, alice.id, session_id)
     done = await cli(database_url, "sessions", "export", session_id)
     assert done.returncode == 0, done.stderr
     assert codec.loads(done.stdout)["session"]["is_active"] is False
@@ -91,8 +92,8 @@ async def test_import_creates_the_session_for_the_user(db, database_url, alice, 
     new_id = done.stdout.decode().strip()
     assert re.fullmatch(r"sess_[A-Za-z0-9]{24}", new_id)
     assert done.stderr.decode().endswith(f"imported {len(CONVO)} messages for user {bob.name}\n")
-    created = await store.get_session(conn, bob.id, new_id)
-    original = await store.get_session(conn, alice.id, source)
+    created = await sessions.get_session(conn, bob.id, new_id)
+    original = await sessions.get_session(conn, alice.id, source)
     assert created is not None and original is not None
     same = ("session_name", "system_prompt", "max_history_messages", "message_count",
             "total_tokens", "last_message_at", "metadata")

@@ -1,4 +1,4 @@
-"""The chat route answered ahead of Litestar (proxy/routes/direct.py) and the route Litestar
+"""The chat route answered ahead of Litestar (proxy/routes/fastpath.py) and the route Litestar
 keeps answer alike: same bodies, headers and stored turns; errors in the same envelope."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import httpx
 import pytest
 import respx
 
-from proxy import turn
 from proxy.errors import InternalError
+from proxy.turns import prepare
 from tests.conftest import User
 from tests.turns import Client, answers, completion, new_session, sent, stored, u
 
@@ -57,7 +57,7 @@ async def test_an_unexpected_failure_is_a_500_that_tells_nothing_and_logs_the_re
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise KeyError("sk-secret-in-the-traceback")
 
-    monkeypatch.setattr(turn, "prepare", broken)
+    monkeypatch.setattr(prepare, "prepare", broken)
     route = upstream.post("/chat/completions").mock(side_effect=answers(completion()))
     sid = await new_session(client, alice)
     with caplog.at_level(logging.ERROR, logger="chatproxy"):

@@ -13,9 +13,9 @@ import pytest
 from litestar import get, post
 from litestar.testing import AsyncTestClient
 
-from proxy import store
 from proxy.app import create_app
 from proxy.config import Settings
+from proxy.store import sessions
 from tests.conftest import User, configured
 
 SESSIONS = "/v1/chat/sessions"
@@ -248,7 +248,7 @@ async def test_a_failing_store_function_is_a_500_with_the_request_id_logged(
     async def broken(*args: Any, **kwargs: Any) -> Any:
         raise KeyError(SECRET)
 
-    monkeypatch.setattr(store, "list_sessions", broken)
+    monkeypatch.setattr(sessions, "list_sessions", broken)
     with caplog.at_level(logging.ERROR, logger="chatproxy"):
         r = await client.get(SESSIONS, headers=alice.headers)
     assert_json_error(r, 500, INTERNAL)

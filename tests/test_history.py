@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.history import _by_units, budget, trim, units
-from proxy.messages import stored
+from proxy.store.messages import stored
 
 
 @dataclass(frozen=True)

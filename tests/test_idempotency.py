@@ -9,7 +9,8 @@ import asyncpg
 import httpx
 import respx
 
-from proxy import idempotency
+from proxy.store.idempotency import STALE_MINUTES
+from proxy.turns import claim as idempotency
 from tests.conftest import User
 from tests.turns import Client, completion, new_session, stored, u
 
@@ -109,7 +110,7 @@ async def test_a_retry_while_the_first_runs_is_409(
     # A claim left running past its staleness limit (its request died) can be taken over.
     await db.execute(
         "UPDATE idempotency_keys SET created_at = now() - make_interval(mins => $2) "
-        "WHERE user_id = $1 AND key = 'k-3'", alice.id, idempotency.STALE_MINUTES + 1)
+        "WHERE user_id = $1 AND key = 'k-3'", alice.id, STALE_MINUTES + 1)
     r = await client.post("/v1/chat/completions", content=json.dumps(request),
                           headers={**with_key(alice, "k-3"), "content-type": "application/json"})
     assert r.status_code == 200

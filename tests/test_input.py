@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from proxy.config import Settings
 from proxy.errors import PayloadTooLarge, SessionNotFound
-from proxy.routes.parsing import MAX_JSON_DEPTH
+from proxy.reading import MAX_JSON_DEPTH
 from tests.conftest import UPSTREAM, UPSTREAM_KEY, User
 from tests.fault_helpers import answering, app_client, completion
 from tests.turns import new_session

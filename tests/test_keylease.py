@@ -16,8 +16,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from proxy import auth, keylease, store
+from proxy import auth, keylease
 from proxy.keylease import KeyLease
+from proxy.store import users
 from tests.conftest import User, fresh_database, make_user, until_key_cached
 
 HASH_A = b"a" * 32
@@ -132,7 +133,7 @@ async def test_a_revocation_empties_the_cache_before_it_returns(
     user, other = await make_user(db), await make_user(db)
     async with feed(database_url) as lease:
         await until(cached(lease, user))
-        assert await store.revoke_key(db, user.key_id)
+        assert await users.revoke_key(db, user.key_id)
         await keylease.settle()
         assert lease.user(auth.hash_key(user.key)) is None
         # Any change to api_keys (here one made by hand) empties it, for every key.
@@ -152,7 +153,7 @@ async def test_without_the_notification_the_lease_would_keep_a_revoked_key(
             async with feed(url) as lease:
                 await until(cached(lease, user))
                 await conn.execute("ALTER TABLE api_keys DISABLE TRIGGER api_keys_changed")
-                assert await store.revoke_key(conn, user.key_id)
+                assert await users.revoke_key(conn, user.key_id)
                 await keylease.settle()
                 assert lease.user(auth.hash_key(user.key)) == user.id
         finally:
@@ -177,7 +178,7 @@ async def test_a_lost_feed_trusts_nothing_until_it_is_back(
         assert "key feed lost its database connection" in caplog.text
         # While nobody listens, a request verifies a key, which is then revoked unheard.
         lease.remember(auth.hash_key(unheard.key), unheard.id, lease.generation)
-        assert await store.revoke_key(db, unheard.key_id)
+        assert await users.revoke_key(db, unheard.key_id)
         await until(cached(lease, user))  # reconnected and beating again
         assert lease.user(auth.hash_key(unheard.key)) is None
 

@@ -11,8 +11,9 @@ import pytest
 import respx
 from litestar.testing import AsyncTestClient
 
-from proxy import codec, document, lifecycle, messages, store
-from proxy.messages import NewMessage
+from proxy import codec, document, timefmt
+from proxy.store import lifecycle, messages, sessions
+from proxy.store.messages import NewMessage
 from tests.conftest import User
 
 PREFIXES = ["/v1/chat/sessions", "/chat/sessions"]
@@ -88,7 +89,7 @@ async def bodies(db: asyncpg.Connection, session_id: str) -> list[tuple[Any, ...
         "WHERE session_id = $1 ORDER BY seq", session_id)
     # Times as the API writes them (to the second): what an export -> import keeps.
     return [(r["seq"], r["role"], r["has_tool_calls"], codec.loads(r["body"]), r["tokens"],
-             r["status"], store.iso(r["created_at"])) for r in rows]
+             r["status"], timefmt.iso(r["created_at"])) for r in rows]
 
 
 async def get(client: AsyncTestClient[Any], user: User, session_id: str) -> dict[str, Any]:
@@ -243,7 +244,7 @@ def expected_document(session: dict[str, Any], rows: list[asyncpg.Record]) -> di
                                 "session_id": session["id"], "seq": row["seq"],
                                 "role": message["role"], "content": message["content"]}
         item.update((k, v) for k, v in message.items() if k not in item)
-        item.update(tokens=tokens, status=status, created_at=store.iso(row["created_at"]))
+        item.update(tokens=tokens, status=status, created_at=timefmt.iso(row["created_at"]))
         data.append(item)
     return {"format": F, "session": session, "messages": data}
 
@@ -262,7 +263,7 @@ async def test_export_is_the_whole_session_in_order(client, db, alice) -> None:
 
 async def test_export_import_round_trip(client, db, upstream: respx.Router, alice, bob) -> None:
     # Made in the store: the sessions API refuses a lone surrogate in session_name.
-    made = await store.create_session(await codec_conn(db), alice.id, {
+    made = await sessions.create_session(await codec_conn(db), alice.id, {
         "session_name": "trip \u0000\ud800", "model": "gpt-4o", "system_prompt": "sys \udc00",
         "max_history_messages": 50, "max_history_tokens": 5000,
         "metadata": {"a\u0000": "b\ud800"}})
@@ -612,9 +613,9 @@ async def seqs(db: asyncpg.Connection, session_id: str) -> tuple[int, int, int, 
 async def test_big_session_operations_are_set_based(db, database_url, alice) -> None:
     conn = await codec_conn(await asyncpg.connect(database_url))
     try:
-        big = await store.create_session(conn, alice.id, {"max_history_messages": 20})
+        big = await sessions.create_session(conn, alice.id, {"max_history_messages": 20})
         await seed_big(conn, big["id"], BIG)
-        small = await store.create_session(conn, alice.id, {"max_history_messages": 20})
+        small = await sessions.create_session(conn, alice.id, {"max_history_messages": 20})
         await seed(conn, small["id"], said("a", "b"))
         counter = Statements(conn)
 
@@ -633,7 +634,7 @@ async def test_big_session_operations_are_set_based(db, database_url, alice) -> 
 
         assert await lifecycle.clear_messages(conn, alice.id, small["id"]) is True
         assert await seqs(conn, small["id"]) == (0, 0, None, None)
-        assert await store.soft_delete_session(conn, alice.id, big["id"]) is True
+        assert await sessions.soft_delete_session(conn, alice.id, big["id"]) is True
         # A handful of statements each, whatever the size: nothing loops over rows.
         assert counter.count <= 30
     finally:
@@ -644,7 +645,7 @@ async def test_big_session_operations_are_set_based(db, database_url, alice) -> 
 async def test_export_streams_in_chunks(db, database_url, alice) -> None:
     conn = await codec_conn(await asyncpg.connect(database_url))
     try:
-        session = await store.create_session(conn, alice.id, {"max_history_messages": 20})
+        session = await sessions.create_session(conn, alice.id, {"max_history_messages": 20})
         count = 20_000
         await seed_big(conn, session["id"], count)
         sizes = []

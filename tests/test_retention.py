@@ -16,11 +16,13 @@ import respx
 from litestar.testing import AsyncTestClient
 
 from proxy import db as proxy_db
-from proxy import messages, retention, store
+from proxy import retention
 from proxy.app import create_app
 from proxy.config import Settings
-from proxy.messages import NewMessage
 from proxy.retention import Report
+from proxy.store import messages, sessions
+from proxy.store import retention as retention_sql
+from proxy.store.messages import NewMessage
 from proxy.upstream import make_client
 from tests.conftest import User, fresh_database, make_user
 
@@ -87,7 +89,7 @@ def shaped(pattern: str) -> list[NewMessage]:
 async def plant(conn: asyncpg.Connection, owner: User, *, active_at: datetime,
                 deleted_at: datetime | None = None, pattern: str = "") -> str:
     """A session whose last activity was `active_at` (soft-deleted at `deleted_at`)."""
-    session = await store.create_session(conn, owner.id, {"max_history_messages": 20})
+    session = await sessions.create_session(conn, owner.id, {"max_history_messages": 20})
     if pattern:
         await messages.store_turn(conn, session["id"], shaped(pattern))
     await conn.execute(
@@ -149,7 +151,7 @@ async def test_expired_sessions_go_in_small_batches(conn, owner) -> None:
     assert (report.inactive_sessions, report.messages) == (25, 25)
     assert await remaining(conn) == {kept}
     # 10 + 10 + 5, then one that finds nothing: each batch its own statement.
-    assert statements.count(retention._PURGE) == 4
+    assert statements.count(retention_sql._PURGE) == 4
 
 
 async def test_a_batch_holds_few_messages_but_at_least_one_session(conn, owner) -> None:
@@ -163,7 +165,7 @@ async def test_a_batch_holds_few_messages_but_at_least_one_session(conn, owner) 
     assert await remaining(conn) == set()
     # Whatever order the sessions come in, a batch of 4 messages holds at most two of them
     # (or one longer one): more than two statements, and one that finds nothing.
-    assert 3 <= statements.count(retention._PURGE) - 1 <= 4
+    assert 3 <= statements.count(retention_sql._PURGE) - 1 <= 4
 
 
 async def test_retention_off_keeps_everything(conn, owner) -> None:
@@ -347,7 +349,7 @@ async def test_pruning_after_each_turn(job_settings, conn, owner) -> None:
     ])
     http = make_client(job_settings, transport=httpx.MockTransport(upstream.async_handler))
     app = create_app(job_settings, http_client=http)
-    session = await store.create_session(conn, owner.id, {"max_history_messages": 20})
+    session = await sessions.create_session(conn, owner.id, {"max_history_messages": 20})
     sid = session["id"]
     try:
         async with AsyncTestClient(app=app, base_url="http://proxy.test") as client:

@@ -10,9 +10,9 @@ import asyncpg
 import pytest
 from litestar.testing import AsyncTestClient
 
-from proxy import messages
 from proxy.app import create_app
-from proxy.messages import NewMessage
+from proxy.store import messages
+from proxy.store.messages import NewMessage
 from tests.conftest import User, configured
 
 PREFIXES = ["/v1/chat/sessions", "/chat/sessions"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import asyncpg
@@ -17,17 +18,25 @@ import httpx
 import pytest
 import respx
 
-from proxy import db as db_module
-from proxy import messages, store
-from proxy.app import Runtime
 from proxy.config import Settings
 from proxy.errors import DatabaseUnavailable
-from proxy.messages import NewMessage
-from proxy.routes.streaming import _relay
-from proxy.tokens import ModelTable, TokenCounter
-from proxy.turn import Turn, persist
+from proxy.runtime import Runtime
+from proxy.store import messages
+from proxy.store.messages import NewMessage
+from proxy.turns import stream
+from proxy.turns.write import Turn, persist
 from tests.conftest import User
-from tests.turns import Client, chat, new_session, sent, stored, u
+from tests.turns import (
+    Client,
+    chat,
+    new_session,
+    runtime_on,
+    sent,
+    session_of,
+    settle,
+    stored,
+    u,
+)
 
 DONE = b"data: [DONE]\n\n"
 SSE = {"content-type": "text/event-stream; charset=utf-8"}
@@ -321,23 +330,15 @@ async def test_events_after_done_are_not_relayed(
 @pytest.fixture
 async def rt(settings: Settings, database_url: str) -> AsyncIterator[Runtime]:
     """A Runtime on the test's own loop, for driving the relay generator directly."""
-    pool = await db_module.create_pool(database_url, settings)
-    http = httpx.AsyncClient()
-    tokens = TokenCounter(ModelTable.load(settings.models_file))
-    runtime = Runtime(settings, pool, http, tokens)
-    try:
+    async with runtime_on(settings, database_url, httpx.AsyncClient()) as runtime:
         yield runtime
-    finally:
-        await settle(runtime)
-        await http.aclose()
-        await pool.close()
 
 
-async def session_of(db: asyncpg.Connection, user: User) -> str:
-    sid = store.new_id("sess_")
-    await db.execute("INSERT INTO chat_sessions (id, user_id, max_history_messages) "
-                     "VALUES ($1, $2, 20)", sid, user.id)
-    return sid
+async def as_sent(rt: Runtime, response: httpx.Response, turn: Turn) -> AsyncIterator[bytes]:
+    """The relay's events as the client gets them (their bytes); closing it closes the relay."""
+    async with aclosing(stream.relay(rt, response, turn)) as relayed:
+        async for event in relayed:
+            yield event.raw
 
 
 def turn_of(sid: str) -> Turn:
@@ -350,12 +351,6 @@ async def rows(db: asyncpg.Connection, sid: str) -> list[tuple[str, str, str]]:
     return [(r["role"], json.loads(r["body"]).get("content"), r["status"]) for r in found]
 
 
-async def settle(rt: Runtime) -> None:
-    """Wait for the write-backs detached from their request."""
-    while rt.writes:
-        await asyncio.gather(*rt.writes, return_exceptions=True)
-
-
 async def test_the_turn_is_stored_before_done_is_sent_and_each_event_goes_at_once(
     rt: Runtime, alice: User, db: asyncpg.Connection
 ) -> None:
@@ -363,7 +358,7 @@ async def test_the_turn_is_stored_before_done_is_sent_and_each_event_goes_at_onc
     events = hello("a", "b")
     gate = asyncio.Event()
     body = Upstream(events[0], gate, *events[1:], DONE)
-    relay = _relay(rt, streaming(body), turn_of(sid))
+    relay = as_sent(rt, streaming(body), turn_of(sid))
     # the first event arrives while the upstream is still holding back the rest (a relay that
     # buffered would wait for the gate forever)
     assert await asyncio.wait_for(anext(relay), 10) == events[0]
@@ -381,7 +376,7 @@ async def test_a_client_gone_after_done_does_not_store_the_turn_twice(
     rt: Runtime, alice: User, db: asyncpg.Connection
 ) -> None:
     sid = await session_of(db, alice)
-    relay = _relay(rt, streaming(Upstream(*hello("x"), DONE)), turn_of(sid))
+    relay = as_sent(rt, streaming(Upstream(*hello("x"), DONE)), turn_of(sid))
     async for item in relay:
         if item == DONE:
             break
@@ -396,7 +391,7 @@ async def test_a_client_that_closes_mid_stream_stores_what_arrived_and_closes_th
     sid = await session_of(db, alice)
     events = hello("par", "tial", "never")
     body = Upstream(*events[:3], asyncio.Event(), *events[3:], DONE)
-    relay = _relay(rt, streaming(body), turn_of(sid))
+    relay = as_sent(rt, streaming(body), turn_of(sid))
     assert [await anext(relay) for _ in range(3)] == events[:3]
     await relay.aclose()  # what the response does when the client went away
     await settle(rt)
@@ -415,7 +410,7 @@ async def test_a_cancelled_request_task_still_stores_the_turn_once(
     received: list[bytes] = []
 
     async def consume() -> None:
-        async for item in _relay(rt, streaming(body), turn_of(sid)):
+        async for item in as_sent(rt, streaming(body), turn_of(sid)):
             received.append(item)
 
     task = asyncio.create_task(consume())
@@ -444,7 +439,7 @@ async def test_a_write_in_progress_survives_the_cancellation_of_the_request(
     monkeypatch.setattr(messages, "store_turn", slow_store)
 
     async def consume() -> None:
-        async for _ in _relay(rt, streaming(Upstream(*hello("done"), DONE)), turn_of(sid)):
+        async for _ in as_sent(rt, streaming(Upstream(*hello("done"), DONE)), turn_of(sid)):
             pass
 
     task = asyncio.create_task(consume())
@@ -462,7 +457,7 @@ async def test_a_stream_closed_before_any_valid_chunk_stores_nothing(
 ) -> None:
     sid = await session_of(db, alice)
     body = Upstream(b": comment\n\n", asyncio.Event())
-    relay = _relay(rt, streaming(body), turn_of(sid))
+    relay = as_sent(rt, streaming(body), turn_of(sid))
     assert await anext(relay) == b": comment\n\n"
     await relay.aclose()
     await settle(rt)

@@ -6,7 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from proxy import auth, messages, retention
+from proxy import auth, retention
+from proxy.store import messages
 from tests.conftest import User
 from tests.turns import Client, new_session
 

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 import httpx
 import respx
 from litestar.testing import AsyncTestClient
 
+from proxy import db, ids
 from proxy.app import create_app
 from proxy.config import Settings
+from proxy.runtime import Runtime
+from proxy.tokens import ModelTable, TokenCounter
 from proxy.upstream import make_client
 from tests.conftest import User
 
@@ -78,6 +83,35 @@ def a(text: str) -> dict[str, Any]:
 def history_headers(r: httpx.Response) -> tuple[str, str, str, str]:
     return (r.headers["x-session-id"], r.headers["x-history-messages"],
             r.headers["x-history-tokens"], r.headers["x-history-dropped"])
+
+
+@asynccontextmanager
+async def runtime_on(settings: Settings, database_url: str,
+                     http: httpx.AsyncClient) -> AsyncIterator[Runtime]:
+    """A Runtime on the test's own loop, for driving the engine without the app; on the way out
+    it waits for the write-backs detached from their request, then closes its pool and `http`."""
+    pool = await db.create_pool(database_url, settings)
+    rt = Runtime(settings, pool, http, TokenCounter(ModelTable.load(settings.models_file)))
+    try:
+        yield rt
+    finally:
+        await settle(rt)
+        await http.aclose()
+        await pool.close()
+
+
+async def settle(rt: Runtime) -> None:
+    """Wait for the write-backs detached from their request."""
+    while rt.writes:
+        await asyncio.gather(*rt.writes, return_exceptions=True)
+
+
+async def session_of(conn: asyncpg.Connection, user: User) -> str:
+    """A session made in the database directly (20 messages of history)."""
+    sid = ids.new_id("sess_")
+    await conn.execute("INSERT INTO chat_sessions (id, user_id, max_history_messages) "
+                       "VALUES ($1, $2, 20)", sid, user.id)
+    return sid
 
 
 @asynccontextmanager

@@ -7,11 +7,14 @@ from typing import Any
 from litestar import Request, Response, delete, get, post
 from pydantic import BaseModel, ConfigDict, Field
 
-from proxy import auth, db, keylease, store, wire
-from proxy.app import runtime
+from proxy import auth, db, keylease, schemas
 from proxy.errors import Conflict, NotFound, unknown_route
+from proxy.ids import is_object_id
 from proxy.openapi import documented
-from proxy.routes.parsing import is_object_id, parse_model, read_json
+from proxy.reading import read_json
+from proxy.runtime import runtime
+from proxy.store import users
+from proxy.validation import parse_model
 
 
 class NewUser(BaseModel):
@@ -22,15 +25,6 @@ class NewUser(BaseModel):
 class NewKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str | None = Field(default=None, max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")
-
-
-async def issue_key(conn: Any, user_id: str, name: str | None) -> dict[str, Any] | None:
-    """Create a key for `user_id`; the result is the only place the secret ever appears."""
-    key = auth.generate_key()
-    row = await store.create_key(conn, user_id, auth.hash_key(key), auth.display_prefix(key), name)
-    if row is None:
-        return None
-    return {**row, "key": key}
 
 
 def _admin(request: Request[Any, Any, Any]) -> Any:
@@ -58,49 +52,49 @@ def _doc(status: int, answer: Any, description: str, *errors: int, **more: Any) 
 
 
 @post("/admin/users", status_code=201, tags=TAGS, summary="Create a user", **_doc(
-    201, wire.User, "The new user", 400, 409, 413, body=NewUser, body_required=True))
+    201, schemas.User, "The new user", 400, 409, 413, body=NewUser, body_required=True))
 async def create_user(request: Request[Any, Any, Any]) -> dict[str, Any]:
     rt = _admin(request)
     body = parse_model(NewUser, await read_json(request))
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        user = await store.create_user(conn, body.name)
+        user = await users.create_user(conn, body.name)
     if user is None:
         raise Conflict(f"A user named {body.name!r} already exists", param="name")
     return user
 
 
-@get("/admin/users", tags=TAGS, summary="List users", **_doc(200, wire.UserList, "Every user"))
+@get("/admin/users", tags=TAGS, summary="List users", **_doc(200, schemas.UserList, "Every user"))
 async def list_users(request: Request[Any, Any, Any]) -> dict[str, Any]:
     rt = _admin(request)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        users = await store.list_users(conn)
-    return {"object": "list", "data": users}
+        everyone = await users.list_users(conn)
+    return {"object": "list", "data": everyone}
 
 
 @post("/admin/users/{user_id:str}/keys", status_code=201, tags=TAGS, summary="Issue a key",
-      **_doc(201, wire.NewApiKey, "The new key; `key` is shown here only, never again", 400,
+      **_doc(201, schemas.NewApiKey, "The new key; `key` is shown here only, never again", 400,
              413, body=NewKey))
 async def create_key(request: Request[Any, Any, Any], user_id: str) -> dict[str, Any]:
     rt = _admin(request)
     body = parse_model(NewKey, await read_json(request, empty={}))
     _check_id(user_id, "User", "user_id")
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        key = await issue_key(conn, user_id, body.name)
+        key = await auth.issue_key(conn, user_id, body.name)
     if key is None:
         raise NotFound(f"User {user_id} not found", param="user_id")
     return {k: key[k] for k in ("id", "object", "key", "prefix", "name", "user_id", "created_at")}
 
 
 @get("/admin/users/{user_id:str}/keys", tags=TAGS, summary="List a user's keys",
-     **_doc(200, wire.ApiKeyList, "The user's keys, without their secrets"))
+     **_doc(200, schemas.ApiKeyList, "The user's keys, without their secrets"))
 async def list_keys(request: Request[Any, Any, Any], user_id: str) -> dict[str, Any]:
     rt = _admin(request)
     _check_id(user_id, "User", "user_id")
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        user = await store.find_user(conn, user_id)
+        user = await users.find_user(conn, user_id)
         if user is None or user["id"] != user_id:
             raise NotFound(f"User {user_id} not found", param="user_id")
-        keys = await store.list_keys(conn, user_id)
+        keys = await users.list_keys(conn, user_id)
     return {"object": "list", "data": keys}
 
 
@@ -112,7 +106,7 @@ async def revoke_key(request: Request[Any, Any, Any], key_id: str) -> Response[N
     rt = _admin(request)
     _check_id(key_id, "Key", "key_id")
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        found = await store.revoke_key(conn, key_id)
+        found = await users.revoke_key(conn, key_id)
     if not found:
         raise NotFound(f"Key {key_id} not found", param="key_id")
     await keylease.settle()  # until no server can still trust a cached copy (proxy/keylease.py)

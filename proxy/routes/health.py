@@ -9,8 +9,9 @@ import asyncpg
 from litestar import Request, Response, get
 
 from proxy import db
-from proxy.app import runtime
 from proxy.errors import DatabaseUnavailable, error_bytes
+from proxy.runtime import runtime
+from proxy.store import database
 
 # However the database fails (refusing, gone, or hanging), /ready answers within this.
 READY_DEADLINE = 2.0
@@ -28,7 +29,7 @@ async def ready(request: Request[Any, Any, Any]) -> Response[Any]:
         async with asyncio.timeout(READY_DEADLINE):
             timeout = min(rt.settings.db_acquire_timeout, READY_DEADLINE)
             async with db.connection(rt.pool, timeout) as conn:
-                await conn.fetchval("SELECT 1")
+                await database.ping(conn)
     except (DatabaseUnavailable, TimeoutError, OSError, asyncpg.PostgresError,
             asyncpg.InterfaceError):
         error = DatabaseUnavailable()

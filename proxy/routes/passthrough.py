@@ -1,12 +1,20 @@
 """Every `/v1/*` route the proxy does not own goes upstream unchanged but for the key.
 
-Bodies stream both ways; nothing is stored. Also the relay for chat requests without a session.
+Bodies stream both ways (`upstream.relay`); nothing is stored.
 
 With `[[upstreams]]` configured, a request goes where its model is served (contract §2): the
 `model` of a JSON body (`/v1/embeddings`, `/v1/completions`, ...; the body is then read whole
 instead of streamed, and forwarded as it came) or the id in `/v1/models/{model}`; anything
 else (multipart uploads, routes without a model) goes to the default upstream.
-`GET /v1/models` merges every upstream's list (proxy/routes/models.py).
+
+`GET /v1/models` with several upstreams is every upstream's list, merged into one (with the
+default upstream alone it is a plain relay). Every upstream is asked at once, with its own key
+(none for one whose `api_key_env` is empty). One that fails — unreachable, too slow, an HTTP
+error, a 200 that is not a model list — is skipped and logged by name and status, never with its
+key. When all of them fail, the default upstream's HTTP error is passed through as it came
+(status, body, `Retry-After`), or, when the default did not answer with one, its own 502/504. A
+model id listed by several upstreams appears once, from the first in configuration order (the
+default upstream last).
 
 The path goes upstream as the client sent it, checked first so that it can never leave the
 upstream's base URL (`upstream_path`). A body goes byte for byte, unparsed (unless its `model`
@@ -15,111 +23,28 @@ is read for routing), so the upstream alone judges it.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-import httpx
 import msgspec
 from litestar import Request, Response, route
 from litestar.enums import HttpMethod
-from litestar.response import Stream
-from litestar.response.streaming import ASGIStreamingResponse
 
-from proxy import codec, metrics
+from proxy import codec
 from proxy import upstream as up
-from proxy.app import Runtime, runtime
+from proxy.access import authenticate
 from proxy.config import Upstream
-from proxy.errors import BadRequest, ProxyError, UpstreamError, UpstreamTimeout
-from proxy.routes.models import merged_models
-from proxy.routes.parsing import authenticate, json_content_type
+from proxy.errors import BadRequest, ProxyError, UpstreamError
+from proxy.reading import json_content_type
+from proxy.runtime import Runtime, runtime
 
-
-class _ClosingStreamingResponse(ASGIStreamingResponse):
-    """Closes the body iterator however the response ends, so its `finally` runs at once."""
-
-    __slots__ = ()
-
-    async def send_body(self, send: Any, receive: Any) -> None:
-        try:
-            await super().send_body(send, receive)
-        finally:
-            aclose = getattr(self.iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-
-class ClosingStream(Stream):
-    def to_asgi_response(self, *args: Any, **kwargs: Any) -> Any:
-        response = super().to_asgi_response(*args, **kwargs)
-        response.__class__ = _ClosingStreamingResponse
-        return response
-
-
-async def _body_chunks(
-    response: httpx.Response, ttfb: tuple[float, str] | None = None
-) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in response.aiter_bytes():
-            if ttfb is not None:
-                metrics.stream_ttfb(time.perf_counter() - ttfb[0], upstream=ttfb[1])
-                ttfb = None
-            yield chunk
-    except httpx.HTTPError as exc:
-        # The upstream broke off. An event stream ends with an error event (as a session
-        # turn's does), so an SDK sees the failure; any other body ends where it stopped.
-        if response.headers.get("content-type", "").startswith("text/event-stream"):
-            failure: ProxyError = (
-                UpstreamTimeout("The upstream stopped sending before the reply was complete")
-                if isinstance(exc, httpx.TimeoutException)
-                else UpstreamError("The upstream broke off the stream")
-            )
-            yield b"\n\ndata: " + codec.dumps(failure.body()) + b"\n\n"
-    finally:
-        await response.aclose()
-
-
-async def relay(
-    rt: Runtime,
-    target: Upstream,
-    method: str,
-    path: str,
-    query: str,
-    headers: Iterable[tuple[str, str]],
-    content: bytes | AsyncIterator[bytes] | None,
-    *,
-    state: dict[str, Any] | None = None,
-    stream: bool = False,
-    whole: bool = False,
-) -> Response[Any]:
-    """Send one request upstream and stream its answer back as it arrives.
-
-    `state` is the request's `scope["state"]` (the access log's upstream fields); `stream`
-    says the answer is a streamed chat completion, whose time to first byte is measured.
-    `whole` says the answer is one JSON document (a chat completion without `stream`): it is
-    read whole and sent as a plain response, cheaper than a streamed one; an answer that
-    breaks off is then a 502 instead of a body cut short.
-    """
-    response = await up.open_stream(
-        rt.http, method, up.url_for(target, path, query), up.request_headers(target, headers),
-        content, state=state, name=target.name,
-    )
-    if whole:
-        raw = await up.read_body(response)
-        return Response(
-            raw, status_code=response.status_code, headers=up.response_headers(response.headers)
-        )
-    started = state.get("request_started") if state is not None else None
-    ttfb = None
-    if stream and response.status_code == 200 and isinstance(started, float):
-        ttfb = (started, target.name)
-    return ClosingStream(
-        _body_chunks(response, ttfb),
-        status_code=response.status_code,
-        headers=up.response_headers(response.headers),
-    )
+log = logging.getLogger("chatproxy.models")
 
 
 @route(
@@ -147,8 +72,8 @@ async def passthrough(request: Request[Any, Any, Any], path: str) -> Response[An
             target = rt.settings.upstream_for(_model_of(content))
     if has_body and content is None:
         content = request.stream()
-    return await relay(
-        rt, target, request.method, forwarded, request.url.query, request.headers.items(),
+    return await up.relay(
+        rt.http, target, request.method, forwarded, request.url.query, request.headers.items(),
         content, state=request.scope["state"],
     )
 
@@ -207,6 +132,86 @@ def _model_of(raw: bytes) -> Any:
     except codec.InvalidJSON:
         return None
     return value.get("model") if isinstance(value, dict) else None
+
+
+# --- GET /v1/models with several upstreams -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Listing:
+    """One upstream's answer: its models, or why it has none."""
+
+    upstream: Upstream
+    models: list[Any] | None = None
+    status: int | None = None  # the upstream's HTTP status, when it answered
+    answer: Response[Any] | None = None  # an HTTP error, kept to pass through
+    error: ProxyError | None = None
+
+
+async def merged_models(rt: Runtime, request: Request[Any, Any, Any]) -> Response[Any]:
+    upstreams = rt.settings.all_upstreams()
+    started = time.perf_counter()
+    listings = await asyncio.gather(*(_list(rt, request, u) for u in upstreams))
+    state = request.scope["state"]
+    state["upstream"] = ",".join(u.name for u in upstreams)
+    state["upstream_latency"] = time.perf_counter() - started
+    answered = [listing for listing in listings if listing.models is not None]
+    if not answered:
+        default = listings[-1]
+        state["upstream_status"] = default.status
+        if default.answer is not None:
+            return default.answer
+        raise default.error or UpstreamError("No upstream answered with a list of models")
+    state["upstream_status"] = 200
+    seen: set[Any] = set()
+    data: list[Any] = []
+    for listing in answered:
+        for item in listing.models or ():
+            model_id = item.get("id") if isinstance(item, dict) else None
+            if isinstance(model_id, str):
+                if model_id in seen:
+                    continue
+                seen.add(model_id)
+            data.append(item)
+    body = codec.dumps({"object": "list", "data": data})
+    return Response(body, status_code=200, media_type="application/json")
+
+
+async def _list(
+    rt: Runtime, request: Request[Any, Any, Any], upstream: Upstream
+) -> _Listing:
+    try:
+        response = await up.open_stream(
+            rt.http, "GET", up.url_for(upstream, "/models", request.url.query),
+            up.request_headers(upstream, request.headers.items()), None, name=upstream.name,
+        )
+        raw = await up.read_body(response)
+    except ProxyError as exc:
+        _skipped(upstream, exc.code)
+        return _Listing(upstream, error=exc)
+    status = response.status_code
+    if status != 200:
+        _skipped(upstream, f"HTTP {status}")
+        passed = Response(raw, status_code=status, headers=up.response_headers(response.headers))
+        return _Listing(upstream, status=status, answer=passed)
+    try:
+        answer = codec.loads(raw)
+    except codec.InvalidJSON:
+        answer = None
+    models = answer.get("data") if isinstance(answer, dict) else None
+    if not isinstance(models, list):
+        _skipped(upstream, "an answer that is not a list of models")
+        error = UpstreamError("The upstream answered with a body that is not a list of models")
+        return _Listing(upstream, status=status, error=error)
+    return _Listing(upstream, models=models, status=status)
+
+
+def _skipped(upstream: Upstream, reason: str) -> None:
+    # By its configured name only: never its key (nor the request's headers).
+    log.warning(
+        "model list from upstream %s skipped: %s", upstream.name, reason,
+        extra={"upstream": upstream.name},
+    )
 
 
 handlers = [passthrough]

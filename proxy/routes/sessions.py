@@ -8,31 +8,28 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Request, Response, delete, get, patch, post, put
-from litestar.openapi.spec import OpenAPIType
 from pydantic import ConfigDict, Field
 
-from proxy import codec, db, messages, store, wire
-from proxy.app import runtime
-from proxy.errors import BadRequest, SessionNotFound
+from proxy import codec, db, schemas
+from proxy.access import addressed, authenticate
+from proxy.errors import SessionNotFound
 from proxy.openapi import documented, query
-from proxy.routes.parsing import (
-    MAX_OFFSET,
+from proxy.reading import MAX_OFFSET, BoolQuery, ChoiceQuery, IntQuery, read_json
+from proxy.routes import paths
+from proxy.runtime import runtime
+from proxy.schemas import (
     ExactText,
-    addressed,
-    authenticate,
-    parse_model,
-    query_bool,
-    query_int,
-    read_json,
+    HistoryMessages,
+    HistoryTokens,
+    Metadata,
+    ModelName,
+    SessionName,
 )
+from proxy.store import messages, sessions
+from proxy.validation import parse_model
 
-PREFIXES = ["/v1/chat/sessions", "/chat/sessions"]
 # What the handlers answer: JSON objects (so the OpenAPI schema says so), encoded by `_json`.
 Answer = Response[dict[str, Any]]
-
-
-def paths(suffix: str = "") -> list[str]:
-    return [prefix + suffix for prefix in PREFIXES]
 
 
 class SessionFields(ExactText):
@@ -40,12 +37,12 @@ class SessionFields(ExactText):
 
     model_config = ConfigDict(extra="forbid")
 
-    session_name: str | None = Field(default=None, max_length=1000)
-    model: str | None = Field(default=None, max_length=200)
+    session_name: SessionName = None
+    model: ModelName = None
     system_prompt: str | None = None
-    max_history_messages: int = Field(default=20, ge=0, le=1000)
-    max_history_tokens: int | None = Field(default=None, ge=0, le=100_000_000)
-    metadata: dict[str, str] = Field(default_factory=dict, max_length=64)
+    max_history_messages: HistoryMessages = 20
+    max_history_tokens: HistoryTokens | None = None
+    metadata: Metadata = Field(default_factory=dict)
 
 
 def _given(body: SessionFields) -> dict[str, Any]:
@@ -58,13 +55,17 @@ def _json(value: Any, status_code: int = 200) -> Response[Any]:
 
 
 TAGS = ["sessions"]
-LIMIT = "page size"
-OFFSET = "how many to skip"
+SESSIONS_LIMIT = IntQuery("limit", 20, 1, 100, "page size")
+MESSAGES_LIMIT = IntQuery("limit", 50, 1, 500, "page size")
+OFFSET = IntQuery("offset", 0, 0, MAX_OFFSET, "how many to skip")
+INCLUDE_INACTIVE = BoolQuery(
+    "include_inactive", "also list deleted sessions not yet purged (`true` / `false`)")
+ORDER = ChoiceQuery("order", ("asc", "desc"), "by `seq`")
 SESSION_BODY = "Any of these fields; anything else is 400 `unknown_parameter`."
 
 
 @post(paths(), status_code=201, tags=TAGS, summary="Create a session", **documented(
-    201, wire.Session, "The new session", 400, 401, 413, 503,
+    201, schemas.Session, "The new session", 400, 401, 413, 503,
     body=SessionFields, body_description=SESSION_BODY,
 ))
 async def create_session(request: Request[Any, Any, Any]) -> Answer:
@@ -74,29 +75,26 @@ async def create_session(request: Request[Any, Any, Any]) -> Answer:
     fields = _given(body)
     fields.setdefault("max_history_messages", rt.settings.default_max_history_messages)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        session = await store.create_session(conn, user_id, fields)
+        session = await sessions.create_session(conn, user_id, fields)
     addressed(request, session["id"])
     return _json(session, 201)
 
 
 @get(paths(), tags=TAGS, summary="List the caller's sessions", **documented(
-    200, wire.SessionList, "The caller's sessions, most recent activity first", 400, 401, 503,
+    200, schemas.SessionList, "The caller's sessions, most recent activity first", 400, 401, 503,
     parameters=(
-        query("limit", OpenAPIType.INTEGER, LIMIT, minimum=1, maximum=100),
-        query("offset", OpenAPIType.INTEGER, OFFSET, minimum=0, maximum=MAX_OFFSET),
-        query("include_inactive", OpenAPIType.BOOLEAN,
-              "also list deleted sessions not yet purged (`true` / `false`)"),
+        query(SESSIONS_LIMIT), query(OFFSET), query(INCLUDE_INACTIVE),
     ),
 ))
 async def list_sessions(request: Request[Any, Any, Any]) -> Answer:
     user_id = await authenticate(request)
     rt = runtime(request)
-    limit = query_int(request, "limit", 20, 1, 100)
-    offset = query_int(request, "offset", 0, 0, MAX_OFFSET)
-    include_inactive = query_bool(request, "include_inactive")
+    limit = SESSIONS_LIMIT.read(request)
+    offset = OFFSET.read(request)
+    include_inactive = INCLUDE_INACTIVE.read(request)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
-            data, total = await store.list_sessions(
+            data, total = await sessions.list_sessions(
                 conn, user_id, limit, offset, include_inactive
             )
     return _json(_page(data, total, limit, offset))
@@ -114,13 +112,13 @@ def _page(data: list[dict[str, Any]], total: int, limit: int, offset: int) -> di
 
 
 @get(paths("/{session_id:str}"), tags=TAGS, summary="Get a session", **documented(
-    200, wire.Session, "The session", 401, 404, 503,
+    200, schemas.Session, "The session", 401, 404, 503,
 ))
 async def get_session(request: Request[Any, Any, Any], session_id: str) -> Answer:
     user_id = await authenticate(request)
     rt = runtime(request)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        session = await store.get_session(conn, user_id, session_id)
+        session = await sessions.get_session(conn, user_id, session_id)
     if session is None:
         raise SessionNotFound(session_id)
     addressed(request, session_id)
@@ -132,7 +130,7 @@ async def _update(request: Request[Any, Any, Any], session_id: str) -> Answer:
     rt = runtime(request)
     body = parse_model(SessionFields, await read_json(request, empty={}))
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        session = await store.update_session(conn, user_id, session_id, _given(body))
+        session = await sessions.update_session(conn, user_id, session_id, _given(body))
     if session is None:
         raise SessionNotFound(session_id)
     addressed(request, session_id)
@@ -140,7 +138,7 @@ async def _update(request: Request[Any, Any, Any], session_id: str) -> Answer:
 
 
 _UPDATE = documented(
-    200, wire.Session, "The updated session", 400, 401, 404, 413, 503,
+    200, schemas.Session, "The updated session", 400, 401, 404, 413, 503,
     body=SessionFields, body_description="The fields to change; the others stay as they are.",
 )
 
@@ -163,7 +161,7 @@ async def delete_session(request: Request[Any, Any, Any], session_id: str) -> Re
     user_id = await authenticate(request)
     rt = runtime(request)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        deleted = await store.soft_delete_session(conn, user_id, session_id)
+        deleted = await sessions.soft_delete_session(conn, user_id, session_id)
     if not deleted:
         raise SessionNotFound(session_id)
     addressed(request, session_id)
@@ -172,25 +170,21 @@ async def delete_session(request: Request[Any, Any, Any], session_id: str) -> Re
 
 @get(paths("/{session_id:str}/messages"), tags=TAGS, summary="List a session's messages",
      **documented(
-         200, wire.MessageList, "The session's stored messages", 400, 401, 404, 503,
+         200, schemas.MessageList, "The session's stored messages", 400, 401, 404, 503,
          parameters=(
-             query("limit", OpenAPIType.INTEGER, LIMIT, minimum=1, maximum=500),
-             query("offset", OpenAPIType.INTEGER, OFFSET, minimum=0, maximum=MAX_OFFSET),
-             query("order", OpenAPIType.STRING, "by `seq`", enum=["asc", "desc"]),
+             query(MESSAGES_LIMIT), query(OFFSET), query(ORDER),
          ),
      ))
 async def list_messages(request: Request[Any, Any, Any], session_id: str) -> Answer:
     user_id = await authenticate(request)
     rt = runtime(request)
-    limit = query_int(request, "limit", 50, 1, 500)
-    offset = query_int(request, "offset", 0, 0, MAX_OFFSET)
-    order = request.query_params.get("order", "asc")
-    if order not in ("asc", "desc"):
-        raise BadRequest("order must be asc or desc", param="order")
+    limit = MESSAGES_LIMIT.read(request)
+    offset = OFFSET.read(request)
+    order = ORDER.read(request)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         # One snapshot, so that `total` and `has_more` agree with the page.
         async with conn.transaction(isolation="repeatable_read", readonly=True):
-            session = await store.get_session(conn, user_id, session_id)
+            session = await sessions.get_session(conn, user_id, session_id)
             if session is None:
                 raise SessionNotFound(session_id)
             data = await messages.list_messages(conn, session_id, limit, offset, order == "desc")

@@ -21,12 +21,14 @@ import procs
 
 GROUPS = (
     ("proxy/routes/chat.py", "proxy.routes.chat"),
-    ("proxy/routes/streaming.py", "proxy.routes.streaming"),
+    ("proxy/routes/fastpath.py", "proxy.routes.fastpath"),
     ("proxy/routes/passthrough.py", "proxy.routes.passthrough"),
-    ("proxy/routes/parsing.py", "proxy.routes.parsing"),
-    ("proxy/turn.py", "proxy.turn"),
+    ("proxy/chatbody.py", "proxy.chatbody"),
+    ("proxy/reading.py", "proxy.reading"),
+    ("proxy/access.py", "proxy.access"),
+    ("proxy/turns/", "proxy.turns"),
     ("proxy/upstream.py", "proxy.upstream"),
-    ("proxy/messages.py", "proxy.messages"),
+    ("proxy/store/", "proxy.store"),
     ("proxy/tokens.py", "proxy.tokens"),
     ("proxy/history.py", "proxy.history"),
     ("proxy/db.py", "proxy.db"),

@@ -1,4 +1,4 @@
-"""Variant: the chat route dispatched by Litestar, as before proxy/routes/direct.py.
+"""Variant: the chat route dispatched by Litestar, as before proxy/routes/fastpath.py.
 
 For measurement only: it shows what answering `POST /v1/chat/completions` ahead of Litestar's
 router saves, side by side with the shipped server.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import _base
 
 if __name__ == "__main__":
-    from proxy.routes import direct
+    from proxy.routes import fastpath
 
-    direct.chat_first = lambda app, rest: rest  # type: ignore[assignment]
+    fastpath.chat_first = lambda app, rest, complete: rest  # type: ignore[assignment]
     _base.serve()

@@ -1,88 +1,60 @@
-"""One turn: the upstream body built from head + history + rest, and its write-back.
+"""A turn's write-back: the request's messages and the reply, stored in one statement.
 
-`prepare` applies contract §7 with counts taken once (the request's messages now, stored ones
-never again) and splices stored history into the upstream body as its stored JSON text.
-`persist` stores the request's messages and the reply in one statement, as a task of its own so
-that a cancelled request cannot cut the write short.
+The write runs as a task of its own, so that a cancelled request cannot cut it short, and is
+retried once on a fresh connection when its connection died; a retry after a statement whose
+outcome is unknown stores only if the turn is not there yet. In the same transaction: the
+`Idempotency-Key`'s answer (proxy/turns/claim.py) and a door's `extra_write`. Also what is stored
+of the upstream's reply, and its tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import msgspec
 
-from proxy import db, history, idempotency, messages, metrics, retention
-from proxy.app import Runtime
+from proxy import db, metrics, retention
 from proxy.errors import DatabaseUnavailable
-from proxy.idempotency import Answer
-from proxy.messages import NewMessage
-from proxy.tokens import REPLY_PRIMING, TOKENS_PER_MESSAGE
+from proxy.runtime import Runtime
+from proxy.store import messages
+from proxy.store.idempotency import Answer
+from proxy.store.messages import NewMessage
+from proxy.tokens import TOKENS_PER_MESSAGE
+from proxy.turns.claim import Claim
 
-HEAD_ROLES = frozenset({"system", "developer"})
-log = logging.getLogger("chatproxy.turn")
+
+@dataclass(frozen=True, slots=True)
+class StoredTurn:
+    """A turn as stored: its session, its messages (the request's, then the reply), the
+    reply's status."""
+
+    session_id: str
+    messages: list[NewMessage]
+    status: str
+
+
+# A door's own write in the turn's transaction (e.g. the Responses API's `responses` row); run
+# only when the turn was stored by this write.
+ExtraWrite = Callable[[asyncpg.Connection, StoredTurn], Awaitable[None]]
 
 
 class Turn(msgspec.Struct):
     """What the write-back needs once the upstream has answered.
 
-    `claim` is the request's Idempotency-Key, when it sent one: the stored response is recorded
-    in the turn's own transaction (or the key released when there is nothing to replay).
+    `headers` are the history's (X-Session-Id, X-History-*); `claim` the request's
+    Idempotency-Key, when it sent one.
     """
 
     session_id: str
     model: Any
     new: list[NewMessage]
     headers: dict[str, str]
-    claim: idempotency.Claim | None = None
-    settled: bool = False  # the claim is in the hands of the write-back (or the stream relay)
-
-
-def _reserved_output(body: dict[str, Any], default: int) -> int:
-    for name in ("max_completion_tokens", "max_tokens"):
-        value = body.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-    return default
-
-
-async def prepare(
-    rt: Runtime, body: dict[str, Any], items: list[dict[str, Any]],
-    ctx: messages.TurnContext, session_id: str,
-) -> tuple[Turn, dict[str, Any]]:
-    """The upstream body (head + history + rest) and the turn to store once answered."""
-    split = 0
-    while split < len(items) and items[split].get("role") in HEAD_ROLES:
-        split += 1
-    head, rest = items[:split], items[split:]
-    if not head and ctx.system_prompt is not None:
-        head = [{"role": "system", "content": ctx.system_prompt}]
-    model = body.get("model")
-    info = rt.tokens.table.lookup(model)
-    counts = await rt.tokens.counts(model, [*head, *rest])  # off the loop when long
-    head_tokens, rest_counts = sum(counts[: len(head)]), counts[len(head) :]
-    new = [NewMessage(m, n) for m, n in zip(rest, rest_counts, strict=True)
-           if m["role"] not in HEAD_ROLES]
-    rest_tokens = sum(rest_counts)
-    budget = history.budget(
-        info.context_window,
-        _reserved_output(body, info.reserve_output_tokens),
-        head_tokens + rest_tokens + REPLY_PRIMING,
-    )
-    # A request that opens with tool results answers the newest stored tool exchange.
-    continued = bool(rest) and rest[0].get("role") == "tool"
-    trimmed = history.trim(ctx.history, budget, ctx.max_history_tokens, continued=continued)
-    metrics.history(len(trimmed.messages), trimmed.tokens, trimmed.dropped)  # = X-History-*
-    body["messages"] = [*head, *(msgspec.Raw(m.body) for m in trimmed.messages), *rest]
-    headers = {
-        "x-session-id": session_id,
-        "x-history-messages": str(len(trimmed.messages)),
-        "x-history-tokens": str(trimmed.tokens),
-        "x-history-dropped": str(trimmed.dropped),
-    }
-    return Turn(session_id, model, new, headers), body
+    claim: Claim | None = None
+    extra_write: ExtraWrite | None = None
 
 
 async def persist(
@@ -104,7 +76,9 @@ async def persist(
     With an Idempotency-Key, `answer` (the response as sent) is recorded in the same
     transaction; without an answer to replay (an incomplete turn) the key is released instead.
     """
-    turn.settled = True
+    claim, extra = turn.claim, turn.extra_write
+    if claim is not None:
+        claim.take()
 
     async def write() -> None:
         tokens = await reply_tokens(rt, turn.model, reply, usage)
@@ -115,7 +89,7 @@ async def persist(
             try:
                 async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
                     sent = True
-                    if turn.claim is None:
+                    if claim is None and extra is None:
                         count = await messages.store_turn(
                             conn, turn.session_id, rows, unless_stored=in_doubt
                         )
@@ -124,7 +98,10 @@ async def persist(
                             count = await messages.store_turn(
                                 conn, turn.session_id, rows, unless_stored=in_doubt
                             )
-                            await idempotency.settle(conn, turn.claim, answer)
+                            if claim is not None:
+                                await claim.settle(conn, answer)
+                            if extra is not None and count:
+                                await extra(conn, StoredTurn(turn.session_id, rows, status))
                 # 0 rows: the session went away meanwhile, or (in doubt) the first try stored it.
                 if count or in_doubt:
                     metrics.turn_stored(status)
@@ -139,19 +116,6 @@ async def persist(
     await asyncio.shield(task)
 
 
-async def release_claim(rt: Runtime, claim: idempotency.Claim) -> None:
-    """Give an Idempotency-Key back when no turn was stored; survives a cancelled request."""
-
-    async def release() -> None:
-        try:
-            async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-                await idempotency.release(conn, claim)
-        except DatabaseUnavailable:
-            log.warning("an idempotency key could not be released: database unavailable")
-
-    await asyncio.shield(rt.track(asyncio.create_task(release())))
-
-
 async def reply_tokens(rt: Runtime, model: Any, reply: dict[str, Any], usage: Any) -> int:
     """The reply's tokens as history: the upstream's `usage.completion_tokens` when given.
 
@@ -160,7 +124,7 @@ async def reply_tokens(rt: Runtime, model: Any, reply: dict[str, Any], usage: An
     """
     completion = usage.get("completion_tokens") if isinstance(usage, dict) else None
     if not isinstance(completion, int) or isinstance(completion, bool) or completion < 0:
-        return (await rt.tokens.counts(model, [reply]))[0]
+        return (await rt.tokens.counts(model, [reply]))[0]  # off the loop when long
     details = usage.get("completion_tokens_details")
     reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
     if isinstance(reasoning, int) and not isinstance(reasoning, bool) and 0 < reasoning:

@@ -1,20 +1,57 @@
-"""The objects on the wire (contract §3-§6), as pydantic models for the OpenAPI schema only.
+"""The objects on the wire (contract §3-§6) as pydantic models: the one statement of their shapes.
 
-Nothing parses or encodes with these: the handlers build plain dicts (`proxy.store`,
-`proxy.messages`, `proxy.document`) and validate input with their own models. These say what
-those dicts hold, so that `/schema` documents it; `tests/test_openapi.py` checks real answers
-against them.
+`/schema/openapi.json` is generated from these and from the models the handlers validate with
+(proxy/openapi.py). The answers are plain dicts built by proxy/store/ (`tests/test_openapi.py`
+checks real ones against these models); the import document is validated with
+`ImportDocument` itself (proxy/document.py). The roles, the session fields' limits and the
+message object's fields are stated here once, and read from here by the code that checks them.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+ROLES = frozenset(get_args(Role))
 Content = str | list[dict[str, Any]] | None
+Status = Literal["complete", "incomplete"]
+Format = Literal["chatproxy.session.v1"]
+FORMAT: str = get_args(Format)[0]
+
+# A session's settings, wherever they are set (create, update, import) or shown.
+MAX_SESSION_NAME = 1000
+MAX_MODEL_NAME = 200
+MAX_HISTORY_MESSAGES = 1000
+MAX_HISTORY_TOKENS = 100_000_000
+MAX_METADATA = 64
+MAX_TOKENS = 2**31 - 1  # a stored message's token count
+SessionName = Annotated[str | None, Field(max_length=MAX_SESSION_NAME)]
+ModelName = Annotated[str | None, Field(max_length=MAX_MODEL_NAME)]
+HistoryMessages = Annotated[int, Field(ge=0, le=MAX_HISTORY_MESSAGES)]
+HistoryTokens = Annotated[int, Field(ge=0, le=MAX_HISTORY_TOKENS)]
+Metadata = Annotated[dict[str, str], Field(max_length=MAX_METADATA)]
+
+
+def _timestamp(value: Any) -> Any:
+    """An ISO 8601 string as an aware datetime (UTC when it names no zone); anything else is
+    left to fail the datetime check."""
+    if not isinstance(value, str):
+        return value
+    moment = datetime.fromisoformat(value)  # a ValueError is pydantic's `value_error`
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+Timestamp = Annotated[datetime, BeforeValidator(_timestamp)]
+
+
+class ExactText(BaseModel):
+    """A request body whose strings are stored exactly (`codec.pack_text`): validation
+    (proxy/validation.py) takes lone surrogates in it, which pydantic alone refuses. Other
+    bodies (names, ids) refuse them.
+    """
 
 
 class ErrorDetail(BaseModel):
@@ -43,7 +80,7 @@ class Session(BaseModel):
     model: str | None
     system_prompt: str | None = Field(
         description="sent as a system message when a request opens with none")
-    max_history_messages: int = Field(ge=0, le=1000)
+    max_history_messages: HistoryMessages
     max_history_tokens: int | None
     metadata: dict[str, str]
     message_count: int
@@ -77,9 +114,19 @@ class Message(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     tokens: int
-    status: Literal["complete", "incomplete"] = Field(
+    status: Status = Field(
         description="`incomplete`: the stream ended before the reply was whole")
     created_at: datetime
+
+
+# What a message object puts around a stored message (never part of one), and the message's own
+# fields it shows beside `role` and `content` when they are set.
+MESSAGE_ENVELOPE = frozenset(
+    name for name, info in Message.model_fields.items() if info.is_required()
+) - {"role", "content"}
+MESSAGE_FIELDS = tuple(
+    name for name, info in Message.model_fields.items() if not info.is_required()
+)
 
 
 class MessageList(BaseModel):
@@ -94,7 +141,7 @@ class MessageList(BaseModel):
 class ExportDocument(BaseModel):
     """A whole session: every message, in order. `POST .../import` takes it back."""
 
-    format: Literal["chatproxy.session.v1"]
+    format: Format
     session: Session
     messages: list[Message]
 
@@ -104,12 +151,12 @@ class ImportSession(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    session_name: str | None = Field(default=None, max_length=1000)
-    model: str | None = Field(default=None, max_length=200)
+    session_name: SessionName = None
+    model: ModelName = None
     system_prompt: str | None = None
-    max_history_messages: int | None = Field(default=None, ge=0, le=1000)
-    max_history_tokens: int | None = Field(default=None, ge=0, le=100_000_000)
-    metadata: dict[str, str] | None = Field(default=None, max_length=64)
+    max_history_messages: HistoryMessages | None = None
+    max_history_tokens: HistoryTokens | None = None
+    metadata: Metadata | None = None
 
 
 class ImportMessage(BaseModel):
@@ -120,21 +167,22 @@ class ImportMessage(BaseModel):
 
     role: Role
     content: Content
-    seq: int | None = Field(default=None, description="when given, increasing")
-    tokens: int | None = Field(default=None, ge=0, le=2**31 - 1)
-    status: Literal["complete", "incomplete"] = "complete"
-    created_at: datetime | None = None
-    name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    name: str | None = None
+    status: Status = "complete"
+    seq: int | None = Field(default=None, description="when given, increasing")
+    tokens: int | None = Field(default=None, ge=0, le=MAX_TOKENS)
+    created_at: Timestamp | None = None
 
 
-class ImportDocument(BaseModel):
+# What an import is validated with (proxy/document.py), lone surrogates and NULs included.
+class ImportDocument(ExactText):
     """An export document (`GET .../export`), or one written by hand."""
 
     model_config = ConfigDict(extra="allow")
 
-    format: Literal["chatproxy.session.v1"]
+    format: Format
     session: ImportSession
     messages: list[ImportMessage]
 
@@ -212,7 +260,7 @@ class ChatCompletionRequest(BaseModel):
         "`X-Session-Id` header); removed before the request goes upstream",
     )
     max_history_messages: int | None = Field(
-        default=None, ge=0, le=1000,
+        default=None, ge=0, le=MAX_HISTORY_MESSAGES,
         description="this request's history window instead of the session's; removed before "
         "the request goes upstream",
     )

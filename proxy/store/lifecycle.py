@@ -16,8 +16,9 @@ from typing import Any
 
 import asyncpg
 
-from proxy import codec, document, store
+from proxy import codec, document, ids
 from proxy.errors import BadRequest, SessionNotFound
+from proxy.store import messages, sessions
 
 EXPORT_BATCH = 1000  # rows fetched per cursor round trip
 EXPORT_CHUNK = 1 << 16  # bytes gathered before a chunk is handed on
@@ -41,7 +42,7 @@ async def restore_session(
     )
     if row is None:
         return None
-    return await store.get_session(conn, user_id, session_id)
+    return await sessions.get_session(conn, user_id, session_id)
 
 
 async def clear_messages(conn: asyncpg.Connection, user_id: str, session_id: str) -> bool:
@@ -90,12 +91,12 @@ async def export_document(
         if user_id is None:
             owner = await _owner(conn, session_id)
             session = (
-                await store.get_session(conn, owner, session_id, include_inactive=True)
+                await sessions.get_session(conn, owner, session_id, include_inactive=True)
                 if owner is not None
                 else None
             )
         else:
-            session = await store.get_session(conn, user_id, session_id)
+            session = await sessions.get_session(conn, user_id, session_id)
         if session is None:
             raise SessionNotFound(session_id)
         buffer = bytearray(document.head(session))
@@ -110,12 +111,7 @@ async def export_document(
             if not first:
                 buffer += b","
             first = False
-            buffer += codec.dumps(
-                document.message(
-                    session_id, row["id"], row["seq"], row["role"], row["body"],
-                    row["tokens"], row["status"], row["created_at"],
-                )
-            )
+            buffer += codec.dumps(messages.message_object(session_id, row, whole=True))
             if len(buffer) >= EXPORT_CHUNK:
                 yield bytes(buffer)
                 buffer.clear()
@@ -131,7 +127,7 @@ async def import_session(
 ) -> dict[str, Any]:
     """A new session of `user_id` holding the document's messages, seq 1..n, in one transaction."""
     async with conn.transaction():
-        created = await store.create_session(conn, user_id, doc.fields)
+        created = await sessions.create_session(conn, user_id, doc.fields)
         session_id = created["id"]
         for start in range(0, len(doc.messages), IMPORT_BATCH):
             chunk = doc.messages[start : start + IMPORT_BATCH]
@@ -166,7 +162,7 @@ async def import_session(
             """,
             session_id,
         )
-        session = await store.get_session(conn, user_id, session_id)
+        session = await sessions.get_session(conn, user_id, session_id)
     assert session is not None
     return session
 
@@ -223,7 +219,7 @@ async def fork_session(
         if up_to_seq is not None:
             _check_fork_point(up_to_seq, row["last"], row["found"], row["next_role"])
         cut = up_to_seq if up_to_seq is not None else (row["last"] or 0)
-        fork_id = store.new_id("sess_")
+        fork_id = ids.new_id("sess_")
         given, name = session_name
         await conn.execute(
             """
@@ -258,7 +254,7 @@ async def fork_session(
             session_id,
             cut,
         )
-        session = await store.get_session(conn, user_id, fork_id)
+        session = await sessions.get_session(conn, user_id, fork_id)
     assert session is not None
     return session
 
@@ -321,6 +317,6 @@ async def merge_sessions(
             source_id,
             next_seq[target_id],
         )
-        session = await store.get_session(conn, user_id, target_id)
+        session = await sessions.get_session(conn, user_id, target_id)
     assert session is not None
     return session

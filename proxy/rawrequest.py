@@ -1,7 +1,7 @@
 """A chat request as its handler reads it: headers by name, a size-capped body, the scope's state.
 
 Built from the raw ASGI scope, so the same reading serves the route Litestar dispatches and the
-one answered ahead of Litestar (proxy/routes/direct.py). The body is read once, on demand, and
+one answered ahead of Litestar (proxy/routes/fastpath.py). The body is read once, on demand, and
 refused with 413 past `limit` bytes, as Litestar's own `request_max_body_size` would.
 """
 

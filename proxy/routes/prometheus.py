@@ -12,7 +12,7 @@ from typing import Any
 from litestar import Request, Response, get
 
 from proxy import metrics
-from proxy.app import runtime
+from proxy.runtime import runtime
 
 
 @get(

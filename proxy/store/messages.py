@@ -1,4 +1,4 @@
-"""Stored messages: the turn's one read and one write, and the paginated messages list.
+"""`chat_messages`: the turn's one read and one write, and the paginated messages list.
 
 A message is stored whole as JSON text (`body`), the exact object that goes upstream as history,
 next to the few columns the trimming rules need (`role`, `has_tool_calls`, `tokens`).
@@ -13,9 +13,8 @@ import asyncpg
 import msgspec
 
 from proxy import codec
-from proxy.store import iso
-
-OPTIONAL_FIELDS = ("name", "refusal", "tool_calls", "tool_call_id")
+from proxy.schemas import MESSAGE_ENVELOPE, MESSAGE_FIELDS
+from proxy.timefmt import iso
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,31 +101,17 @@ async def read_turn(
     retention job, which re-checks the cutoff under the row lock, cannot delete it while the
     turn waits for the upstream.
     """
-    rows = await conn.fetch(
-        """
-        WITH touched AS (
-            UPDATE chat_sessions SET updated_at = now()
-            WHERE id = $2 AND is_active AND updated_at < now() - interval '1 hour'
-              AND user_id = (SELECT user_id FROM api_keys
-                             WHERE key_hash = $1 AND revoked_at IS NULL)
-            RETURNING id
-        )
-        SELECT k.user_id, s.id AS sid, s.system_prompt, s.max_history_messages,
-               s.max_history_tokens, m.seq, m.role, m.has_tool_calls, m.tokens, m.body
-        FROM api_keys k
-        LEFT JOIN chat_sessions s ON s.id = $2 AND s.user_id = k.user_id AND s.is_active
-        LEFT JOIN LATERAL (
-            SELECT seq, role, has_tool_calls, tokens, body FROM chat_messages
-            WHERE session_id = s.id
-            ORDER BY seq DESC
-            LIMIT COALESCE($3::int, s.max_history_messages)
-        ) m ON true
-        WHERE k.key_hash = $1 AND k.revoked_at IS NULL
-        """,
-        key_hash,
-        session_id,
-        limit,
-    )
+    return _context(await conn.fetch(_READ_BY_KEY, key_hash, session_id, limit))
+
+
+async def read_turn_as(
+    conn: asyncpg.Connection, user_id: str, session_id: str, limit: int | None
+) -> TurnContext | None:
+    """`read_turn` for a caller known by user id (not by a key); None for an unknown user."""
+    return _context(await conn.fetch(_READ_BY_USER, user_id, session_id, limit))
+
+
+def _context(rows: list[asyncpg.Record]) -> TurnContext | None:
     if not rows:
         return None
     first = rows[0]
@@ -143,6 +128,38 @@ async def read_turn(
         max_history_tokens=first["max_history_tokens"],
         history=history,
     )
+
+
+def _read_turn(caller: str, callers: str) -> str:
+    """The turn's read for a caller found by `callers` (the FROM item, aliased `c`, with the
+    user id as `c.user_id`; `$1` names the caller) and `caller` (that user id, as a subquery)."""
+    return f"""
+        WITH touched AS (
+            UPDATE chat_sessions SET updated_at = now()
+            WHERE id = $2 AND is_active AND updated_at < now() - interval '1 hour'
+              AND user_id = ({caller})
+            RETURNING id
+        )
+        SELECT c.user_id, s.id AS sid, s.system_prompt, s.max_history_messages,
+               s.max_history_tokens, m.seq, m.role, m.has_tool_calls, m.tokens, m.body
+        FROM {callers}
+        LEFT JOIN chat_sessions s ON s.id = $2 AND s.user_id = c.user_id AND s.is_active
+        LEFT JOIN LATERAL (
+            SELECT seq, role, has_tool_calls, tokens, body FROM chat_messages
+            WHERE session_id = s.id
+            ORDER BY seq DESC
+            LIMIT COALESCE($3::int, s.max_history_messages)
+        ) m ON true
+    """
+
+
+_READ_BY_KEY = _read_turn(
+    "SELECT user_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+    "api_keys c",
+) + "WHERE c.key_hash = $1 AND c.revoked_at IS NULL"
+_READ_BY_USER = _read_turn(
+    "SELECT $1::text", "(SELECT id AS user_id FROM users WHERE id = $1) c"
+)
 
 
 async def store_turn(
@@ -215,7 +232,13 @@ _TURN_STORED = """
 """
 
 
-def message_object(session_id: str, row: asyncpg.Record) -> dict[str, Any]:
+def message_object(
+    session_id: str, row: asyncpg.Record, *, whole: bool = False
+) -> dict[str, Any]:
+    """A stored message as the API shows it (contract §5): `role`, `content` and the message's
+    own fields that are set. `whole` (the export document) shows every other field its body
+    holds too (`function_call`, `audio`, a `name` that is null...), so that an import of it
+    stores the same message."""
     body = codec.loads(row["body"])
     result: dict[str, Any] = {
         "id": f"msg_{row['id']}",
@@ -225,9 +248,14 @@ def message_object(session_id: str, row: asyncpg.Record) -> dict[str, Any]:
         "role": row["role"],
         "content": body.get("content"),
     }
-    for name in OPTIONAL_FIELDS:
-        if body.get(name) is not None:
-            result[name] = body[name]
+    if whole:
+        for key, value in body.items():
+            if key not in result and key not in MESSAGE_ENVELOPE:
+                result[key] = value
+    else:
+        for name in MESSAGE_FIELDS:
+            if body.get(name) is not None:
+                result[name] = body[name]
     result["tokens"] = row["tokens"]
     result["status"] = row["status"]
     result["created_at"] = iso(row["created_at"])

@@ -1,10 +1,11 @@
 """`POST /v1/chat/completions` answered straight from ASGI, ahead of Litestar's router.
 
 The route every turn takes pays for no router, signature model, exception middleware or
-response object conversion: a request with exactly that method and path goes to
-`chat.complete` here, and its `Response` or `Stream` is sent as ASGI messages. Litestar keeps
-the route for everything else (its OpenAPI entry, another method's 405, a trailing slash), and
-both answer through `chat.complete`, with errors rendered by the same functions (proxy/app.py).
+response object conversion: a request with exactly that method and path goes to the chat
+route's own function (`complete`, proxy/routes/chat.py, handed in by create_app) here, and its
+`Response` or `Stream` is sent as ASGI messages. Litestar keeps the route for everything else
+(its OpenAPI entry, another method's 405, a trailing slash), and both answer through the same
+function, with errors rendered by the same functions (proxy/errors.py).
 
 A streamed body is pumped by the request's own task, so its first event goes out without
 waiting for a loop cycle; a watcher task waits for `http.disconnect`, and a client that leaves
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from litestar import Litestar, Response
@@ -31,10 +32,9 @@ from litestar.types import (
     Send,
 )
 
-from proxy.app import internal_error, render_error
-from proxy.errors import ProxyError, ShuttingDown
-from proxy.incoming import Incoming
-from proxy.routes import chat
+from proxy.errors import ProxyError, ShuttingDown, internal_error, render_error
+from proxy.rawrequest import Incoming
+from proxy.runtime import Runtime
 
 log = logging.getLogger("chatproxy")
 
@@ -42,23 +42,28 @@ PATH = "/v1/chat/completions"
 _NO_BODY = frozenset({204, 304})
 
 
-def chat_first(app: Litestar, rest: ASGIApp) -> ASGIApp:
-    """`rest` (Litestar's handler) for every request but `POST /v1/chat/completions`."""
+Complete = Callable[[Runtime, Incoming], Awaitable[Response[Any]]]
+
+
+def chat_first(app: Litestar, rest: ASGIApp, complete: Complete) -> ASGIApp:
+    """`complete` answers `POST /v1/chat/completions`; `rest` (Litestar's handler) the others."""
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == ScopeType.HTTP and scope["path"] == PATH and scope["method"] == "POST":
-            await _answer(app, scope, receive, send)
+            await _answer(app, complete, scope, receive, send)
         else:
             await rest(scope, receive, send)
 
     return asgi
 
 
-async def _answer(app: Litestar, scope: Scope, receive: Receive, send: Send) -> None:
+async def _answer(
+    app: Litestar, complete: Complete, scope: Scope, receive: Receive, send: Send
+) -> None:
     scope["path_template"] = PATH  # the route's label in the access log and the metrics
     rt = app.state.rt
     try:
-        response = await chat.complete(rt, Incoming(scope, receive, rt.settings.max_body_bytes))
+        response = await complete(rt, Incoming(scope, receive, rt.settings.max_body_bytes))
     except ProxyError as exc:
         response = render_error(exc)
     except Exception as exc:  # a 500 in the envelope; the traceback is logged
@@ -108,7 +113,7 @@ async def _whole(response: Response[Any], send: Send) -> None:
 
 
 async def _stream(response: Stream, send: Send, receive: Receive) -> None:
-    iterator: AsyncIterator[bytes] = response.iterator  # type: ignore[assignment]
+    iterator: AsyncIterator[Any] = response.iterator  # type: ignore[assignment]
     await send(_start(response, None))
     # The body is pumped in this task, at once; a watcher task cancels the pump if the client
     # leaves (even while the upstream is silent), and the iterator is closed however it ends.
@@ -139,9 +144,9 @@ async def _stream(response: Stream, send: Send, receive: Receive) -> None:
             await aclose()
 
 
-async def _pump(iterator: AsyncIterator[bytes], send: Send) -> None:
-    async for chunk in iterator:
-        await send(_body(chunk, more=True))
+async def _pump(iterator: AsyncIterator[Any], send: Send) -> None:
+    async for chunk in iterator:  # bytes, or a turn's events (proxy/turns/outcome.py)
+        await send(_body(chunk if type(chunk) is bytes else chunk.raw, more=True))
     await send(_body(b"", more=False))
 
 

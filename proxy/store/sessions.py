@@ -1,122 +1,20 @@
-"""Users, keys and sessions: every SQL statement about them, as short functions on a connection.
+"""`chat_sessions`: a session's row as the sessions API answers with it, created, listed, changed.
 
-The caller owns the connection and so the transaction. Rows never leave this module as
-`asyncpg.Record`: they become the plain dicts the API answers with. Client text goes through
+Rows become the plain dicts the API answers with. Client text goes through
 `pack_text`/`unpack_text` so that characters PostgreSQL cannot keep still come back exactly.
-Messages and turns live in `proxy.messages`.
+A session's messages are proxy/store/messages.py's; restore, clear, fork and merge are
+proxy/store/lifecycle.py's.
 """
 
 from __future__ import annotations
 
-import secrets
-import string
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
 from proxy.codec import pack_text, unpack_text
-
-_ALPHABET = string.ascii_letters + string.digits
-
-
-def new_id(prefix: str, length: int = 24) -> str:
-    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(length))
-
-
-def iso(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-# --- users and keys ---------------------------------------------------------------------------
-
-
-def _user(row: asyncpg.Record) -> dict[str, Any]:
-    return {"id": row["id"], "name": row["name"], "created_at": iso(row["created_at"])}
-
-
-async def create_user(conn: asyncpg.Connection, name: str) -> dict[str, Any] | None:
-    """The new user, or None when the name is taken."""
-    row = await conn.fetchrow(
-        "INSERT INTO users (id, name) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING "
-        "RETURNING id, name, created_at",
-        new_id("user_"),
-        name,
-    )
-    return _user(row) if row else None
-
-
-async def list_users(conn: asyncpg.Connection) -> list[dict[str, Any]]:
-    rows = await conn.fetch("SELECT id, name, created_at FROM users ORDER BY created_at, id")
-    return [_user(r) for r in rows]
-
-
-async def find_user(conn: asyncpg.Connection, name_or_id: str) -> dict[str, Any] | None:
-    row = await conn.fetchrow(
-        "SELECT id, name, created_at FROM users WHERE id = $1 OR name = $1 "
-        "ORDER BY (id = $1) DESC LIMIT 1",
-        name_or_id,
-    )
-    return _user(row) if row else None
-
-
-def _key(row: asyncpg.Record) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "object": "api_key",
-        "user_id": row["user_id"],
-        "prefix": row["prefix"],
-        "name": row["name"],
-        "created_at": iso(row["created_at"]),
-        "revoked_at": iso(row["revoked_at"]),
-    }
-
-
-async def create_key(
-    conn: asyncpg.Connection, user_id: str, key_hash: bytes, prefix: str, name: str | None
-) -> dict[str, Any] | None:
-    """The new key's row (without the secret), or None when the user does not exist."""
-    row = await conn.fetchrow(
-        "INSERT INTO api_keys (id, user_id, key_hash, prefix, name) "
-        "SELECT $1, id, $3, $4, $5 FROM users WHERE id = $2 "
-        "RETURNING id, user_id, prefix, name, created_at, revoked_at",
-        new_id("key_"),
-        user_id,
-        key_hash,
-        prefix,
-        name,
-    )
-    return _key(row) if row else None
-
-
-async def list_keys(conn: asyncpg.Connection, user_id: str) -> list[dict[str, Any]]:
-    rows = await conn.fetch(
-        "SELECT id, user_id, prefix, name, created_at, revoked_at FROM api_keys "
-        "WHERE user_id = $1 ORDER BY created_at, id",
-        user_id,
-    )
-    return [_key(r) for r in rows]
-
-
-async def revoke_key(conn: asyncpg.Connection, key_id: str) -> bool:
-    """True when the key exists (revoking twice is harmless)."""
-    row = await conn.fetchrow(
-        "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE id = $1 RETURNING id",
-        key_id,
-    )
-    return row is not None
-
-
-async def user_for_key(conn: asyncpg.Connection, key_hash: bytes) -> str | None:
-    user_id: str | None = await conn.fetchval(
-        "SELECT user_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL", key_hash
-    )
-    return user_id
-
-
-# --- sessions ---------------------------------------------------------------------------------
+from proxy.ids import new_id
+from proxy.timefmt import iso
 
 SESSION_COLUMNS = (
     "id, session_name, model, system_prompt, max_history_messages, max_history_tokens, "

@@ -1,8 +1,8 @@
 """The session lifecycle routes (contract §5): restore, clear, export, import, fork, merge.
 
 Served under both session prefixes, with the sessions API's ownership rule: another user's
-session is the same 404 as a missing one. The SQL is in `proxy.lifecycle`; the export document's
-shape and validation in `proxy.document`.
+session is the same 404 as a missing one. The SQL is in `proxy.store.lifecycle`; the export
+document's shape and validation in `proxy.document`.
 """
 
 from __future__ import annotations
@@ -15,20 +15,18 @@ from typing import Any
 from litestar import Request, Response, delete, get, post
 from pydantic import BaseModel, ConfigDict, Field
 
-from proxy import codec, db, document, lifecycle, retention, store, wire
-from proxy.app import Runtime, runtime
+from proxy import codec, db, document, retention, schemas
+from proxy.access import addressed, authenticate
 from proxy.errors import SessionNotFound
+from proxy.ids import is_session_id
 from proxy.openapi import documented
-from proxy.routes.parsing import (
-    ExactText,
-    addressed,
-    authenticate,
-    is_session_id,
-    parse_model,
-    read_json,
-)
-from proxy.routes.passthrough import ClosingStream
-from proxy.routes.sessions import paths
+from proxy.reading import read_json
+from proxy.routes import paths
+from proxy.runtime import Runtime, runtime
+from proxy.schemas import ExactText, SessionName
+from proxy.store import lifecycle, sessions
+from proxy.streamresponse import ClosingStream
+from proxy.validation import parse_model
 
 MAX_SEQ = 2**62
 TAGS = ["session lifecycle"]
@@ -48,7 +46,7 @@ def _json(value: Any, status_code: int = 200) -> Response[bytes]:
 @post(paths("/{session_id:str}/restore"), status_code=200, tags=TAGS,
       summary="Restore a deleted session",
       description="Resumes a soft-deleted session that the retention job has not purged yet.",
-      **documented(200, wire.Session, "The session, active again", 401, 404, 503))
+      **documented(200, schemas.Session, "The session, active again", 401, 404, 503))
 async def restore_session(request: Request[Any, Any, Any], session_id: str) -> Response[bytes]:
     user_id = await authenticate(request)
     rt = runtime(request)
@@ -85,13 +83,13 @@ async def _export_chunks(rt: Runtime, user_id: str, session_id: str) -> AsyncIte
 
 
 @get(paths("/{session_id:str}/export"), tags=TAGS, summary="Export a session",
-     **documented(200, wire.ExportDocument, "The export document: the session and every "
+     **documented(200, schemas.ExportDocument, "The export document: the session and every "
                   "message, in order", 401, 404, 503))
 async def export_session(request: Request[Any, Any, Any], session_id: str) -> Response[Any]:
     user_id = await authenticate(request)
     rt = runtime(request)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        found = await store.get_session(conn, user_id, session_id)
+        found = await sessions.get_session(conn, user_id, session_id)
     if found is None:  # checked here so that a 404 is an answer, not a broken stream
         raise SessionNotFound(session_id)
     addressed(request, session_id)
@@ -103,9 +101,9 @@ async def export_session(request: Request[Any, Any, Any], session_id: str) -> Re
 
 
 @post(paths("/import"), status_code=201, tags=TAGS, summary="Import a session",
-      **documented(201, wire.Session, "A new session (new id, the caller as owner) holding "
+      **documented(201, schemas.Session, "A new session (new id, the caller as owner) holding "
                    "the document's messages", 400, 401, 413, 503,
-                   body=wire.ImportDocument, body_required=True,
+                   body=schemas.ImportDocument, body_required=True,
                    body_description="An export document (`GET .../export`)."))
 async def import_session(request: Request[Any, Any, Any]) -> Response[bytes]:
     user_id = await authenticate(request)
@@ -124,11 +122,11 @@ class ForkBody(ExactText):
     model_config = ConfigDict(extra="forbid")
 
     up_to_seq: int | None = Field(default=None, ge=-MAX_SEQ, le=MAX_SEQ)
-    session_name: str | None = Field(default=None, max_length=1000)
+    session_name: SessionName = None
 
 
 @post(paths("/{session_id:str}/fork"), status_code=201, tags=TAGS, summary="Fork a session",
-      **documented(201, wire.Session, "A new session with a copy of the messages up to "
+      **documented(201, schemas.Session, "A new session with a copy of the messages up to "
                    "`up_to_seq` (default: all)", 400, 401, 404, 413, 503, body=ForkBody))
 async def fork_session(request: Request[Any, Any, Any], session_id: str) -> Response[bytes]:
     user_id = await authenticate(request)
@@ -151,7 +149,7 @@ class MergeBody(BaseModel):
       summary="Merge another session into this one",
       description="The source's messages are appended after this session's, in their order, "
       "and the source is soft-deleted.",
-      **documented(200, wire.Session, "This session, with the source's messages", 400, 401,
+      **documented(200, schemas.Session, "This session, with the source's messages", 400, 401,
                    404, 413, 503, body=MergeBody, body_required=True))
 async def merge_sessions(request: Request[Any, Any, Any], session_id: str) -> Response[bytes]:
     user_id = await authenticate(request)
@@ -174,7 +172,7 @@ async def _pruned(rt: Runtime, user_id: str, session: dict[str, Any]) -> dict[st
         return session
     async with _bulk(rt) as conn:
         await retention.prune_session(conn, session["id"], keep)
-        fresh = await store.get_session(conn, user_id, session["id"])
+        fresh = await sessions.get_session(conn, user_id, session["id"])
     return fresh or session
 
 

@@ -1,9 +1,10 @@
 """A streamed turn: events relayed as they arrive, the reply stored before `data: [DONE]`.
 
-Each whole event goes to the client the moment it is complete, byte for byte. The final
-`[DONE]` is held until the turn is stored. However the stream ends early — the client went away
-(the body iterator is cancelled or closed) or the upstream broke off — what arrived is stored
-with status "incomplete" by a task of its own, so the write outlives the request.
+Each whole event goes on the moment it is complete, byte for byte, with its parsed chunk. The
+final `[DONE]` is held until the turn is stored. However the stream ends early — the client went
+away (the events are cancelled or closed) or the upstream broke off — what arrived is stored
+with status "incomplete" by a task of its own, so the write outlives the request. The claim of
+an Idempotency-Key, handed on with the stream, ends with it (proxy/turns/claim.py).
 """
 
 from __future__ import annotations
@@ -12,20 +13,20 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
 from functools import partial
 from typing import Any
 
 import httpx
-from litestar import Response
 
 from proxy import codec, metrics
 from proxy import upstream as up
-from proxy.app import Runtime
 from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
-from proxy.idempotency import Answer
-from proxy.routes.passthrough import ClosingStream
+from proxy.runtime import Runtime
 from proxy.sse import DONE, EventSplitter, EventTooLarge, ReplyAssembler, event_data
-from proxy.turn import Turn, persist, release_claim
+from proxy.store.idempotency import Answer
+from proxy.turns.outcome import Event, Passthrough, Streaming
+from proxy.turns.write import Turn, persist
 
 log = logging.getLogger("chatproxy.stream")
 DRAIN_SECONDS = 2.0  # after [DONE], how long the end of the upstream body may take
@@ -35,37 +36,43 @@ def _error_event(error: ProxyError) -> bytes:
     return b"data: " + codec.dumps(error.body()) + b"\n\n"
 
 
-async def stream_turn(
-    rt: Runtime, response: httpx.Response, current: Turn, state: dict[str, Any] | None = None
-) -> Response[Any]:
-    """The client's streamed answer; `state` (the request's `scope["state"]`, with the
-    upstream's name and the request's arrival) lets the relay measure the time to first byte."""
+async def open_stream(
+    rt: Runtime,
+    response: httpx.Response,
+    current: Turn,
+    held: AsyncExitStack | None,
+    state: dict[str, Any] | None = None,
+) -> Passthrough | Streaming:
+    """The turn's streamed answer; `held` (the claim's context, if any) goes with the stream.
+
+    `state` (the request's access-log fields, with the upstream's name and the request's
+    arrival) lets the relay measure the time to first byte.
+    """
     headers = up.response_headers(response.headers)
     content_type = response.headers.get("content-type", "")
     if response.status_code != 200 or not content_type.startswith("text/event-stream"):
         # An upstream error (or a 200 that is not a stream) before the first event: passed
         # through unchanged, nothing stored.
         raw = await up.read_body(response)
-        return Response(raw, status_code=response.status_code, headers=headers)
+        return Passthrough(response.status_code, headers, raw)
     headers.update(current.headers)
     headers["cache-control"] = "no-cache"
-    current.settled = True  # from here on the relay stores the turn or releases the claim
     ttfb = None
     if state is not None and isinstance(state.get("request_started"), float):
         ttfb = (state["request_started"], str(state.get("upstream", "default")))
-    return ClosingStream(
-        _relay(rt, response, current, headers, ttfb), status_code=200, headers=headers
-    )
+    owned = held.pop_all() if held is not None else None  # from here on the relay's to end
+    return Streaming(headers, relay(rt, response, current, owned, headers, ttfb))
 
 
-async def _relay(
+async def relay(
     rt: Runtime,
     response: httpx.Response,
     current: Turn,
+    held: AsyncExitStack | None = None,
     headers: dict[str, str] | None = None,
     ttfb: tuple[float, str] | None = None,
-) -> AsyncGenerator[bytes, None]:
-    """The client's stream; `headers` are the response's, recorded for an idempotent replay."""
+) -> AsyncGenerator[Event, None]:
+    """The stream's events; `headers` are the response's, recorded for an idempotent replay."""
     splitter = EventSplitter(rt.settings.max_event_bytes)
     assembler = ReplyAssembler()
     done_event: bytes | None = None
@@ -89,14 +96,13 @@ async def _relay(
                     if data == DONE:
                         done_event = event
                         break
-                    if data is not None:
-                        assembler.feed(data)
+                    parsed = assembler.feed(data) if data is not None else None
                     if sent is not None:
                         sent.append(event)
                     if ttfb is not None:  # the first event: time to first byte
                         metrics.stream_ttfb(time.perf_counter() - ttfb[0], upstream=ttfb[1])
                         ttfb = None
-                    yield event
+                    yield Event(event, parsed)
                 if done_event is not None:
                     break
             else:
@@ -120,9 +126,10 @@ async def _relay(
             except ProxyError as exc:
                 failure = exc
         if failure is None and done_event is not None:
-            yield done_event
+            yield Event(done_event, done=True)
         else:
-            yield _error_event(failure or UpstreamError("The stream failed"))
+            failure = failure or UpstreamError("The stream failed")
+            yield Event(_error_event(failure), error=failure)
     finally:
         if not stored:
             # The client went away (cancelled or closed mid-stream): close the upstream
@@ -131,9 +138,9 @@ async def _relay(
             pending: Callable[[], Awaitable[None]] | None = (
                 partial(write, status) if assembler.valid else None
             )
-            if pending is None and current.claim is not None:
-                pending = partial(release_claim, rt, current.claim)
-            rt.track(asyncio.create_task(_abandon(response, pending)))
+            rt.track(asyncio.create_task(_abandon(response, pending, held)))
+        elif held is not None:
+            await held.aclose()  # the write took the key: nothing to give back
 
 
 async def _finish(response: httpx.Response, rest: AsyncIterator[bytes] | None) -> None:
@@ -153,11 +160,19 @@ async def _finish(response: httpx.Response, rest: AsyncIterator[bytes] | None) -
 
 
 async def _abandon(
-    response: httpx.Response, write: Callable[[], Awaitable[None]] | None
+    response: httpx.Response,
+    write: Callable[[], Awaitable[None]] | None,
+    held: AsyncExitStack | None,
 ) -> None:
-    await response.aclose()
-    if write is not None:
-        try:
-            await write()
-        except ProxyError:
-            log.warning("an incomplete streamed turn could not be stored: database unavailable")
+    """After the client went away: the upstream closed, what arrived stored, and the claim
+    ended (released, unless the write took it)."""
+    try:
+        await response.aclose()
+        if write is not None:
+            try:
+                await write()
+            except ProxyError:
+                log.warning("an incomplete streamed turn could not be stored: database unavailable")
+    finally:
+        if held is not None:
+            await held.aclose()

@@ -1,0 +1,45 @@
+"""`Runtime`: everything a request needs, built and owned by the app's lifespan.
+
+The lifespan (proxy/app.py) puts one `Runtime` on `app.state.rt`; handlers reach it through
+`runtime(request)`, and everything below the routes takes it as an argument.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from proxy import db, keylease
+from proxy.config import Settings
+from proxy.tokens import TokenCounter
+
+if TYPE_CHECKING:
+    from litestar import Request
+
+
+@dataclass
+class Runtime:
+    """Everything a request needs, owned by the lifespan."""
+
+    settings: Settings
+    pool: db.Pool
+    http: httpx.AsyncClient
+    tokens: TokenCounter
+    # Write-backs detached from their request (a client that went away); shutdown awaits them.
+    writes: set[asyncio.Task[Any]] = field(default_factory=set)
+    # Keys this process verified: trusted under a lease, and while the database is down
+    # (proxy/keylease.py).
+    keys: keylease.KeyLease = field(default_factory=keylease.KeyLease)
+
+    def track(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        self.writes.add(task)
+        task.add_done_callback(self.writes.discard)
+        return task
+
+
+def runtime(request: Request[Any, Any, Any]) -> Runtime:
+    rt: Runtime = request.app.state.rt
+    return rt

@@ -1,0 +1,160 @@
+"""The turn engine: one chat turn on a session, from the caller's messages to the stored reply.
+
+It knows nothing about HTTP: a door (the chat completions route; MCP, the Responses API next)
+builds a `TurnRequest`, calls `run_turn`, and translates the `Outcome` (proxy/turns/outcome.py).
+A turn's states:
+
+    read ──> prepare ──> claim ──> call ──┬──> Passthrough   an upstream error, or a 200 that
+     │                     │              │                   is not a completion: not stored
+     │                     │              ├──> Answered      stored, then returned
+     │                     ├──> Replayed  └──> Streaming     events relayed as they come; stored
+     │                     │                                 before [DONE] (client gone, upstream
+     └─> 401, 404          └─> 409, 422                      broke off: stored as incomplete by a
+                                                             task of its own)
+
+The claim is only taken for an Idempotency-Key, and given back on every way out that stored
+nothing (an error, a cancellation, a Passthrough).
+
+- read: the caller (a key, or a user id), the session and its newest messages, in one round
+  trip (proxy/store/messages.py). This is the one step that knows where history comes from: a
+  door with another source (the Responses API's chain of earlier responses) gives its own read
+  here; everything after it sees a `TurnContext`.
+- prepare: the upstream body, the budget and the trimming (proxy/turns/prepare.py). The call
+  sends what prepare built, so an overflow retry is prepare (with less history) and call again.
+- claim: an Idempotency-Key, held for the rest of the turn (proxy/turns/claim.py).
+- write: one statement, shielded from the request's cancellation (proxy/turns/write.py), with
+  the claim settled and the door's `extra_write` in the same transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import msgspec
+
+from proxy import codec, db, metrics
+from proxy import upstream as up
+from proxy.errors import SessionNotFound, Unauthorized, UpstreamError
+from proxy.runtime import Runtime
+from proxy.store import messages
+from proxy.store.idempotency import Answer
+from proxy.store.messages import TurnContext
+from proxy.turns import prepare, stream
+from proxy.turns.claim import Idempotency, claimed
+from proxy.turns.outcome import Answered, Outcome, Passthrough, Replayed
+from proxy.turns.write import ExtraWrite, Turn, first_message, persist, reply_message
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who asks: a client key's SHA-256 hash (checked by the turn's read itself), or a user id
+    a door has verified on its own (e.g. a local MCP server acting as one user)."""
+
+    key_hash: bytes | None = None
+    user_id: str | None = None
+
+
+@dataclass(slots=True)
+class TurnRequest:
+    """One turn as a door hands it over.
+
+    `body` is the upstream request: `messages` checked (proxy/chatbody.py checks a chat
+    request's), the proxy's own fields removed; every other field goes upstream as it is.
+    `stream` must agree with the body's `stream`. `headers` are the client's, forwarded upstream
+    (proxy/upstream.py drops what must not go). `state` receives the access log's fields.
+    """
+
+    caller: Caller
+    session_id: str
+    body: dict[str, Any]
+    headers: Iterable[tuple[str, str]] = ()
+    stream: bool = False
+    history_limit: int | None = None  # instead of the session's max_history_messages
+    idempotency: Idempotency | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+    extra_write: ExtraWrite | None = None
+
+
+async def run_turn(rt: Runtime, request: TurnRequest) -> Outcome:
+    """Run one turn: read, prepare, claim, call, and answer or stream (see the module's states).
+
+    Raises the proxy's errors (401, 404, 409, 422, 502, 503, 504) before anything is answered.
+    """
+    ctx = await _read(rt, request)
+    items = request.body["messages"]
+    turn, body = await prepare.prepare(
+        rt, request.body, items, ctx, request.session_id, request.extra_write
+    )
+    if request.idempotency is None:
+        return await _answer(rt, request, turn, body, None)
+    async with AsyncExitStack() as held:
+        claim = await held.enter_async_context(claimed(rt, ctx.user_id, request.idempotency))
+        if isinstance(claim, Answer):
+            metrics.replay()
+            return Replayed(claim)
+        turn = msgspec.structs.replace(turn, claim=claim)
+        return await _answer(rt, request, turn, body, held)
+
+
+async def _read(rt: Runtime, request: TurnRequest) -> TurnContext:
+    caller = request.caller
+    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+        if caller.key_hash is not None:
+            ctx = await messages.read_turn(
+                conn, caller.key_hash, request.session_id, request.history_limit
+            )
+        else:
+            assert caller.user_id is not None, "a caller is a key or a user"
+            ctx = await messages.read_turn_as(
+                conn, caller.user_id, request.session_id, request.history_limit
+            )
+    if ctx is None:
+        raise Unauthorized("Invalid API key" if caller.key_hash is not None else "Unknown user")
+    state = request.state  # the access log's fields (proxy/logs.py)
+    state["user_id"] = ctx.user_id
+    if not ctx.session_found:
+        raise SessionNotFound(request.session_id)
+    state["session_id"] = request.session_id
+    return ctx
+
+
+async def _answer(
+    rt: Runtime, request: TurnRequest, turn: Turn, body: dict[str, Any],
+    held: AsyncExitStack | None,
+) -> Outcome:
+    response = await _call(rt, request, body)
+    if request.stream:
+        return await stream.open_stream(rt, response, turn, held, request.state)
+    return await _complete(rt, response, turn)
+
+
+async def _call(rt: Runtime, request: TurnRequest, body: dict[str, Any]) -> httpx.Response:
+    target = rt.settings.upstream_for(body.get("model"))
+    return await up.open_stream(
+        rt.http, "POST", up.url_for(target, "/chat/completions"),
+        up.request_headers(target, request.headers), codec.dumps(body),
+        state=request.state, name=target.name,
+    )
+
+
+async def _complete(rt: Runtime, response: httpx.Response, turn: Turn) -> Outcome:
+    raw = await up.read_body(response)
+    headers = up.response_headers(response.headers)
+    if response.status_code != 200:
+        return Passthrough(response.status_code, headers, raw)
+    try:
+        answer = codec.loads(raw)
+    except codec.InvalidJSON:
+        raise UpstreamError("The upstream answered with a body that is not JSON") from None
+    message = first_message(answer)
+    if message is None:  # a 200 that is not a chat completion: passed through, nothing stored
+        return Passthrough(200, headers, raw)
+    reply = reply_message(message)
+    headers = {**headers, **turn.headers}
+    sent = Answer(200, headers, raw) if turn.claim is not None else None
+    await persist(rt, turn, reply, answer.get("usage"), "complete", sent)
+    return Answered(raw, answer, reply, headers)
