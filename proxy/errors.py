@@ -50,8 +50,12 @@ class ProxyError(Exception):
     status = 500
     type = "server_error"
     code = "internal_error"
+    message = "Internal server error"  # the message when none is given
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self, message: str | None = None, *, param: str | None = None, code: str | None = None
+    ):
+        message = self.message if message is None else message
         super().__init__(message)
         self.message = message
         self.param = param
@@ -114,39 +118,29 @@ class UpstreamError(ProxyError):
 
 class DatabaseUnavailable(ProxyError):
     status, type, code = 503, "server_error", "database_unavailable"
-
-    def __init__(self, message: str = "The database is unavailable, try again shortly"):
-        super().__init__(message)
+    message = "The database is unavailable, try again shortly"
 
 
 class ShuttingDown(ProxyError):
     """A request still running when the server's shutdown grace ran out."""
 
     status, type, code = 503, "server_error", "server_shutting_down"
-
-    def __init__(self, message: str = "The server is shutting down, try again"):
-        super().__init__(message)
+    message = "The server is shutting down, try again"
 
 
 class RequestTimeout(ProxyError):
     status, type, code = 408, "invalid_request_error", "request_timeout"
-
-    def __init__(self, message: str = "The request head did not arrive in time"):
-        super().__init__(message)
+    message = "The request head did not arrive in time"
 
 
 class HeaderTooLarge(ProxyError):
     status, type, code = 431, "invalid_request_error", "request_header_too_large"
-
-    def __init__(self, message: str = "The request head is too large"):
-        super().__init__(message)
+    message = "The request head is too large"
 
 
 class TooManyConnections(ProxyError):
     status, type, code = 503, "server_error", "too_many_connections"
-
-    def __init__(self, message: str = "The server has too many open connections, try again"):
-        super().__init__(message)
+    message = "The server has too many open connections, try again"
 
 
 class UpstreamTimeout(ProxyError):
@@ -154,8 +148,7 @@ class UpstreamTimeout(ProxyError):
 
 
 class InternalError(ProxyError):
-    def __init__(self, message: str = "Internal server error"):
-        super().__init__(message)
+    pass
 
 
 def error_body(message: str, type_: str, code: str, param: str | None = None) -> dict[str, Any]:

@@ -17,11 +17,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import httpx
 import respx
@@ -66,6 +66,45 @@ async def app_client(
                 yield client
     finally:
         await http.aclose()
+
+
+Run = Callable[[Any, Any, Any], Awaitable[None]]  # an ASGI app, called as (scope, receive, send)
+
+
+async def asgi_exchange(
+    run: Run, method: str, raw_path: bytes, headers: list[tuple[bytes, bytes]],
+    chunks: Sequence[bytes] = (),
+) -> tuple[int, dict[str, str], bytes]:
+    """One request handed to an ASGI app exactly as given, and its (status, headers, body).
+
+    For what an HTTP client library would change on the way: a path with dot segments (every
+    client normalises them) or a body in chunks without Content-Length.
+    """
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+        "scheme": "http", "path": unquote(raw_path.decode("latin-1")), "raw_path": raw_path,
+        "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50000),
+        "server": ("proxy.test", 80), "headers": headers,
+    }
+    pending = [{"type": "http.request", "body": chunk, "more_body": True} for chunk in chunks]
+    pending.append({"type": "http.request", "body": b"", "more_body": False})
+    status = 0
+    answered: dict[str, str] = {}
+    body = b""
+
+    async def receive() -> dict[str, Any]:
+        return pending.pop(0) if pending else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status, body
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            answered.update((k.decode(), v.decode()) for k, v in message["headers"])
+        elif message["type"] == "http.response.body":
+            body += message.get("body", b"")
+
+    await run(scope, receive, send)
+    return status, answered, body
 
 
 def answering(content: str) -> tuple[respx.Router, respx.Route]:

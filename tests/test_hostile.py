@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from typing import Any
-from urllib.parse import unquote
 
 import asyncpg
 import httpx
@@ -18,7 +17,7 @@ import respx
 
 from proxy.config import Settings
 from tests.conftest import ADMIN_KEY, UPSTREAM_KEY, User
-from tests.fault_helpers import LiveClient, app_client
+from tests.fault_helpers import LiveClient, app_client, asgi_exchange
 from tests.turns import completion, new_session
 
 CHAT = "/v1/chat/completions"
@@ -238,27 +237,8 @@ KEPT = [
 
 async def asgi_get(app: Any, raw_path: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
     """One GET with `raw_path` exactly as given (every HTTP client normalises dot segments)."""
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
-        "scheme": "http", "path": unquote(raw_path.decode("latin-1")), "raw_path": raw_path,
-        "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50000),
-        "server": ("proxy.test", 80),
-        "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
-    }
-    pending = [{"type": "http.request", "body": b"", "more_body": False}]
-    status, body = 0, b""
-
-    async def receive() -> dict[str, Any]:
-        return pending.pop(0) if pending else {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        nonlocal status, body
-        if message["type"] == "http.response.start":
-            status = message["status"]
-        else:
-            body += message.get("body", b"")
-
-    await app(scope, receive, send)
+    raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+    status, _, body = await asgi_exchange(app, "GET", raw_path, raw)
     return status, body
 
 
