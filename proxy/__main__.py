@@ -162,7 +162,7 @@ def _raise_open_files_limit() -> None:
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
-    from proxy import logs, metrics
+    from proxy import logs, metrics, server
     from proxy.tokens import ModelTable
 
     _raise_open_files_limit()
@@ -193,7 +193,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
             port=port,
             workers=args.workers if args.workers > 1 else None,
             loop="uvloop",
-            http="httptools",
+            # httptools under guards: head timeout, head size, connections (proxy/server.py)
+            **server.uvicorn_options(settings),
             log_config=logs.config(settings.log_level),
             log_level=settings.log_level,
             access_log=False,  # proxy/logs.py writes one line per request
@@ -257,7 +258,7 @@ async def _sessions_import(conn: asyncpg.Connection, args: argparse.Namespace) -
         return _fail(f"no user {args.user!r}")
     try:
         source = sys.stdin.buffer.read if args.file == "-" else Path(args.file).read_bytes
-        data = codec.loads(await asyncio.to_thread(source))
+        data = codec.loads_strict(await asyncio.to_thread(source))
     except OSError as exc:
         return _fail(f"cannot read {args.file}: {exc.strerror}")
     except codec.InvalidJSON:

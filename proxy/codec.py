@@ -3,6 +3,11 @@
 msgspec refuses lone surrogates (`"\\ud800"`), which clients may legally send and which must
 come back character for character; the stdlib decodes them and, with `ensure_ascii`, writes them
 back as the same escapes. Both paths produce the same Python values.
+
+`loads_strict` is for what a client sends: JSON as RFC 8259 has it, so `NaN`, `Infinity` and a
+number beyond a float's range (`1e400`) are refused on both paths (msgspec refuses them itself; the
+stdlib would take them, and they would go upstream or into storage changed). `loads` stays lenient
+for what upstreams send, which has been seen to carry `-Infinity` in logprobs.
 """
 
 from __future__ import annotations
@@ -31,6 +36,34 @@ def loads(data: bytes | str) -> Any:
         return json.loads(data)
     except (ValueError, RecursionError):
         raise InvalidJSON("not valid JSON") from None
+
+
+def loads_strict(data: bytes | str) -> Any:
+    """`loads` for client input: NaN, Infinity and out-of-range numbers are InvalidJSON."""
+    try:
+        return _decode(data)
+    except RecursionError:
+        raise InvalidJSON("not valid JSON") from None
+    except msgspec.DecodeError:
+        pass
+    try:  # the stdlib only for what msgspec cannot hold (lone surrogates): the rare path
+        return json.loads(data, parse_constant=_no_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError):
+        raise InvalidJSON("not valid JSON") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (_INF, -_INF):  # a literal beyond a float's range, such as 1e400
+        raise ValueError("number out of range")
+    return value
+
+
+_INF = float("inf")
 
 
 def dumps(value: Any) -> bytes:

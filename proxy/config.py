@@ -178,10 +178,27 @@ FIELDS: tuple[Field, ...] = (
     Field("upstream_max_connections", 512, _int(0),
           "connections open at once to one upstream origin; a request that finds none free "
           "within the connect timeout gets 503 `upstream_busy`; 0: no cap"),
+    Field("max_event_bytes", 16_777_216, _int(1024),
+          "one streamed event from the upstream larger than this ends a session's stream "
+          "with an error event"),
     Field("db_pool_size", 10, _int(1, 1000), "connections in each process's pool"),
     Field("db_acquire_timeout", 1.5, _float(0.01),
           "seconds to wait for a pool connection before answering 503"),
+    Field("db_statement_timeout", 2.0, _float(0.01),
+          "seconds one database statement of a request may take; past it (a hung database) "
+          "503, and the connection is dropped"),
+    Field("db_bulk_timeout", 300.0, _float(0.01),
+          "the same for one statement of import, export, fork, merge, clear, pruning and the "
+          "retention job"),
     Field("shutdown_grace", 30.0, _float(0), "seconds in-flight streams get after SIGTERM"),
+    Field("head_timeout", 10, _int(1),
+          "seconds a connection has to send a whole request head, after opening or after its "
+          "previous response; then it is closed (408 if part of a head came)"),
+    Field("max_head_bytes", 65_536, _int(1024),
+          "a larger request head (request line and headers) gets 431 and the connection closed"),
+    Field("max_connections", 4096, _int(1),
+          "open client connections per process; one more gets 503 and is closed (at most half "
+          "the open-files limit)"),
     Field("log_level", "info", _log_level, "debug, info, warning, error or critical"),
 )
 
@@ -226,9 +243,15 @@ class Settings:
     upstream_proxy: str | None = None  # resolved by load_settings: a URL, or None for none
     upstream_ca_bundle: str | None = None
     upstream_max_connections: int = 512
+    max_event_bytes: int = 16_777_216
     db_pool_size: int = 10
     db_acquire_timeout: float = 1.5
+    db_statement_timeout: float = 2.0
+    db_bulk_timeout: float = 300.0
     shutdown_grace: float = 30.0
+    head_timeout: int = 10
+    max_head_bytes: int = 65_536
+    max_connections: int = 4096
     log_level: str = "info"
     upstreams: tuple[Upstream, ...] = field(default=())
 

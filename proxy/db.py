@@ -162,7 +162,11 @@ async def create_pool(url: str, settings: Settings) -> Pool:
     """The process's pool, with one connection opened (a database that is not there fails now)."""
 
     async def connect() -> asyncpg.Connection:
-        conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT, command_timeout=60)
+        # Every statement is bounded client-side, so a database that hangs (stopped, or cut
+        # off without a reset) is noticed: the server's own statement_timeout cannot say so.
+        conn = await asyncpg.connect(
+            url, timeout=CONNECT_TIMEOUT, command_timeout=settings.db_statement_timeout
+        )
         try:
             await _init_connection(conn)
         except BaseException:
@@ -179,14 +183,25 @@ async def create_pool(url: str, settings: Settings) -> Pool:
 async def connection(
     pool: Pool,
     timeout: float,  # noqa: ASYNC109 (the acquire timeout is the pool's own)
+    *,
+    statement_timeout: float | None = None,
 ) -> AsyncIterator[asyncpg.Connection]:
-    """A pooled connection within `timeout` seconds, or DatabaseUnavailable (503)."""
+    """A pooled connection within `timeout` seconds, or DatabaseUnavailable (503).
+
+    Each statement in the block may take `statement_timeout` seconds (None: the connection's
+    own, `db_statement_timeout`); past it the statement is given up, the connection dropped and
+    the block raises DatabaseUnavailable.
+    """
     try:
         conn = await pool.acquire(timeout)
     except (*UNAVAILABLE, asyncpg.PostgresError):
         # Acquiring may connect: a database that is gone, refuses logins or is not accepting
         # connections answers with a server error, and that is unavailability too.
         raise DatabaseUnavailable() from None
+    own = conn._config
+    if statement_timeout is not None:
+        # asyncpg reads a statement's default timeout from here; there is no public setter.
+        conn._config = own._replace(command_timeout=statement_timeout)
     discard = True  # unless the block ends normally or with an error the server reported
     try:
         yield conn
@@ -203,4 +218,6 @@ async def connection(
         discard = False
         raise
     finally:
+        if statement_timeout is not None:
+            conn._config = own
         pool.release(conn, discard=discard)

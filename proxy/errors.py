@@ -7,15 +7,22 @@
      ├── NotFound                   404 not_found
      │    └── SessionNotFound       404 session_not_found
      ├── MethodNotAllowed           405 method_not_allowed
+     ├── RequestTimeout             408 request_timeout (no whole request head in time)
      ├── Conflict                   409 conflict / idempotency_key_in_use
      ├── PayloadTooLarge            413 request_too_large
      ├── Unprocessable              422 idempotency_key_reused
+     ├── HeaderTooLarge             431 request_header_too_large
      ├── UpstreamError              502 upstream_error
+     │    └── EventTooLarge         502 upstream_error (proxy/sse.py)
      ├── DatabaseUnavailable        503 database_unavailable
      ├── ShuttingDown               503 server_shutting_down
      ├── UpstreamBusy               503 upstream_busy
+     ├── TooManyConnections         503 too_many_connections
      ├── UpstreamTimeout            504 upstream_timeout
      └── InternalError              500 internal_error
+
+The 408, 431 and 503 `too_many_connections` are written by the server's connection guard
+(proxy/server.py) before any request reaches the app.
 
 Messages never carry internals: no exception text, key, SQL or message content.
 
@@ -44,8 +51,12 @@ class ProxyError(Exception):
     status = 500
     type = "server_error"
     code = "internal_error"
+    message = "Internal server error"  # the message when none is given
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self, message: str | None = None, *, param: str | None = None, code: str | None = None
+    ):
+        message = self.message if message is None else message
         super().__init__(message)
         self.message = message
         self.param = param
@@ -108,9 +119,7 @@ class UpstreamError(ProxyError):
 
 class DatabaseUnavailable(ProxyError):
     status, type, code = 503, "server_error", "database_unavailable"
-
-    def __init__(self, message: str = "The database is unavailable, try again shortly"):
-        super().__init__(message)
+    message = "The database is unavailable, try again shortly"
 
 
 class UpstreamBusy(ProxyError):
@@ -127,9 +136,22 @@ class ShuttingDown(ProxyError):
     """A request still running when the server's shutdown grace ran out."""
 
     status, type, code = 503, "server_error", "server_shutting_down"
+    message = "The server is shutting down, try again"
 
-    def __init__(self, message: str = "The server is shutting down, try again"):
-        super().__init__(message)
+
+class RequestTimeout(ProxyError):
+    status, type, code = 408, "invalid_request_error", "request_timeout"
+    message = "The request head did not arrive in time"
+
+
+class HeaderTooLarge(ProxyError):
+    status, type, code = 431, "invalid_request_error", "request_header_too_large"
+    message = "The request head is too large"
+
+
+class TooManyConnections(ProxyError):
+    status, type, code = 503, "server_error", "too_many_connections"
+    message = "The server has too many open connections, try again"
 
 
 class UpstreamTimeout(ProxyError):
@@ -137,8 +159,7 @@ class UpstreamTimeout(ProxyError):
 
 
 class InternalError(ProxyError):
-    def __init__(self, message: str = "Internal server error"):
-        super().__init__(message)
+    pass
 
 
 def error_body(message: str, type_: str, code: str, param: str | None = None) -> dict[str, Any]:

@@ -17,9 +17,14 @@ def new_id(prefix: str, length: int = 24) -> str:
     return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(length))
 
 
-def is_session_id(value: object) -> bool:
-    """Whether `value` has the shape of a session id (`sess_` + letters and digits, or alike)."""
+def is_object_id(value: object) -> bool:
+    """Whether `value` has the shape of one of our ids (a prefix + letters and digits, or alike)."""
     return (
         isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH and value.isascii()
         and value.replace("_", "").isalnum()
     )
+
+
+def is_session_id(value: object) -> bool:
+    """Whether `value` has the shape of a session id (`sess_` + letters and digits, or alike)."""
+    return is_object_id(value)

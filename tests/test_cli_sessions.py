@@ -112,6 +112,11 @@ async def test_import_creates_the_session_for_the_user(db, database_url, alice, 
     (b'{"format": "v0", "session": {}, "messages": []}',
      "invalid export document: Invalid value for format: expected 'chatproxy.session.v1'"),
     (b"{not json", "{path} is not valid JSON"),
+    # Python's json module would take these and store them changed (issue 13, item 10).
+    (b'{"format": "chatproxy.session.v1", "session": {}, "messages": '
+     b'[{"role": "user", "content": "x", "tokens": NaN}]}', "{path} is not valid JSON"),
+    (b'{"format": "chatproxy.session.v1", "session": {"max_history_tokens": 1e400}, '
+     b'"messages": []}', "{path} is not valid JSON"),
 ])
 async def test_import_of_a_bad_document_creates_nothing(db, database_url, bob, tmp_path: Path,
                                                         content: bytes, error: str) -> None:

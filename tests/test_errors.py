@@ -17,6 +17,7 @@ from proxy.app import create_app
 from proxy.config import Settings
 from proxy.store import sessions
 from tests.conftest import User, configured
+from tests.fault_helpers import asgi_exchange
 
 SESSIONS = "/v1/chat/sessions"
 SECRET = "password=hunter2 at /srv/secret.py line 42"
@@ -179,33 +180,13 @@ async def asgi_request(
 
     (The test client always reads the whole body first; a server sees this for a chunked body.)
     """
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
-        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-        "root_path": "", "client": ("127.0.0.1", 50000), "server": ("proxy.test", 80),
-        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-                   + [(b"transfer-encoding", b"chunked")],
-    }
-    pending = [{"type": "http.request", "body": chunk, "more_body": True} for chunk in chunks]
-    pending.append({"type": "http.request", "body": b"", "more_body": False})
-    status = 0
-    response_headers: dict[str, str] = {}
-    body = b""
-
-    async def receive() -> dict[str, Any]:
-        return pending.pop(0) if pending else {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        nonlocal status, body
-        if message["type"] == "http.response.start":
-            status = message["status"]
-            response_headers.update((k.decode(), v.decode()) for k, v in message["headers"])
-        elif message["type"] == "http.response.body":
-            body += message.get("body", b"")
-
     # The app (and its pool) lives on the test client's own event loop, in another thread.
-    await asyncio.to_thread(client.blocking_portal.call, client.app, scope, receive, send)
-    return status, response_headers, body
+    async def run(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.to_thread(client.blocking_portal.call, client.app, scope, receive, send)
+
+    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    raw.append((b"transfer-encoding", b"chunked"))
+    return await asgi_exchange(run, method, path.encode(), raw, chunks)
 
 
 async def test_oversized_chunked_bodies_without_content_length(

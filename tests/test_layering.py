@@ -20,7 +20,7 @@ SQL = re.compile(r"^\s*(WITH|SELECT|INSERT|UPDATE|DELETE)\b", re.IGNORECASE)
 WEB = ("litestar", "starlette", "uvicorn")
 # The README's layers, top first: a module imports from its own layer or below.
 LAYERS = [
-    ("proxy.__main__", "proxy.app", "proxy.doctor"),
+    ("proxy.__main__", "proxy.app", "proxy.doctor", "proxy.server"),
     ("proxy.routes",),
     ("proxy.access", "proxy.reading", "proxy.rawrequest", "proxy.chatbody", "proxy.openapi",
      "proxy.listing"),

@@ -14,6 +14,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from proxy import app as app_module
+from proxy import server
 from proxy.config import Settings
 from tests.fault_helpers import FakeUpstream, Serve, serve_env
 
@@ -62,3 +63,18 @@ async def test_serve_freezes_the_heap_its_startup_built(
             assert (await client.get("/health")).status_code == 200
     finally:
         gc.unfreeze()
+
+
+def test_the_connection_cap_stays_within_the_open_files_limit(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each open stream holds two sockets, so the cap leaves half the files (and a reserve)
+    # to the upstream side: the file limit is never what fails first.
+    monkeypatch.setattr(server.resource, "getrlimit", lambda which: (1064, 1064))
+    assert server.max_connections(Settings(max_connections=4096)) == 500
+    assert "CHATPROXY_MAX_CONNECTIONS lowered from 4096 to 500" in caplog.text
+    assert server.max_connections(Settings(max_connections=300)) == 300
+    options = server.uvicorn_options(Settings(head_timeout=7, max_head_bytes=2048,
+                                              max_connections=300))
+    assert options == {"http": server.GuardedProtocol, "timeout_keep_alive": 7,
+                       "h11_max_incomplete_event_size": 2048, "limit_concurrency": 300}

@@ -489,7 +489,7 @@ async def test_a_retry_after_a_write_of_unknown_outcome_does_not_store_twice(
         sid = await session_of(db, alice)
         calls.clear()
         monkeypatch.setattr(messages, "store_turn", dying(commit_first))
-        await persist(rt, turn_of(sid), {"role": "assistant", "content": "x"}, 4, "complete")
+        await persist(rt, turn_of(sid), {"role": "assistant", "content": "x"}, None, "complete")
         assert calls == [False, True]
         assert await rows(db, sid) == [("user", "hi", "complete"), ("assistant", "x", "complete")]
         count = await db.fetchval("SELECT message_count FROM chat_sessions WHERE id = $1", sid)

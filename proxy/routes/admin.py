@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from proxy import auth, db, keylease, schemas
 from proxy.errors import Conflict, NotFound, unknown_route
+from proxy.ids import is_object_id
 from proxy.openapi import documented
 from proxy.reading import read_json
 from proxy.runtime import runtime
@@ -33,6 +34,13 @@ def _admin(request: Request[Any, Any, Any]) -> Any:
         raise unknown_route(request.method, request.url.path)
     auth.check_admin(request.headers.get("authorization"), rt.settings.admin_key)
     return rt
+
+
+def _check_id(value: str, what: str, param: str) -> None:
+    """A path id that cannot be one of ours (a NUL, a control character, a lone surrogate, which
+    PostgreSQL could not even take) names nothing: 404 before any query, the text not echoed."""
+    if not is_object_id(value):
+        raise NotFound(f"{what} not found", param=param)
 
 
 TAGS = ["admin"]
@@ -69,6 +77,7 @@ async def list_users(request: Request[Any, Any, Any]) -> dict[str, Any]:
 async def create_key(request: Request[Any, Any, Any], user_id: str) -> dict[str, Any]:
     rt = _admin(request)
     body = parse_model(NewKey, await read_json(request, empty={}))
+    _check_id(user_id, "User", "user_id")
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         key = await auth.issue_key(conn, user_id, body.name)
     if key is None:
@@ -80,6 +89,7 @@ async def create_key(request: Request[Any, Any, Any], user_id: str) -> dict[str,
      **_doc(200, schemas.ApiKeyList, "The user's keys, without their secrets"))
 async def list_keys(request: Request[Any, Any, Any], user_id: str) -> dict[str, Any]:
     rt = _admin(request)
+    _check_id(user_id, "User", "user_id")
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         user = await users.find_user(conn, user_id)
         if user is None or user["id"] != user_id:
@@ -94,6 +104,7 @@ async def list_keys(request: Request[Any, Any, Any], user_id: str) -> dict[str, 
                "still trust a cached copy of the key"))
 async def revoke_key(request: Request[Any, Any, Any], key_id: str) -> Response[None]:
     rt = _admin(request)
+    _check_id(key_id, "Key", "key_id")
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         found = await users.revoke_key(conn, key_id)
     if not found:

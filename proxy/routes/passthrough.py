@@ -15,16 +15,22 @@ key. When all of them fail, the default upstream's HTTP error is passed through 
 (status, body, `Retry-After`), or, when the default did not answer with one, its own 502/504. A
 model id listed by several upstreams appears once, from the first in configuration order (the
 default upstream last).
+
+The path goes upstream as the client sent it, checked first so that it can never leave the
+upstream's base URL (`upstream_path`). A body goes byte for byte, unparsed (unless its `model`
+is read for routing), so the upstream alone judges it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import msgspec
 from litestar import Request, Response, route
@@ -34,7 +40,7 @@ from proxy import codec
 from proxy import upstream as up
 from proxy.access import authenticate
 from proxy.config import Upstream
-from proxy.errors import ProxyError, UpstreamError
+from proxy.errors import BadRequest, ProxyError, UpstreamError
 from proxy.reading import json_content_type
 from proxy.runtime import Runtime, runtime
 
@@ -51,6 +57,7 @@ log = logging.getLogger("chatproxy.models")
 async def passthrough(request: Request[Any, Any, Any], path: str) -> Response[Any]:
     await authenticate(request, stores_nothing=True)
     rt = runtime(request)
+    forwarded = upstream_path(request.scope.get("raw_path") or request.url.path.encode())
     path = path if path.startswith("/") else "/" + path
     has_body = request.method in ("POST", "PUT", "PATCH")
     content: bytes | AsyncIterator[bytes] | None = None
@@ -66,8 +73,42 @@ async def passthrough(request: Request[Any, Any, Any], path: str) -> Response[An
     if has_body and content is None:
         content = request.stream()
     return await up.relay(
-        rt.http, target, request.method, path, request.url.query, request.headers.items(), content,
-        state=request.scope["state"],
+        rt.http, target, request.method, forwarded, request.url.query, request.headers.items(),
+        content, state=request.scope["state"],
+    )
+
+
+_PREFIX = b"/v1"
+_PRINTABLE = re.compile(rb"[\x21-\x7e]*")
+_ENCODED_SLASH = re.compile(rb"%2f", re.IGNORECASE)
+_NEVER = re.compile(rb"[\x00-\x1f\x7f\\?#]")  # control characters, backslash, ? and #
+
+
+def upstream_path(raw_path: bytes) -> str:
+    """The path relative to the upstream's base URL for a `/v1/...` request path as it was sent.
+
+    Every path stays under the upstream's base however the upstream reads it, or is a 400
+    naming `path`: no dot segment (`.` or `..`, plain or percent-encoded in any case), no
+    backslash, `?`, `#` or control character (CR, LF, NUL, ...), raw or percent-encoded, and
+    nothing but printable ASCII as sent. An encoded slash goes as the plain `/` it stands for
+    (the OpenAI SDK writes a model id `org/model` in a path as `org%2Fmodel`), so the upstream
+    sees the very segments checked here; every other byte goes as the client sent it.
+    """
+    raw = raw_path.split(b"?", 1)[0]  # a test transport may leave the query on
+    rest = raw[len(_PREFIX):] or b"/"
+    if not raw.startswith(_PREFIX) or rest[:1] != b"/" or not _PRINTABLE.fullmatch(rest):
+        raise _bad_path()
+    rest = _ENCODED_SLASH.sub(b"/", rest)
+    decoded = unquote_to_bytes(rest)
+    if _NEVER.search(decoded) or any(s in (b".", b"..") for s in decoded.split(b"/")):
+        raise _bad_path()
+    return rest.decode("ascii")
+
+
+def _bad_path() -> BadRequest:
+    return BadRequest(
+        "Invalid path: dot segments, backslashes, encoded ? or #, and characters other than "
+        "printable ASCII are not allowed", param="path",
     )
 
 

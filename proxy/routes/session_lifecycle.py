@@ -7,8 +7,9 @@ document's shape and validation in `proxy.document`.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
-from contextlib import aclosing
+from contextlib import AbstractAsyncContextManager, aclosing
 from typing import Any
 
 from litestar import Request, Response, delete, get, post
@@ -29,6 +30,12 @@ from proxy.validation import parse_model
 
 MAX_SEQ = 2**62
 TAGS = ["session lifecycle"]
+
+
+def _bulk(rt: Runtime) -> AbstractAsyncContextManager[Any]:
+    """A connection whose statements may take as long as a whole session's rows need."""
+    return db.connection(rt.pool, rt.settings.db_acquire_timeout,
+                         statement_timeout=rt.settings.db_bulk_timeout)
 
 
 def _json(value: Any, status_code: int = 200) -> Response[bytes]:
@@ -57,7 +64,7 @@ async def restore_session(request: Request[Any, Any, Any], session_id: str) -> R
 async def clear_messages(request: Request[Any, Any, Any], session_id: str) -> Response[None]:
     user_id = await authenticate(request)
     rt = runtime(request)
-    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+    async with _bulk(rt) as conn:
         cleared = await lifecycle.clear_messages(conn, user_id, session_id)
     if not cleared:
         raise SessionNotFound(session_id)
@@ -67,7 +74,7 @@ async def clear_messages(request: Request[Any, Any, Any], session_id: str) -> Re
 
 async def _export_chunks(rt: Runtime, user_id: str, session_id: str) -> AsyncIterator[bytes]:
     # Its own connection, held while the body streams and released however the stream ends.
-    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+    async with _bulk(rt) as conn:
         async with aclosing(
             lifecycle.export_document(conn, session_id, user_id=user_id)
         ) as chunks:
@@ -101,10 +108,11 @@ async def export_session(request: Request[Any, Any, Any], session_id: str) -> Re
 async def import_session(request: Request[Any, Any, Any]) -> Response[bytes]:
     user_id = await authenticate(request)
     rt = runtime(request)
-    doc = document.parse(
-        await read_json(request), rt.settings.default_max_history_messages, rt.tokens.message
+    doc = await asyncio.to_thread(  # counting a large document must not stall the loop
+        document.parse, await read_json(request), rt.settings.default_max_history_messages,
+        rt.tokens.message,
     )
-    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+    async with _bulk(rt) as conn:
         session = await lifecycle.import_session(conn, user_id, doc)
     addressed(request, session["id"])
     return _json(await _pruned(rt, user_id, session), 201)
@@ -125,7 +133,7 @@ async def fork_session(request: Request[Any, Any, Any], session_id: str) -> Resp
     rt = runtime(request)
     body = parse_model(ForkBody, await read_json(request, empty={}))
     name = ("session_name" in body.model_fields_set, body.session_name)
-    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+    async with _bulk(rt) as conn:
         session = await lifecycle.fork_session(conn, user_id, session_id, body.up_to_seq, name)
     addressed(request, session_id)
     return _json(await _pruned(rt, user_id, session), 201)
@@ -149,7 +157,7 @@ async def merge_sessions(request: Request[Any, Any, Any], session_id: str) -> Re
     body = parse_model(MergeBody, await read_json(request, empty={}))
     if not is_session_id(body.source_session_id):  # e.g. a NUL, which PostgreSQL cannot take
         raise SessionNotFound(body.source_session_id, param="source_session_id")
-    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+    async with _bulk(rt) as conn:
         session = await lifecycle.merge_sessions(
             conn, user_id, session_id, body.source_session_id
         )
@@ -162,7 +170,7 @@ async def _pruned(rt: Runtime, user_id: str, session: dict[str, Any]) -> dict[st
     keep = rt.settings.max_stored_messages
     if keep <= 0 or session["message_count"] <= keep:
         return session
-    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+    async with _bulk(rt) as conn:
         await retention.prune_session(conn, session["id"], keep)
         fresh = await sessions.get_session(conn, user_id, session["id"])
     return fresh or session

@@ -46,7 +46,7 @@ from proxy.store.messages import TurnContext
 from proxy.turns import prepare, stream
 from proxy.turns.claim import Idempotency, claimed
 from proxy.turns.outcome import Answered, Outcome, Passthrough, Replayed
-from proxy.turns.write import ExtraWrite, Turn, first_message, persist, reply_message, reply_tokens
+from proxy.turns.write import ExtraWrite, Turn, first_message, persist, reply_message
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +86,7 @@ async def run_turn(rt: Runtime, request: TurnRequest) -> Outcome:
     """
     ctx = await _read(rt, request)
     items = request.body["messages"]
-    turn, body = prepare.prepare(
+    turn, body = await prepare.prepare(
         rt, request.body, items, ctx, request.session_id, request.extra_write
     )
     if request.idempotency is None:
@@ -154,8 +154,7 @@ async def _complete(rt: Runtime, response: httpx.Response, turn: Turn) -> Outcom
     if message is None:  # a 200 that is not a chat completion: passed through, nothing stored
         return Passthrough(200, headers, raw)
     reply = reply_message(message)
-    tokens = reply_tokens(rt, turn.model, reply, answer.get("usage"))
     headers = {**headers, **turn.headers}
     sent = Answer(200, headers, raw) if turn.claim is not None else None
-    await persist(rt, turn, reply, tokens, "complete", sent)
+    await persist(rt, turn, reply, answer.get("usage"), "complete", sent)
     return Answered(raw, answer, reply, headers)

@@ -3,7 +3,8 @@
 Contract §7, with counts taken once: the request's messages now, stored ones never again (their
 count was stored with them). Stored history is spliced into the upstream body as its stored JSON
 text, never decoded or re-encoded. `prepare` is pure but for the history metrics, so that a turn
-can be prepared again (with less history) and sent again.
+can be prepared again (with less history) and sent again; it is async only because a request
+with long text is counted in a worker thread (`TokenCounter.counts`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _reserved_output(body: dict[str, Any], default: int) -> int:
     return default
 
 
-def prepare(
+async def prepare(
     rt: Runtime, body: dict[str, Any], items: list[dict[str, Any]],
     ctx: TurnContext, session_id: str, extra_write: ExtraWrite | None = None,
 ) -> tuple[Turn, dict[str, Any]]:
@@ -46,11 +47,11 @@ def prepare(
         head = [{"role": "system", "content": ctx.system_prompt}]
     model = body.get("model")
     info = rt.tokens.table.lookup(model)
-    head_tokens = sum(rt.tokens.message(model, m) for m in head)
-    new = [NewMessage(m, rt.tokens.message(model, m)) for m in rest if m["role"] not in HEAD_ROLES]
-    rest_tokens = sum(n.tokens for n in new) + sum(
-        rt.tokens.message(model, m) for m in rest if m["role"] in HEAD_ROLES
-    )
+    counts = await rt.tokens.counts(model, [*head, *rest])  # off the loop when long
+    head_tokens, rest_counts = sum(counts[: len(head)]), counts[len(head) :]
+    new = [NewMessage(m, n) for m, n in zip(rest, rest_counts, strict=True)
+           if m["role"] not in HEAD_ROLES]
+    rest_tokens = sum(rest_counts)
     budget = history.budget(
         info.context_window,
         _reserved_output(body, info.reserve_output_tokens),

@@ -23,10 +23,10 @@ from proxy import codec, metrics
 from proxy import upstream as up
 from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
 from proxy.runtime import Runtime
-from proxy.sse import DONE, EventSplitter, ReplyAssembler, event_data
+from proxy.sse import DONE, EventSplitter, EventTooLarge, ReplyAssembler, event_data
 from proxy.store.idempotency import Answer
 from proxy.turns.outcome import Event, Passthrough, Streaming
-from proxy.turns.write import Turn, persist, reply_tokens
+from proxy.turns.write import Turn, persist
 
 log = logging.getLogger("chatproxy.stream")
 DRAIN_SECONDS = 2.0  # after [DONE], how long the end of the upstream body may take
@@ -73,7 +73,7 @@ async def relay(
     ttfb: tuple[float, str] | None = None,
 ) -> AsyncGenerator[Event, None]:
     """The stream's events; `headers` are the response's, recorded for an idempotent replay."""
-    splitter = EventSplitter()
+    splitter = EventSplitter(rt.settings.max_event_bytes)
     assembler = ReplyAssembler()
     done_event: bytes | None = None
     failure: ProxyError | None = None
@@ -82,11 +82,10 @@ async def relay(
 
     def write(status: str) -> Awaitable[None]:
         reply = assembler.message()
-        tokens = reply_tokens(rt, current.model, reply, assembler.usage)
         answer = None
         if sent is not None and status == "complete" and done_event is not None:
             answer = Answer(200, headers or {}, b"".join(sent) + done_event)
-        return persist(rt, current, reply, tokens, status, answer)
+        return persist(rt, current, reply, assembler.usage, status, answer)
 
     chunks = response.aiter_bytes()
     try:
@@ -111,6 +110,8 @@ async def relay(
                 # unless it is the [DONE] of an upstream that forgot the blank line.
                 if event_data(splitter.pending) == DONE:
                     done_event = b"data: [DONE]\n\n"
+        except EventTooLarge as exc:
+            failure = exc
         except httpx.TimeoutException:
             failure = UpstreamTimeout("The upstream stopped sending before the reply was complete")
         except httpx.HTTPError:

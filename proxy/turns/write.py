@@ -61,11 +61,14 @@ async def persist(
     rt: Runtime,
     turn: Turn,
     reply: dict[str, Any],
-    tokens: int,
+    usage: Any,
     status: str,
     answer: Answer | None = None,
 ) -> None:
     """Store the turn: one statement, retried once on a fresh connection if the first one died.
+
+    The reply's tokens come from the upstream's `usage` (`reply_tokens`), counted inside the
+    write's own task when there is none, so that a cancelled request cannot cut the count short.
 
     Never stores a turn twice: when the first attempt failed after its statement was sent (it
     may have committed before the connection died), the retry stores only if the turn is not
@@ -73,12 +76,13 @@ async def persist(
     With an Idempotency-Key, `answer` (the response as sent) is recorded in the same
     transaction; without an answer to replay (an incomplete turn) the key is released instead.
     """
-    rows = [*turn.new, NewMessage(reply, tokens, status)]
     claim, extra = turn.claim, turn.extra_write
     if claim is not None:
         claim.take()
 
     async def write() -> None:
+        tokens = await reply_tokens(rt, turn.model, reply, usage)
+        rows = [*turn.new, NewMessage(reply, tokens, status)]
         in_doubt = False
         for attempt in (1, 2):
             sent = False
@@ -112,7 +116,7 @@ async def persist(
     await asyncio.shield(task)
 
 
-def reply_tokens(rt: Runtime, model: Any, reply: dict[str, Any], usage: Any) -> int:
+async def reply_tokens(rt: Runtime, model: Any, reply: dict[str, Any], usage: Any) -> int:
     """The reply's tokens as history: the upstream's `usage.completion_tokens` when given.
 
     Reasoning tokens are part of `completion_tokens` but never go back upstream as history, so
@@ -120,7 +124,7 @@ def reply_tokens(rt: Runtime, model: Any, reply: dict[str, Any], usage: Any) -> 
     """
     completion = usage.get("completion_tokens") if isinstance(usage, dict) else None
     if not isinstance(completion, int) or isinstance(completion, bool) or completion < 0:
-        return rt.tokens.message(model, reply)
+        return (await rt.tokens.counts(model, [reply]))[0]  # off the loop when long
     details = usage.get("completion_tokens_details")
     reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
     if isinstance(reasoning, int) and not isinstance(reasoning, bool) and 0 < reasoning:
