@@ -200,10 +200,12 @@ def create_app(
     settings: Settings, *, http_client: httpx.AsyncClient | None = None, freeze: bool = False
 ) -> Litestar:
     """The app; `freeze` (serve's workers) freezes the startup heap (`_frozen`)."""
+    from proxy import mcphttp
     from proxy.routes import admin, chat, direct, health, lifecycle, passthrough, sessions
     from proxy.routes import metrics as metrics_route
 
-    lifespans: list[Any] = [_lifespan(settings, http_client), metrics.lifespan]
+    # The MCP server starts after the runtime its tools use, and stops before it closes.
+    lifespans: list[Any] = [_lifespan(settings, http_client), mcphttp.lifespan, metrics.lifespan]
     if freeze:
         lifespans.append(_frozen)
     app = Litestar(
@@ -214,6 +216,7 @@ def create_app(
             *sessions.handlers,
             *lifecycle.handlers,
             *chat.handlers,
+            *mcphttp.handlers,
             *passthrough.handlers,
         ],
         lifespan=lifespans,

@@ -202,8 +202,9 @@ class Serve:
     """One `chatproxy serve` process; its stdout and stderr go to `log_path`."""
 
     def __init__(self, env: dict[str, str], log_path: Path,
-                 preexec: Callable[[], None] | None = None) -> None:
+                 preexec: Callable[[], None] | None = None, args: tuple[str, ...] = ()) -> None:
         self.preexec = preexec  # run in the child before it starts (e.g. to lower a limit)
+        self.args = args  # after `serve`, e.g. ("--workers", "2")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -216,7 +217,7 @@ class Serve:
     def start(self) -> Serve:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [*chatproxy_command(), "serve"], cwd=ROOT, env=self.env, stdout=log,
+            [*chatproxy_command(), "serve", *self.args], cwd=ROOT, env=self.env, stdout=log,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=self.preexec,
         )
         log.close()
@@ -261,8 +262,8 @@ class Serve:
 
 
 @contextmanager
-def serving(env: dict[str, str], log_path: Path) -> Iterator[Serve]:
-    server = Serve(env, log_path)
+def serving(env: dict[str, str], log_path: Path, *args: str) -> Iterator[Serve]:
+    server = Serve(env, log_path, args=args)
     try:
         yield server.start()
     finally:
