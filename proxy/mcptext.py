@@ -83,24 +83,25 @@ def message_line(message: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def sessions(result: dict[str, Any], offset: int) -> str:
-    found = result["sessions"]
-    if not found:
-        return f"No sessions (total {result['total']}, offset {offset})."
-    head = f"Sessions {offset + 1}-{offset + len(found)} of {result['total']}, most recent first"
+def _page(what: str, lines: list[str], result: dict[str, Any], offset: int,
+          order: str = "") -> str:
+    """A page of a list: what it holds and where it stands, then one entry a line."""
+    if not lines:
+        return f"No {what} at offset {offset} (total {result['total']})."
+    head = f"{what.capitalize()} {offset + 1}-{offset + len(lines)} of {result['total']}{order}"
     if result["has_more"]:
-        head += f" (more: offset {offset + len(found)})"
-    return "\n".join([head + ":", *(f"- {session_line(s)}" for s in found)])
+        head += f" (more: offset {offset + len(lines)})"
+    return "\n".join([head + ":", *lines])
+
+
+def sessions(result: dict[str, Any], offset: int) -> str:
+    lines = [f"- {session_line(s)}" for s in result["sessions"]]
+    return _page("sessions", lines, result, offset, ", most recent first")
 
 
 def messages(session_id: str, result: dict[str, Any], offset: int) -> str:
-    found = result["messages"]
-    if not found:
-        return f"No messages in {session_id} at offset {offset} (total {result['total']})."
-    head = f"Messages {offset + 1}-{offset + len(found)} of {result['total']} in {session_id}"
-    if result["has_more"]:
-        head += f" (more: offset {offset + len(found)})"
-    return "\n".join([head + ":", *(message_line(m) for m in found)])
+    return _page(f"messages of {session_id}", [message_line(m) for m in result["messages"]],
+                 result, offset)
 
 
 def resumed(result: dict[str, Any]) -> str:

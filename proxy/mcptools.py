@@ -9,10 +9,13 @@ written; `proxy.mcpserver` turns it into a tool result with `isError: true`.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+import asyncpg
 
 from proxy import (
     codec,
@@ -131,7 +134,7 @@ async def import_session(rt: Runtime, user_id: str, doc: dict[str, Any]) -> dict
     parsed = document.parse(doc, rt.settings.default_max_history_messages, rt.tokens.message)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         session = await lifecycle.import_session(conn, user_id, parsed)
-    return {"session": await _pruned(rt, user_id, session)}
+    return {"session": await retention.pruned(rt.pool, rt.settings, user_id, session)}
 
 
 async def merge_sessions(
@@ -141,7 +144,7 @@ async def merge_sessions(
     _checked(secondary_id, "secondary_id")
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         session = await lifecycle.merge_sessions(conn, user_id, primary_id, secondary_id)
-    return {"session": await _pruned(rt, user_id, session)}
+    return {"session": await retention.pruned(rt.pool, rt.settings, user_id, session)}
 
 
 async def fork_session(
@@ -151,23 +154,28 @@ async def fork_session(
     name = (session_name is not None, session_name)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         session = await lifecycle.fork_session(conn, user_id, session_id, up_to_seq, name)
-    return {"session": await _pruned(rt, user_id, session)}
+    return {"session": await retention.pruned(rt.pool, rt.settings, user_id, session)}
 
 
 async def clear_session(rt: Runtime, user_id: str, session_id: str) -> dict[str, Any]:
-    _checked(session_id)
-    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        if not await lifecycle.clear_messages(conn, user_id, session_id):
-            raise SessionNotFound(session_id)
+    await _on_own(rt, user_id, session_id, lifecycle.clear_messages)
     return {"session_id": session_id, "cleared": True}
 
 
 async def delete_session(rt: Runtime, user_id: str, session_id: str) -> dict[str, Any]:
+    await _on_own(rt, user_id, session_id, store.soft_delete_session)
+    return {"session_id": session_id, "deleted": True}
+
+
+async def _on_own(
+    rt: Runtime, user_id: str, session_id: str,
+    act: Callable[[asyncpg.Connection, str, str], Awaitable[bool]],
+) -> None:
+    """`act(conn, user_id, session_id)`, which answers whether it found the caller's session."""
     _checked(session_id)
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        if not await store.soft_delete_session(conn, user_id, session_id):
+        if not await act(conn, user_id, session_id):
             raise SessionNotFound(session_id)
-    return {"session_id": session_id, "deleted": True}
 
 
 async def cleanup_sessions(rt: Runtime, user_id: str, older_than: str | None) -> dict[str, Any]:
@@ -187,14 +195,3 @@ async def cleanup_sessions(rt: Runtime, user_id: str, older_than: str | None) ->
             conn, user_id, datetime.now(UTC) - keep_for)
     metrics.retention_deleted(sessions, removed)
     return {"deleted_sessions": sessions, "deleted_messages": removed}
-
-
-async def _pruned(rt: Runtime, user_id: str, session: dict[str, Any]) -> dict[str, Any]:
-    """The session after applying CHATPROXY_MAX_STORED_MESSAGES to what was just added."""
-    keep = rt.settings.max_stored_messages
-    if keep <= 0 or session["message_count"] <= keep:
-        return session
-    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        await retention.prune_session(conn, session["id"], keep)
-        fresh = await store.get_session(conn, user_id, session["id"])
-    return fresh or session

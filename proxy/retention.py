@@ -26,10 +26,11 @@ import logging
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 
-from proxy import db, idempotency, metrics
+from proxy import db, idempotency, metrics, store
 from proxy.config import Settings
 from proxy.errors import DatabaseUnavailable
 from proxy.store import iso
@@ -226,6 +227,20 @@ async def prune_after_turn(pool: db.Pool, settings: Settings, session_id: str) -
     except (DatabaseUnavailable, asyncpg.PostgresError) as exc:
         log.warning("pruning after a turn failed (%s); the hourly job will retry",
                     type(exc).__name__)
+
+
+async def pruned(
+    pool: db.Pool, settings: Settings, user_id: str, session: dict[str, Any]
+) -> dict[str, Any]:
+    """`session` (just imported, forked or merged into) after pruning it to
+    `max_stored_messages`, as it is then."""
+    keep = settings.max_stored_messages
+    if keep <= 0 or session["message_count"] <= keep:
+        return session
+    async with db.connection(pool, settings.db_acquire_timeout) as conn:
+        await prune_session(conn, session["id"], keep)
+        fresh = await store.get_session(conn, user_id, session["id"])
+    return fresh or session
 
 
 # --- the job ----------------------------------------------------------------------------------

@@ -169,3 +169,8 @@ async def test_a_bad_argument_is_a_tool_error_and_changes_nothing(
         text = await refused(mcp, tool, **filled)
     assert message in text
     assert await fingerprint(db, alice) == before
+
+
+async def test_arguments_a_tool_does_not_know_are_ignored(live: Serve, alice: User) -> None:
+    async with over_http(live.url, alice.key) as mcp:
+        assert await ok(mcp, "list_sessions", colour="blue") == await ok(mcp, "list_sessions")

@@ -109,7 +109,7 @@ async def import_session(request: Request[Any, Any, Any]) -> Response[bytes]:
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         session = await lifecycle.import_session(conn, user_id, doc)
     addressed(request, session["id"])
-    return _json(await _pruned(rt, user_id, session), 201)
+    return _json(await retention.pruned(rt.pool, rt.settings, user_id, session), 201)
 
 
 class ForkBody(ExactText):
@@ -130,7 +130,7 @@ async def fork_session(request: Request[Any, Any, Any], session_id: str) -> Resp
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         session = await lifecycle.fork_session(conn, user_id, session_id, body.up_to_seq, name)
     addressed(request, session_id)
-    return _json(await _pruned(rt, user_id, session), 201)
+    return _json(await retention.pruned(rt.pool, rt.settings, user_id, session), 201)
 
 
 class MergeBody(BaseModel):
@@ -156,18 +156,7 @@ async def merge_sessions(request: Request[Any, Any, Any], session_id: str) -> Re
             conn, user_id, session_id, body.source_session_id
         )
     addressed(request, session_id)
-    return _json(await _pruned(rt, user_id, session))
-
-
-async def _pruned(rt: Runtime, user_id: str, session: dict[str, Any]) -> dict[str, Any]:
-    """The session after applying CHATPROXY_MAX_STORED_MESSAGES to what was just added."""
-    keep = rt.settings.max_stored_messages
-    if keep <= 0 or session["message_count"] <= keep:
-        return session
-    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        await retention.prune_session(conn, session["id"], keep)
-        fresh = await store.get_session(conn, user_id, session["id"])
-    return fresh or session
+    return _json(await retention.pruned(rt.pool, rt.settings, user_id, session))
 
 
 handlers = [
