@@ -147,8 +147,6 @@ def transcript(doc: dict[str, Any]) -> str:
              f"- messages: {session['message_count']}, tokens: {session['total_tokens']}",
              f"- created: {session['created_at']}, last message: "
              f"{session['last_message_at'] or 'none'}"]
-    if not session["is_active"]:
-        lines.append("- deleted (restore it with resume_session)")
     if session["system_prompt"]:
         lines += ["", "## System prompt", "", session["system_prompt"]]
     for message in doc["messages"]:

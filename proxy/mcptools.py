@@ -35,10 +35,10 @@ from proxy.routes.parsing import is_session_id
 from proxy.tokens import REPLY_PRIMING
 
 
-def _checked(session_id: str, param: str = "session_id") -> str:
+def _checked(session_id: str, param: str = "session_id") -> None:
+    """A string that cannot be a session id names none: not found, without a query."""
     if not is_session_id(session_id):  # e.g. a NUL, which PostgreSQL cannot take
         raise SessionNotFound(session_id, param=param)
-    return session_id
 
 
 async def list_sessions(
