@@ -1,4 +1,4 @@
-"""The `chatproxy` command: serve, migrate, users, keys, cleanup, sessions, doctor.
+"""The `chatproxy` command: serve, migrate, users, keys, cleanup, sessions, doctor, mcp.
 
 Every command works whether or not a server is running on the same data directory: they all
 join the one embedded cluster (or use the configured URL). Only `serve` and `migrate` create a
@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     import_ = sessions.add_parser("import", help="create a session from an export document")
     import_.add_argument("file", help="the export document; - reads standard input")
     import_.add_argument("--user", required=True, help="the new session's owner (name or id)")
+
+    mcp = commands.add_parser("mcp", help="serve the MCP session tools over stdio")
+    mcp.add_argument("--user", required=True, help="the user the tools act as (name or id)")
     return parser
 
 
@@ -343,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
             from proxy import doctor
 
             return asyncio.run(doctor.check(settings, os.environ))
+        if args.command == "mcp":
+            from proxy.mcp import stdio as mcpstdio
+
+            return asyncio.run(mcpstdio.serve(settings, args.user))
         action = ACTIONS[(args.command, getattr(args, "action", None))]
         return asyncio.run(_with_connection(settings, lambda conn: action(conn, args)))
     except ConfigError as exc:

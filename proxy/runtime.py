@@ -7,9 +7,11 @@ The lifespan (proxy/app.py) puts one `Runtime` on `app.state.rt`; handlers reach
 from __future__ import annotations
 
 import asyncio
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import asyncpg
 import httpx
 
 from proxy import db, keylease
@@ -33,6 +35,15 @@ class Runtime:
     # Keys this process verified: trusted under a lease, and while the database is down
     # (proxy/keylease.py).
     keys: keylease.KeyLease = field(default_factory=keylease.KeyLease)
+
+    def connection(self, *, bulk: bool = False) -> AbstractAsyncContextManager[asyncpg.Connection]:
+        """A pooled connection (`db.connection`); `bulk` for statements that grow with a
+        whole session's rows (import, export, fork, merge, clear, pruning), which get
+        `db_bulk_timeout` instead of `db_statement_timeout`."""
+        return db.connection(
+            self.pool, self.settings.db_acquire_timeout,
+            statement_timeout=self.settings.db_bulk_timeout if bulk else None,
+        )
 
     def track(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
         self.writes.add(task)

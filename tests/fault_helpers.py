@@ -321,8 +321,8 @@ class Serve:
 
 
 @contextmanager
-def serving(env: dict[str, str], log_path: Path) -> Iterator[Serve]:
-    server = Serve(env, log_path)
+def serving(env: dict[str, str], log_path: Path, *args: str) -> Iterator[Serve]:
+    server = Serve(env, log_path, args=args)
     try:
         yield server.start()
     finally:

@@ -18,6 +18,8 @@ import httpx
 import pytest
 import respx
 
+from proxy import auth
+from proxy.store import users
 from proxy.config import Settings
 from proxy.errors import DatabaseUnavailable, UpstreamError, UpstreamTimeout
 from proxy.migrate import migrate
@@ -191,6 +193,47 @@ async def test_database_down_fails_closed_fast_and_sessionless_chat_passes(
         assert r.status_code == 200
         r = await client.post("/v1/chat/completions", json=chat(), headers=stranger.headers)
         assert r.status_code == 401
+
+
+def mcp_call(tool: str, **arguments: Any) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": tool, "arguments": arguments}}
+
+
+def mcp_headers(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}", "Accept": "application/json, text/event-stream",
+            "MCP-Protocol-Version": "2025-11-25"}
+
+
+async def test_mcp_with_the_database_down_is_503_or_a_tool_error(
+    running: PrivateCluster, fsettings: Settings, carol: User, fdb: asyncpg.Connection
+) -> None:
+    spare = auth.generate_key()  # carol's too, but never used before the outage
+    assert await users.create_key(fdb, carol.id, auth.hash_key(spare), spare[:12], "spare")
+    async with app_client(fsettings) as client:
+        r = await client.post("/mcp", json=mcp_call("list_sessions"),
+                              headers=mcp_headers(carol.key))
+        assert r.status_code == 200 and not r.json()["result"]["isError"], r.text
+        await asyncio.to_thread(running.stop)
+
+        # A key this process never verified is refused before the MCP layer: fail closed.
+        r = await asyncio.wait_for(client.post(
+            "/mcp", json=mcp_call("list_sessions"), headers=mcp_headers(spare)), WITHIN)
+        assert (r.status_code, r.json()) == (503, UNAVAILABLE)
+        # The key just verified may still pass under its lease; then the tool says it.
+        r = await asyncio.wait_for(client.post(
+            "/mcp", json=mcp_call("list_sessions"), headers=mcp_headers(carol.key)), WITHIN)
+        if r.status_code == 200:
+            result = r.json()["result"]
+            assert result["isError"] and result["content"][0]["text"] == (
+                "Error executing tool list_sessions: " + UNAVAILABLE["error"]["message"])
+        else:
+            assert (r.status_code, r.json()) == (503, UNAVAILABLE)
+
+        await asyncio.to_thread(running.start)
+        r = await client.post("/mcp", json=mcp_call("list_sessions"),
+                              headers=mcp_headers(spare))
+        assert r.status_code == 200 and not r.json()["result"]["isError"], r.text
 
 
 async def test_pool_recovers_after_restart_with_every_connection_in_use_before(

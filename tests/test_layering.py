@@ -21,7 +21,7 @@ WEB = ("litestar", "starlette", "uvicorn")
 # The README's layers, top first: a module imports from its own layer or below.
 LAYERS = [
     ("proxy.__main__", "proxy.app", "proxy.doctor", "proxy.server"),
-    ("proxy.routes",),
+    ("proxy.routes", "proxy.mcp"),
     ("proxy.access", "proxy.reading", "proxy.rawrequest", "proxy.chatbody", "proxy.openapi",
      "proxy.listing"),
     ("proxy.turns",),

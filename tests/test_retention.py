@@ -151,7 +151,7 @@ async def test_expired_sessions_go_in_small_batches(conn, owner) -> None:
     assert (report.inactive_sessions, report.messages) == (25, 25)
     assert await remaining(conn) == {kept}
     # 10 + 10 + 5, then one that finds nothing: each batch its own statement.
-    assert statements.count(retention_sql._PURGE) == 4
+    assert statements.count(retention_sql._PURGE_ALL) == 4
 
 
 async def test_a_batch_holds_few_messages_but_at_least_one_session(conn, owner) -> None:
@@ -165,7 +165,7 @@ async def test_a_batch_holds_few_messages_but_at_least_one_session(conn, owner) 
     assert await remaining(conn) == set()
     # Whatever order the sessions come in, a batch of 4 messages holds at most two of them
     # (or one longer one): more than two statements, and one that finds nothing.
-    assert 3 <= statements.count(retention_sql._PURGE) - 1 <= 4
+    assert 3 <= statements.count(retention_sql._PURGE_ALL) - 1 <= 4
 
 
 async def test_retention_off_keeps_everything(conn, owner) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, aclosing
+from contextlib import aclosing
 from typing import Any
 
 from litestar import Request, Response, delete, get, post
@@ -30,12 +30,6 @@ from proxy.validation import parse_model
 
 MAX_SEQ = 2**62
 TAGS = ["session lifecycle"]
-
-
-def _bulk(rt: Runtime) -> AbstractAsyncContextManager[Any]:
-    """A connection whose statements may take as long as a whole session's rows need."""
-    return db.connection(rt.pool, rt.settings.db_acquire_timeout,
-                         statement_timeout=rt.settings.db_bulk_timeout)
 
 
 def _json(value: Any, status_code: int = 200) -> Response[bytes]:
@@ -64,7 +58,7 @@ async def restore_session(request: Request[Any, Any, Any], session_id: str) -> R
 async def clear_messages(request: Request[Any, Any, Any], session_id: str) -> Response[None]:
     user_id = await authenticate(request)
     rt = runtime(request)
-    async with _bulk(rt) as conn:
+    async with rt.connection(bulk=True) as conn:
         cleared = await lifecycle.clear_messages(conn, user_id, session_id)
     if not cleared:
         raise SessionNotFound(session_id)
@@ -74,7 +68,7 @@ async def clear_messages(request: Request[Any, Any, Any], session_id: str) -> Re
 
 async def _export_chunks(rt: Runtime, user_id: str, session_id: str) -> AsyncIterator[bytes]:
     # Its own connection, held while the body streams and released however the stream ends.
-    async with _bulk(rt) as conn:
+    async with rt.connection(bulk=True) as conn:
         async with aclosing(
             lifecycle.export_document(conn, session_id, user_id=user_id)
         ) as chunks:
@@ -112,10 +106,10 @@ async def import_session(request: Request[Any, Any, Any]) -> Response[bytes]:
         document.parse, await read_json(request), rt.settings.default_max_history_messages,
         rt.tokens.message,
     )
-    async with _bulk(rt) as conn:
+    async with rt.connection(bulk=True) as conn:
         session = await lifecycle.import_session(conn, user_id, doc)
     addressed(request, session["id"])
-    return _json(await _pruned(rt, user_id, session), 201)
+    return _json(await retention.pruned(rt.pool, rt.settings, user_id, session), 201)
 
 
 class ForkBody(ExactText):
@@ -133,10 +127,10 @@ async def fork_session(request: Request[Any, Any, Any], session_id: str) -> Resp
     rt = runtime(request)
     body = parse_model(ForkBody, await read_json(request, empty={}))
     name = ("session_name" in body.model_fields_set, body.session_name)
-    async with _bulk(rt) as conn:
+    async with rt.connection(bulk=True) as conn:
         session = await lifecycle.fork_session(conn, user_id, session_id, body.up_to_seq, name)
     addressed(request, session_id)
-    return _json(await _pruned(rt, user_id, session), 201)
+    return _json(await retention.pruned(rt.pool, rt.settings, user_id, session), 201)
 
 
 class MergeBody(BaseModel):
@@ -157,23 +151,12 @@ async def merge_sessions(request: Request[Any, Any, Any], session_id: str) -> Re
     body = parse_model(MergeBody, await read_json(request, empty={}))
     if not is_session_id(body.source_session_id):  # e.g. a NUL, which PostgreSQL cannot take
         raise SessionNotFound(body.source_session_id, param="source_session_id")
-    async with _bulk(rt) as conn:
+    async with rt.connection(bulk=True) as conn:
         session = await lifecycle.merge_sessions(
             conn, user_id, session_id, body.source_session_id
         )
     addressed(request, session_id)
-    return _json(await _pruned(rt, user_id, session))
-
-
-async def _pruned(rt: Runtime, user_id: str, session: dict[str, Any]) -> dict[str, Any]:
-    """The session after applying CHATPROXY_MAX_STORED_MESSAGES to what was just added."""
-    keep = rt.settings.max_stored_messages
-    if keep <= 0 or session["message_count"] <= keep:
-        return session
-    async with _bulk(rt) as conn:
-        await retention.prune_session(conn, session["id"], keep)
-        fresh = await sessions.get_session(conn, user_id, session["id"])
-    return fresh or session
+    return _json(await retention.pruned(rt.pool, rt.settings, user_id, session))
 
 
 handlers = [

@@ -12,7 +12,7 @@ import asyncpg
 _PURGE = """
     WITH candidates AS (
         SELECT id, message_count FROM chat_sessions
-        WHERE updated_at < $1 OR deleted_at < $1
+        WHERE (updated_at < $1 OR deleted_at < $1){owner}
         LIMIT $2
         FOR UPDATE SKIP LOCKED
     ), doomed AS (
@@ -27,13 +27,22 @@ _PURGE = """
     WHERE s.id = doomed.id AND (s.updated_at < $1 OR s.deleted_at < $1)
     RETURNING s.is_active, s.message_count
 """
+# Everyone's (the retention job), or one user's (MCP's `cleanup_sessions`): two statements, so
+# each keeps a plan of its own.
+_PURGE_ALL = _PURGE.format(owner="")
+_PURGE_OWN = _PURGE.format(owner=" AND user_id = $4")
 
 
 async def purge_batch(
-    conn: asyncpg.Connection, cutoff: datetime, batch: int, batch_messages: int
+    conn: asyncpg.Connection, cutoff: datetime, batch: int, batch_messages: int,
+    user_id: str | None = None,
 ) -> list[tuple[bool, int]]:
-    """One batch of expired sessions deleted: (was it active, its message count) for each."""
-    rows = await conn.fetch(_PURGE, cutoff, batch, batch_messages)
+    """One batch of expired sessions deleted (only `user_id`'s, when given): (was it active,
+    its message count) for each."""
+    if user_id is None:
+        rows = await conn.fetch(_PURGE_ALL, cutoff, batch, batch_messages)
+    else:
+        rows = await conn.fetch(_PURGE_OWN, cutoff, batch, batch_messages, user_id)
     return [(row["is_active"], row["message_count"]) for row in rows]
 
 

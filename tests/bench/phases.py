@@ -306,7 +306,43 @@ def history_size(b: Bench, groups: dict[str, tuple[list[str], int]]) -> None:
           f"{ratio:.2f}x", "<= 1.2x", check(ratio, 1.2))
 
 
-# --- 5. 500 open slow streams ---------------------------------------------------------------
+# --- 5. MCP against the REST request it stands for -------------------------------------------
+
+MCP_HEADERS = {"Accept": "application/json, text/event-stream",
+               "MCP-Protocol-Version": "2025-11-25"}
+
+
+def mcp_call(tool: str, **arguments: Any) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": tool, "arguments": arguments}}
+
+
+def mcp(b: Bench) -> None:
+    """`list_sessions` as an MCP tool call on `/mcp` (stateless: one POST, a JSON answer)
+    against `GET /v1/chat/sessions`, both listing the bench user's 20 most recent sessions."""
+    section = "MCP: a tool call on /mcp against the same REST request (concurrency 1)"
+    p = b.main
+    auth = {"Authorization": f"Bearer {b.key}"}
+    call = mcp_call("list_sessions")
+    answer = procs.http_json(f"{p.url}/mcp", call, {**auth, **MCP_HEADERS})
+    result = answer["result"]  # a tool error would be a 200 too: check the answer first
+    assert not result["isError"] and len(result["structuredContent"]["sessions"]) == 20, answer
+    rest = {"name": "GET /v1/chat/sessions", "method": "GET", "url": f"{p.url}/v1/chat/sessions",
+            "headers": auth, "bodies": [""], "cpu_pids": [p.pid]}
+    tool = {"name": "list_sessions over /mcp", "url": f"{p.url}/mcp",
+            "headers": {**auth, **MCP_HEADERS}, "bodies": [json.dumps(call)],
+            "cpu_pids": [p.pid]}
+    res = load("request", 1, [rest, tool], b.rounds, b.window)
+    b.raw["mcp"] = res
+    for name in (rest["name"], tool["name"]):
+        s = latency_summary(res[name])
+        b.row(section, f"{name}: p50 / p99", f"{fmt_ms(s['p50_ms'])} / {fmt_ms(s['p99_ms'])}")
+    added = added_p50(res[tool["name"]], res[rest["name"]])
+    b.row(section, "list_sessions over /mcp: added p50 over the REST request", fmt_ms(added),
+          "<= 1 ms", check(added, 1.0))
+
+
+# --- 6. 500 open slow streams ---------------------------------------------------------------
 
 
 def open_streams(b: Bench, n: int = 500) -> None:

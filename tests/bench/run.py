@@ -38,8 +38,8 @@ import spy
 from report import markdown, render
 
 RESULTS = procs.BENCH / "results"
-PHASES = ("hops", "streams", "latency", "throughput", "streaming", "history", "roundtrips",
-          "search")
+PHASES = ("hops", "streams", "latency", "throughput", "streaming", "history", "mcp",
+          "roundtrips", "search")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -256,6 +256,8 @@ def _measure(args: argparse.Namespace, run: procs.Procs, db: procs.Database, tmp
         _timed("streaming", lambda: phases.streaming(b))
     if "history" in only:
         _timed("history against session size", lambda: phases.history_size(b, groups))
+    if "mcp" in only:
+        _timed("MCP against REST", lambda: phases.mcp(b))
     if "roundtrips" in only:
         _timed("database round trips", lambda: roundtrips.round_trips(b, run, tmp))
     if "search" in only:

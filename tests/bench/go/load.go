@@ -26,6 +26,7 @@ import (
 
 type target struct {
 	Name    string            `json:"name"`
+	Method  string            `json:"method"` // default POST; a GET is sent without a body
 	URL     string            `json:"url"`
 	Headers map[string]string `json:"headers"`
 	Bodies  []string          `json:"bodies"`

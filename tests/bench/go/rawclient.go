@@ -25,7 +25,7 @@ type rawConn struct {
 	line []byte // the SSE line being assembled across chunks
 }
 
-// buildRequest serializes one POST of `body` to target t.
+// buildRequest serializes one request of `body` to target t (a POST unless t.Method says).
 func buildRequest(t *target, body string) ([]byte, string, error) {
 	u, err := url.Parse(t.URL)
 	if err != nil {
@@ -39,6 +39,14 @@ func buildRequest(t *target, body string) ([]byte, string, error) {
 		addr += ":80"
 	}
 	var b bytes.Buffer
+	if t.Method == "GET" {
+		fmt.Fprintf(&b, "GET %s HTTP/1.1\r\nHost: %s\r\n", u.RequestURI(), u.Host)
+		for k, v := range t.Headers {
+			fmt.Fprintf(&b, "%s: %s\r\n", k, v)
+		}
+		b.WriteString("\r\n")
+		return b.Bytes(), addr, nil
+	}
 	fmt.Fprintf(&b, "POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n", u.RequestURI(), u.Host)
 	for k, v := range t.Headers {
 		fmt.Fprintf(&b, "%s: %s\r\n", k, v)

@@ -1,0 +1,1 @@
+"""MCP: the session tools for assistants (contract §9), over Streamable HTTP and stdio."""

@@ -1,0 +1,199 @@
+"""What the MCP tools do (contract §9), free of MCP: each one acts as `user_id` and answers a dict.
+
+Every tool is a short recipe over the functions the sessions API uses (`proxy.store`,
+`proxy.lifecycle`, `proxy.messages`, `proxy.document`, `proxy.retention`), so REST and MCP
+share their SQL, their validation and their ownership rule: another user's session is the same
+`SessionNotFound` as a missing one. A bad argument raises a `ProxyError` before anything is
+written; `proxy.mcp.server` turns it into a tool result with `isError: true`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from proxy import codec, document, history, metrics, retention, searchtext
+from proxy.errors import BadRequest, SessionNotFound
+from proxy.ids import is_session_id
+from proxy.runtime import Runtime
+from proxy.store import lifecycle, messages, sessions
+from proxy.tokens import REPLY_PRIMING
+
+
+def _checked(session_id: str, param: str = "session_id") -> None:
+    """A string that cannot be a session id names none: not found, without a query."""
+    if not is_session_id(session_id):  # e.g. a NUL, which PostgreSQL cannot take
+        raise SessionNotFound(session_id, param=param)
+
+
+async def list_sessions(
+    rt: Runtime, user_id: str, include_inactive: bool, limit: int, offset: int,
+    query: str | None = None,
+) -> dict[str, Any]:
+    """A page of the caller's sessions; with `query`, those whose name or a message holds
+    every word of it (contract §12's search)."""
+    where = None
+    if query is not None:
+        try:
+            words = searchtext.query_words(query)
+        except searchtext.BadQuery as exc:
+            raise BadRequest(str(exc).replace("q ", "query ", 1), param="query") from None
+        where = sessions.SessionFilter(query=searchtext.tsquery(words))
+    async with rt.connection() as conn:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
+            data, total, _ = await sessions.list_sessions(
+                conn, user_id, limit, offset, include_inactive, where=where)
+    return {"sessions": data, "total": total, "has_more": offset + len(data) < total}
+
+
+async def get_messages(
+    rt: Runtime, user_id: str, session_id: str, limit: int, offset: int, descending: bool
+) -> dict[str, Any]:
+    _checked(session_id)
+    async with rt.connection() as conn:
+        # One snapshot, so that `total` and `has_more` agree with the page.
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            session = await sessions.get_session(conn, user_id, session_id)
+            if session is None:
+                raise SessionNotFound(session_id)
+            data = await messages.list_messages(conn, session_id, limit, offset, descending)
+    total = session["message_count"]
+    return {"messages": data, "total": total, "has_more": offset + len(data) < total}
+
+
+@dataclass(frozen=True, slots=True)
+class _Windowed:
+    """A stored message object as the history rules see it (`proxy.history.Message`)."""
+
+    role: str
+    tokens: int
+    calls: tuple[str | None, ...]
+    answers: str | None
+    message: dict[str, Any]
+
+
+def _windowed(message: dict[str, Any]) -> _Windowed:
+    role, calls, answers = message["role"], message.get("tool_calls"), message.get("tool_call_id")
+    ids = tuple(
+        c.get("id") if isinstance(c, dict) and isinstance(c.get("id"), str) else None
+        for c in calls
+    ) if role == "assistant" and isinstance(calls, list) else ()
+    return _Windowed(role, message["tokens"], ids,
+                     answers if role == "tool" and isinstance(answers, str) else None, message)
+
+
+async def resume_session(rt: Runtime, user_id: str, session_id: str) -> dict[str, Any]:
+    """Restore the session (if it was deleted) and the history a turn on it would be sent now.
+
+    That is contract §7 for a turn on the session's own model that brings no messages and no
+    `max_tokens`: the newest `max_history_messages`, tool exchanges whole, within the model's
+    context window less its reply reserve and the system prompt, and `max_history_tokens`.
+    """
+    _checked(session_id)
+    async with rt.connection() as conn:
+        session = await lifecycle.restore_session(conn, user_id, session_id)
+        if session is None:
+            raise SessionNotFound(session_id)
+        newest = await messages.list_messages(
+            conn, session_id, session["max_history_messages"], 0, True)
+    model, prompt = session["model"], session["system_prompt"]
+    info = rt.tokens.table.lookup(model)
+    head = rt.tokens.message(model, {"role": "system", "content": prompt}) if prompt else 0
+    budget = history.budget(info.context_window, info.reserve_output_tokens,
+                            head + REPLY_PRIMING)
+    window = [_windowed(m) for m in reversed(newest)]
+    trimmed = history.trim(window, budget, session["max_history_tokens"])
+    return {"session": session, "messages": [m.message for m in trimmed.messages]}
+
+
+async def create_session(rt: Runtime, user_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+    fields.setdefault("max_history_messages", rt.settings.default_max_history_messages)
+    async with rt.connection() as conn:
+        session = await sessions.create_session(conn, user_id, fields)
+    return {"session": session}
+
+
+async def export_session(rt: Runtime, user_id: str, session_id: str) -> dict[str, Any]:
+    """The export document of contract §5, whole (an MCP result is one message)."""
+    _checked(session_id)
+    async with rt.connection(bulk=True) as conn:
+        async with aclosing(
+            lifecycle.export_document(conn, session_id, user_id=user_id)
+        ) as chunks:
+            raw = b"".join([chunk async for chunk in chunks])
+    doc: dict[str, Any] = codec.loads(raw)
+    return doc
+
+
+async def import_session(rt: Runtime, user_id: str, doc: dict[str, Any]) -> dict[str, Any]:
+    parsed = await asyncio.to_thread(  # counting a large document must not stall the loop
+        document.parse, doc, rt.settings.default_max_history_messages, rt.tokens.message)
+    async with rt.connection(bulk=True) as conn:
+        session = await lifecycle.import_session(conn, user_id, parsed)
+    return {"session": await retention.pruned(rt.pool, rt.settings, user_id, session)}
+
+
+async def merge_sessions(
+    rt: Runtime, user_id: str, primary_id: str, secondary_id: str
+) -> dict[str, Any]:
+    _checked(primary_id, "primary_id")
+    _checked(secondary_id, "secondary_id")
+    async with rt.connection(bulk=True) as conn:
+        session = await lifecycle.merge_sessions(conn, user_id, primary_id, secondary_id)
+    return {"session": await retention.pruned(rt.pool, rt.settings, user_id, session)}
+
+
+async def fork_session(
+    rt: Runtime, user_id: str, session_id: str, up_to_seq: int | None, session_name: str | None
+) -> dict[str, Any]:
+    _checked(session_id)
+    name = (session_name is not None, session_name)
+    async with rt.connection(bulk=True) as conn:
+        session = await lifecycle.fork_session(conn, user_id, session_id, up_to_seq, name)
+    return {"session": await retention.pruned(rt.pool, rt.settings, user_id, session)}
+
+
+async def clear_session(rt: Runtime, user_id: str, session_id: str) -> dict[str, Any]:
+    await _on_own(rt, user_id, session_id, lifecycle.clear_messages)
+    return {"session_id": session_id, "cleared": True}
+
+
+async def delete_session(rt: Runtime, user_id: str, session_id: str) -> dict[str, Any]:
+    await _on_own(rt, user_id, session_id, sessions.soft_delete_session)
+    return {"session_id": session_id, "deleted": True}
+
+
+async def _on_own(
+    rt: Runtime, user_id: str, session_id: str,
+    act: Callable[[asyncpg.Connection, str, str], Awaitable[bool]],
+) -> None:
+    """`act(conn, user_id, session_id)`, which answers whether it found the caller's session."""
+    _checked(session_id)
+    async with rt.connection(bulk=True) as conn:  # clearing deletes a whole session's rows
+        if not await act(conn, user_id, session_id):
+            raise SessionNotFound(session_id)
+
+
+async def cleanup_sessions(rt: Runtime, user_id: str, older_than: str | None) -> dict[str, Any]:
+    """The caller's own retention run; `older_than` (`7d`) or else the configured retention."""
+    period = None
+    if older_than is not None:
+        try:
+            period = retention.parse_duration(older_than)
+        except ValueError:
+            raise BadRequest("older_than must be a duration like 30s, 15m, 12h, 7d or 2w "
+                             "(at most 36500d)", param="older_than") from None
+    keep_for = retention.retention_of(rt.settings, period)
+    if keep_for is None:  # CHATPROXY_RETENTION_DAYS=0 keeps everything, unless told otherwise
+        return {"deleted_sessions": 0, "deleted_messages": 0}
+    async with rt.connection(bulk=True) as conn:
+        inactive, deleted, removed = await retention.purge_expired(
+            conn, datetime.now(UTC) - keep_for, user_id=user_id)
+    metrics.retention_deleted(inactive + deleted, removed)
+    return {"deleted_sessions": inactive + deleted, "deleted_messages": removed}
