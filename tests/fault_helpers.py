@@ -269,6 +269,11 @@ class Serve:
         self.log_path = log_path
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CHATPROXY_")}
         self.env.pop("OPENAI_API_KEY", None)
+        # The machine's proxy settings would send the fake upstreams' traffic elsewhere; a test
+        # that wants a proxy passes one in `env`.
+        for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+            self.env.pop(name, None)
+            self.env.pop(name.upper(), None)
         self.env.update(env)
         self.env["CHATPROXY_PORT"] = str(self.port)
         self.process: subprocess.Popen[bytes] | None = None

@@ -19,10 +19,10 @@ import pytest
 import respx
 
 from proxy import auth
-from proxy.store import users
 from proxy.config import Settings
 from proxy.errors import DatabaseUnavailable, UpstreamError, UpstreamTimeout
 from proxy.migrate import migrate
+from proxy.store import users
 from proxy.upstream import MAX_UPSTREAM_BODY
 from tests.conftest import ADMIN_KEY, ROOT, UPSTREAM, UPSTREAM_KEY, User, make_user
 from tests.fault_helpers import PrivateCluster, answering, app_client, completion, scratch_dir

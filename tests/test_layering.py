@@ -29,8 +29,8 @@ LAYERS = [
      "proxy.history", "proxy.tokens", "proxy.sse", "proxy.searchtext", "proxy.searchindex",
      "proxy.db", "proxy.pool", "proxy.migrate", "proxy.retention", "proxy.keylease", "proxy.auth",
      "proxy.metrics", "proxy.logs", "proxy.runtime"),
-    ("proxy.errors", "proxy.codec", "proxy.config", "proxy.schemas", "proxy.validation",
-     "proxy.document", "proxy.ids", "proxy.timefmt", "proxy.cursor"),
+    ("proxy.errors", "proxy.codec", "proxy.config", "proxy.proxyenv", "proxy.schemas",
+     "proxy.validation", "proxy.document", "proxy.ids", "proxy.timefmt", "proxy.cursor"),
 ]
 HTTP_SIDE = ("proxy.app", "proxy.routes", "proxy.access", "proxy.reading", "proxy.rawrequest",
              "proxy.streamresponse", "proxy.openapi", "proxy.validation", "proxy.chatbody")

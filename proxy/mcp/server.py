@@ -262,7 +262,7 @@ def build(runtime: Callable[[], Runtime], caller: Caller) -> MCPServer:
         work = mcptools.cleanup_sessions(runtime(), caller(ctx), older_than)
         return await _answer(work, lambda r: mcptext.cleaned(r, older_than))
 
-    @server.resource(  # type: ignore[untyped-decorator]  # the SDK's decorator has no types
+    @server.resource(  # type: ignore[untyped-decorator, unused-ignore]  # untyped in some SDKs
         TRANSCRIPT, name="transcript", mime_type="text/markdown",
         description="A session's whole conversation as Markdown: roles, tool calls with their "
         "arguments, tool results; cut-off replies are marked.")
