@@ -6,6 +6,7 @@
      ├── Forbidden                  403 insufficient_permissions
      ├── NotFound                   404 not_found
      │    └── SessionNotFound       404 session_not_found
+     │         └── SessionGone      404 session_not_found (deleted while a turn ran)
      ├── MethodNotAllowed           405 method_not_allowed
      ├── RequestTimeout             408 request_timeout (no whole request head in time)
      ├── Conflict                   409 conflict / idempotency_key_in_use
@@ -90,6 +91,16 @@ class SessionNotFound(NotFound):
         # The id is echoed only when it has the shape of ours, so hostile text is never reflected.
         shown = session_id if is_session_id(session_id) else "(malformed id)"
         super().__init__(f"Session {shown} not found", param=param)
+
+
+class SessionGone(SessionNotFound):
+    """The session was deleted (or merged into another) while a turn on it ran: the turn's
+    write found it inactive and stored nothing."""
+
+    def __init__(self, session_id: str):
+        super().__init__(session_id)
+        shown = self.message.removeprefix("Session ").removesuffix(" not found")
+        self.message = f"Session {shown} was deleted while this turn ran; the turn was not stored"
 
 
 def unknown_route(method: str, path: str) -> NotFound:

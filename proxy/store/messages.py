@@ -6,6 +6,9 @@ next to the few columns the trimming rules need (`role`, `has_tool_calls`, `toke
 
 from __future__ import annotations
 
+import secrets
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,42 +165,53 @@ _READ_BY_USER = _read_turn(
 )
 
 
+class StoredEarlier(Exception):
+    """The turn's id is already stored: an earlier attempt of this write committed."""
+
+
+def new_turn_id() -> uuid.UUID:
+    """A turn's id: a millisecond clock, then random bits (time-ordered, as `chat_turns`'s
+    index likes them; the random part keeps two ids of one millisecond apart)."""
+    return uuid.UUID(int=(time.time_ns() // 1_000_000) << 80 | secrets.randbits(80))
+
+
 async def store_turn(
     conn: asyncpg.Connection,
     session_id: str,
     messages: list[NewMessage],
     *,
-    unless_stored: bool = False,
+    turn_id: uuid.UUID | None = None,
 ) -> int:
     """Append `messages` with consecutive seqs in one statement; returns how many were stored.
 
     The UPDATE takes the session row's lock, so concurrent turns on one session (from any
-    process) queue there and each gets its own adjacent run of seqs.
+    process) queue there and each gets its own adjacent run of seqs. Only an active session
+    takes a turn: 0 means it was deleted (or merged away) since the turn read it, and nothing
+    was stored.
 
-    `unless_stored` is for a retry after a write whose outcome is unknown (its connection died
-    after the statement was sent): under the session's lock, the turn is stored only if the
-    same messages are not already the newest run of a recent write. Rare, so three round trips.
+    `turn_id` (sql/006_turn_ids.sql) is stored with the turn; a write retried with the same id
+    after its first attempt committed raises StoredEarlier and stores nothing again (a first
+    attempt still running is waited for, on the id's index entry).
     """
     if not messages:
         return 0
-    args = (
-        session_id,
-        [m.role for m in messages],
-        [m.has_tool_calls for m in messages],
-        [m.tokens for m in messages],
-        [codec.dumps_text(m.message) for m in messages],
-        [m.status for m in messages],
-        [searchtext.message_words(m.message) for m in messages],  # the search column's words
-    )
-    if not unless_stored:
-        count: int = await conn.fetchval(_STORE_TURN, *args)
-        return count
-    async with conn.transaction():
-        await conn.execute("SELECT 1 FROM chat_sessions WHERE id = $1 FOR UPDATE", session_id)
-        if await conn.fetchval(_TURN_STORED, session_id, args[4]):
-            return 0
-        count = await conn.fetchval(_STORE_TURN, *args)
-        return count
+    try:
+        count: int = await conn.fetchval(
+            _STORE_TURN,
+            session_id,
+            [m.role for m in messages],
+            [m.has_tool_calls for m in messages],
+            [m.tokens for m in messages],
+            [codec.dumps_text(m.message) for m in messages],
+            [m.status for m in messages],
+            [searchtext.message_words(m.message) for m in messages],  # the search column's words
+            turn_id or new_turn_id(),
+        )
+    except asyncpg.UniqueViolationError as exc:
+        if exc.table_name != "chat_turns":
+            raise
+        raise StoredEarlier() from None
+    return count
 
 
 _STORE_TURN = """
@@ -208,8 +222,10 @@ _STORE_TURN = """
             total_tokens = total_tokens + (SELECT COALESCE(sum(t), 0) FROM unnest($4::int[]) t),
             last_message_at = now(),
             updated_at = now()
-        WHERE id = $1
+        WHERE id = $1 AND is_active
         RETURNING next_seq - cardinality($2::text[]) AS base
+    ), turn AS (
+        INSERT INTO chat_turns (turn_id) SELECT $8 FROM s
     ), ins AS (
         INSERT INTO chat_messages
             (session_id, seq, role, has_tool_calls, tokens, body, status, search)
@@ -220,18 +236,6 @@ _STORE_TURN = """
         RETURNING 1
     )
     SELECT count(*) FROM ins
-"""
-
-# A run of consecutive seqs, written in the last minutes, whose bodies are exactly the turn's.
-_TURN_STORED = """
-    SELECT EXISTS (
-        SELECT 1 FROM chat_messages m
-        WHERE m.session_id = $1 AND m.body = ($2::text[])[1]
-          AND m.created_at > now() - interval '2 minutes'
-          AND (SELECT array_agg(x.body ORDER BY x.seq) FROM chat_messages x
-               WHERE x.session_id = $1 AND x.seq >= m.seq
-                 AND x.seq < m.seq + cardinality($2::text[])) = $2::text[]
-    )
 """
 
 

@@ -21,7 +21,7 @@ import httpx
 
 from proxy import codec, metrics
 from proxy import upstream as up
-from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
+from proxy.errors import InternalError, ProxyError, UpstreamError, UpstreamTimeout
 from proxy.runtime import Runtime
 from proxy.sse import DONE, EventSplitter, EventTooLarge, ReplyAssembler, event_data
 from proxy.store.idempotency import Answer
@@ -123,8 +123,11 @@ async def relay(
             stored = True
             try:
                 await write("complete" if failure is None else "incomplete")
-            except ProxyError as exc:
+            except ProxyError as exc:  # the database, or the session gone meanwhile
                 failure = exc
+            except Exception:  # a bug: still an error event, never a stream cut short
+                log.exception("a streamed turn could not be stored")
+                failure = InternalError()
         if failure is None and done_event is not None:
             yield Event(done_event, done=True)
         else:
@@ -171,8 +174,10 @@ async def _abandon(
         if write is not None:
             try:
                 await write()
-            except ProxyError:
-                log.warning("an incomplete streamed turn could not be stored: database unavailable")
+            except ProxyError as exc:
+                log.warning("an incomplete streamed turn could not be stored: %s", exc.code)
+            except Exception:
+                log.exception("an incomplete streamed turn could not be stored")
     finally:
         if held is not None:
             await held.aclose()
