@@ -16,3 +16,11 @@ CREATE TABLE chat_turns (
     turn_id     uuid PRIMARY KEY,
     stored_at   timestamptz NOT NULL DEFAULT now()
 );
+
+-- An Idempotency-Key's claim, by a token of its own (proxy/store/idempotency.py): only the
+-- request holding the claim settles or releases it, so a request that could not tell whether
+-- its claim went in (the connection died) can give it back without touching another's, and a
+-- request whose claim went stale and was taken over settles nothing. Claims made before this
+-- column existed have none; they are released when they go stale, as before. Adding a
+-- nullable column rewrites nothing.
+ALTER TABLE idempotency_keys ADD COLUMN claim uuid;

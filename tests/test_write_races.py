@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -23,14 +23,19 @@ import httpx
 import pytest
 import respx
 
+from proxy.auth import hash_key
 from proxy.config import Settings
 from proxy.errors import InternalError, SessionGone
 from proxy.schemas import MAX_TOKENS
-from proxy.store import messages
+from proxy.store import idempotency, messages
+from proxy.turns.claim import Idempotency, request_hash
+from proxy.turns.engine import Caller, TurnRequest, run_turn
+from proxy.turns.outcome import Streaming
+from proxy.upstream import make_client
 from tests.conftest import User, configured, fresh_database, make_user
 from tests.fault_helpers import LiveClient, Relay, app_client
 from tests.test_cli_sessions import cli
-from tests.turns import completion, new_session
+from tests.turns import completion, new_session, runtime_on, session_of, settle
 
 SSE = {"content-type": "text/event-stream"}
 
@@ -362,3 +367,84 @@ async def test_a_write_that_fails_unexpectedly_answers_an_error_and_releases_the
         assert "idempotent-replayed" not in again.headers
     assert await contents(db, sid) == [("user", "hi"), ("assistant", "ok")]
     assert "a bug in the write" in caplog.text  # the traceback is logged, not sent
+
+
+@pytest.mark.timeout(60)
+async def test_a_claim_whose_connection_died_is_given_back(
+    settings: Settings, relay: Relay, alice: User, db: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The claim's INSERT commits, then its connection is cut before the answer: the request
+    gets a 503, and its retry runs (not 409 for 15 minutes)."""
+    real = idempotency.try_claim
+    cut = {"once": True}
+
+    async def deafened(*args: Any) -> bool:
+        if cut.pop("once", False):
+            relay.deafen()  # the statement reaches PostgreSQL; its answer never comes back
+        return await real(*args)
+
+    monkeypatch.setattr(idempotency, "try_claim", deafened)
+    upstream = respx.Router(base_url=settings.upstream_base_url, assert_all_called=False)
+    route = upstream.post("/chat/completions").mock(
+        return_value=httpx.Response(200, json=completion("ran")))
+    key = {**alice.headers, "Idempotency-Key": "claim-cut"}
+    async with app_client(configured(settings, database_url=relay.url()), upstream) as client:
+        sid = await new_session(client, alice)
+        cut.clear()  # a first claim, untouched, prepares the statement on the pooled connection
+        warm = await client.post("/v1/chat/completions", json=turn(sid, "warm"),
+                                 headers={**alice.headers, "Idempotency-Key": "warm"})
+        assert warm.status_code == 200, warm.text
+        cut["once"] = True
+        pending = asyncio.ensure_future(
+            client.post("/v1/chat/completions", json=turn(sid), headers=key))
+
+        async def claimed() -> bool:
+            return await db.fetchval(
+                "SELECT count(*) FROM idempotency_keys WHERE user_id = $1 AND key = 'claim-cut'",
+                alice.id) == 1 and relay.dropped > 0
+        await until(claimed, "the claim committed, its answer dropped")
+        await asyncio.to_thread(relay.resume)
+        r = await asyncio.wait_for(pending, 30)
+        assert (r.status_code, r.json()["error"]["code"]) == (503, "database_unavailable")
+        r = await client.post("/v1/chat/completions", json=turn(sid), headers=key)
+        assert r.status_code == 200, r.text
+    assert route.call_count == 2
+    assert await contents(db, sid) == [
+        ("user", "warm"), ("assistant", "ran"), ("user", "hi"), ("assistant", "ran")]
+
+
+async def test_a_stream_closed_before_it_began_closes_the_upstream_and_gives_the_key_back(
+    settings: Settings, database_url: str, alice: User, db: asyncpg.Connection
+) -> None:
+    """The door never read the events (its request was cancelled before the body began): the
+    relay never ran, yet its upstream response is closed and its claim released."""
+    closed = asyncio.Event()
+
+    class Body(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield sse(chunk("never read"))
+
+        async def aclose(self) -> None:
+            closed.set()
+
+    upstream = respx.Router(base_url=settings.upstream_base_url, assert_all_called=False)
+    upstream.post("/chat/completions").mock(
+        return_value=httpx.Response(200, headers=SSE, stream=Body()))
+    http = make_client(settings, transport=httpx.MockTransport(upstream.async_handler))
+    sid = await session_of(db, alice)
+    body = turn(sid, stream=True)
+    key = Idempotency("never-began", request_hash(sid, json.dumps(body).encode()))
+    async with runtime_on(settings, database_url, http) as rt:
+        request = TurnRequest(Caller(key_hash=hash_key(alice.key)), sid, dict(body),
+                              stream=True, idempotency=key)
+        outcome = await run_turn(rt, request)
+        assert isinstance(outcome, Streaming)
+        assert await db.fetchval("SELECT state FROM idempotency_keys WHERE user_id = $1 "
+                                 "AND key = 'never-began'", alice.id) == "running"
+        await outcome.events.aclose()
+        await settle(rt)
+        assert closed.is_set()
+    assert await db.fetchval("SELECT count(*) FROM idempotency_keys WHERE user_id = $1 "
+                             "AND key = 'never-began'", alice.id) == 0
+    assert await contents(db, sid) == []

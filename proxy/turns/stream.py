@@ -61,7 +61,38 @@ async def open_stream(
     if state is not None and isinstance(state.get("request_started"), float):
         ttfb = (state["request_started"], str(state.get("upstream", "default")))
     owned = held.pop_all() if held is not None else None  # from here on the relay's to end
-    return Streaming(headers, relay(rt, response, current, owned, headers, ttfb))
+
+    def abandon() -> None:
+        rt.track(asyncio.create_task(_abandon(response, None, owned)))
+
+    return Streaming(headers, Events(relay(rt, response, current, owned, headers, ttfb), abandon))
+
+
+class Events(AsyncGenerator[Event, None]):
+    """A relay's events. Once started, the relay ends the turn however it stops (its own
+    `finally`); closed before it ever started (a request cancelled before its body began), it
+    still closes the upstream response and gives the Idempotency-Key back, by `abandon`."""
+
+    def __init__(self, events: AsyncGenerator[Event, None], abandon: Callable[[], None]) -> None:
+        self._events = events
+        self._abandon: Callable[[], None] | None = abandon
+
+    async def asend(self, value: None) -> Event:
+        self._abandon = None
+        return await self._events.asend(value)
+
+    async def athrow(self, *args: Any) -> Event:
+        self._unstarted()
+        return await self._events.athrow(*args)
+
+    async def aclose(self) -> None:
+        self._unstarted()
+        await self._events.aclose()
+
+    def _unstarted(self) -> None:
+        if self._abandon is not None:
+            abandon, self._abandon = self._abandon, None
+            abandon()
 
 
 async def relay(
