@@ -143,6 +143,10 @@ class UpstreamBusy(ProxyError):
         super().__init__(message)
 
 
+# The message a request task is cancelled with when the shutdown grace runs out (proxy/server.py).
+SHUTDOWN_CUT = "cut at the shutdown deadline"
+
+
 class ShuttingDown(ProxyError):
     """A request still running when the server's shutdown grace ran out."""
 

@@ -1,4 +1,4 @@
-"""The server's connections: uvicorn's httptools protocol with three guards, for `chatproxy serve`.
+"""`chatproxy serve`'s server: uvicorn's, with guarded connections and a shutdown of its own.
 
 Left alone, uvicorn waits for a request head as long as a client likes (its keep-alive timer
 stops at a connection's first byte), parses a head of any size, and caps requests, not
@@ -19,6 +19,15 @@ out of files. `GuardedProtocol` reads its limits from uvicorn's own settings (`r
 Each refusal is OpenAI's error envelope with `connection: close`. The connection then reads and
 drops what the client still sends, for at most `LINGER_SECONDS`, so that the client reads the
 answer instead of a reset, and closes.
+
+`Server` (uvicorn's, in every worker: `run`) shuts down as the README says: on SIGTERM or
+Ctrl-C it stops accepting, lets what runs finish within `timeout_graceful_shutdown`
+(`CHATPROXY_SHUTDOWN_GRACE`), or until a second Ctrl-C; then it cancels what still runs, with
+`errors.SHUTDOWN_CUT`, so that a request waiting for the upstream is answered 503 and a stream
+is cut with what had arrived stored as incomplete (one warning line each, proxy/logs.py), waits
+for those to unwind, and always runs the app's own shutdown, which waits for their writes
+before it closes the pool. uvicorn's would log an error line of its own at the deadline, and on
+a second Ctrl-C skip the app's shutdown, leaving the writes to die with the event loop.
 """
 
 from __future__ import annotations
@@ -30,10 +39,14 @@ import resource
 from typing import Any
 
 import httptools
+import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.supervisors import multiprocess
 
 from proxy.config import Settings
 from proxy.errors import (
+    SHUTDOWN_CUT,
     BadRequest,
     HeaderTooLarge,
     ProxyError,
@@ -43,8 +56,10 @@ from proxy.errors import (
 )
 
 log = logging.getLogger("chatproxy")
+uvicorn_log = logging.getLogger("uvicorn.error")  # the server's own lines, as uvicorn's
 
 LINGER_SECONDS = 2.0
+UNWIND_SECONDS = 10.0  # for the requests cut at the deadline to hand their writes over
 DEFAULT_MAX_HEAD = 64 * 1024
 FILES_IN_RESERVE = 64  # for the pool, the logs, PostgreSQL's socket, ...
 
@@ -173,3 +188,58 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "h11_max_incomplete_event_size": settings.max_head_bytes,
         "limit_concurrency": max_connections(settings),
     }
+
+
+# --- the shutdown -----------------------------------------------------------------------------
+
+
+class Server(uvicorn.Server):
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        uvicorn_log.info("Shutting down")
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()
+        await asyncio.sleep(0.1)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.config.timeout_graceful_shutdown or 0)
+        if self.server_state.connections and not self.force_exit:
+            uvicorn_log.info("Waiting for connections to close. (CTRL+C to force quit)")
+        # Polled, as uvicorn does: its state has no event to wait on.
+        while (self.server_state.connections or self.server_state.tasks) and (  # noqa: ASYNC110
+            not self.force_exit and loop.time() < deadline
+        ):
+            await asyncio.sleep(0.1)
+        running = list(self.server_state.tasks)
+        for task in running:
+            task.cancel(msg=SHUTDOWN_CUT)
+        if running:
+            await asyncio.wait(running, timeout=UNWIND_SECONDS)
+        await self.lifespan.shutdown()  # however it got here: it waits for the writes
+
+
+class _Worker(multiprocess.Process):
+    """A worker process of `--workers N`, whose server is `Server`."""
+
+    @property
+    def server(self) -> uvicorn.Server:
+        if self._server is None:
+            self._server = Server(config=self.config)
+        return self._server
+
+
+def run(config: uvicorn.Config) -> None:
+    """Serve `config` (an app given as an import string) as `uvicorn.run` would, on `Server`."""
+    if config.workers > 1:
+        # uvicorn's supervisor makes each worker (at start, and anew when one dies, on SIGHUP or
+        # SIGTTIN) from its module's `Process`, whose server would be uvicorn's own: it makes
+        # ours instead. Supervising is all this process does from here on.
+        multiprocess.Process = _Worker  # type: ignore[misc]
+        multiprocess.Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return
+    server = Server(config=config)
+    server.run()
+    if not server.started:
+        raise SystemExit(STARTUP_FAILURE)
