@@ -12,6 +12,7 @@
      ├── Conflict                   409 conflict / idempotency_key_in_use
      ├── PayloadTooLarge            413 request_too_large
      ├── Unprocessable              422 idempotency_key_reused
+     ├── TooManyRequests            429 rate_limit_exceeded (a user's exports, proxy/exports.py)
      ├── HeaderTooLarge             431 request_header_too_large
      ├── UpstreamError              502 upstream_error
      │    └── EventTooLarge         502 upstream_error (proxy/sse.py)
@@ -122,6 +123,10 @@ class PayloadTooLarge(ProxyError):
 
 class Unprocessable(ProxyError):
     status, type, code = 422, "invalid_request_error", "idempotency_key_reused"
+
+
+class TooManyRequests(ProxyError):
+    status, type, code = 429, "invalid_request_error", "rate_limit_exceeded"
 
 
 class UpstreamError(ProxyError):

@@ -15,6 +15,10 @@ out of files. `GuardedProtocol` reads its limits from uvicorn's own settings (`r
   before any more of it is parsed.
 - `limit_concurrency` = `CHATPROXY_MAX_CONNECTIONS`: a connection beyond this many open ones in
   the process gets 503 at once (and uvicorn's own per-request check is off).
+- `send_timeout` = `CHATPROXY_SEND_TIMEOUT`: a response whose client reads nothing for this
+  long (the socket's buffers full, writing paused all along) is cut: the connection is aborted,
+  and the app sees the client gone. A slow reader is never what holds a response's resources
+  (an export's spool, a stream's upstream) for ever.
 
 Each refusal is OpenAI's error envelope with `connection: close`. The connection then reads and
 drops what the client still sends, for at most `LINGER_SECONDS`, so that the client reads the
@@ -36,6 +40,7 @@ import asyncio
 import http
 import logging
 import resource
+from functools import partial
 from typing import Any
 
 import httptools
@@ -65,8 +70,10 @@ FILES_IN_RESERVE = 64  # for the pool, the logs, PostgreSQL's socket, ...
 
 
 class GuardedProtocol(HttpToolsProtocol):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, send_timeout: float | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.send_timeout = send_timeout
+        self.stalled: asyncio.TimerHandle | None = None  # armed while writing is paused
         self.max_connections: int | None = self.limit_concurrency
         self.limit_concurrency = None  # the cap is on connections, in connection_made
         self.max_head: int = self.config.h11_max_incomplete_event_size or DEFAULT_MAX_HEAD
@@ -86,7 +93,28 @@ class GuardedProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.linger is not None:
             self.linger.cancel()
+        if self.stalled is not None:
+            self.stalled.cancel()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        # The client reads less than the response sends: it gets `send_timeout` to take some.
+        super().pause_writing()
+        if self.send_timeout is not None and self.stalled is None:
+            self.stalled = self.loop.call_later(self.send_timeout, self._stalled)
+
+    def resume_writing(self) -> None:
+        if self.stalled is not None:
+            self.stalled.cancel()
+            self.stalled = None
+        super().resume_writing()
+
+    def _stalled(self) -> None:
+        # Aborted, not closed: a close would wait for the buffer to drain, which it never will.
+        # The app sees the client gone (`http.disconnect`) and ends the response.
+        self.stalled = None
+        log.info("a client that read nothing for %g s was disconnected", self.send_timeout)
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         # Not uvicorn's: it stops the keep-alive timer at every byte; here the head's timer
@@ -183,7 +211,7 @@ def max_connections(settings: Settings) -> int:
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """What `chatproxy serve` gives uvicorn for the guards above."""
     return {
-        "http": GuardedProtocol,
+        "http": partial(GuardedProtocol, send_timeout=settings.send_timeout),
         "timeout_keep_alive": settings.head_timeout,
         "h11_max_incomplete_event_size": settings.max_head_bytes,
         "limit_concurrency": max_connections(settings),
