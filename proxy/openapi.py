@@ -120,7 +120,8 @@ CONFLICT = {
 }
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
           404: "invalid_request_error", 409: "invalid_request_error",
-          413: "invalid_request_error", 422: "invalid_request_error"}
+          413: "invalid_request_error", 422: "invalid_request_error",
+          429: "invalid_request_error"}
 
 
 def _error(status: int, description: str, code: str, message: str,
