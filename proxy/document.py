@@ -130,7 +130,7 @@ _REASONS = {
     "status": "expected complete or incomplete",
     "seq": "expected an integer",
     "tokens": f"expected an integer between 0 and {MAX_TOKENS}",
-    "created_at": "expected an ISO 8601 timestamp",
+    "created_at": "expected an ISO 8601 timestamp (in UTC, from year 1 to 9999)",
 }
 _TOO_LONG = {"session_name": "characters", "model": "characters", "metadata": "entries"}
 # Required fields for which null counts as left out.
