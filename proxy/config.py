@@ -198,7 +198,8 @@ FIELDS: tuple[Field, ...] = (
     Field("send_timeout", 60.0, _float(0.1),
           "seconds a response may wait on a client that reads nothing; then the connection "
           "is closed"),
-    Field("shutdown_grace", 30.0, _float(0), "seconds in-flight streams get after SIGTERM"),
+    Field("shutdown_grace", 30.0, _float(0),
+          "seconds in-flight requests get after SIGTERM or Ctrl-C; then they are cut"),
     Field("head_timeout", 10, _int(1),
           "seconds a connection has to send a whole request head, after opening or after its "
           "previous response; then it is closed (408 if part of a head came)"),
