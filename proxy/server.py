@@ -4,7 +4,7 @@ Left alone, uvicorn waits for a request head as long as a client likes (its keep
 stops at a connection's first byte), parses a head of any size, and caps requests, not
 connections (`limit_concurrency` answers plain text once a head is in). So a client could hold
 sockets open without a word, one byte at a time, or with a 16 MB header, until the process ran
-out of files. `GuardedProtocol` reads its limits from uvicorn's own settings (`run` sets them):
+out of files. `GuardedProtocol` reads its limits from uvicorn's settings (`uvicorn_options`):
 
 - `timeout_keep_alive` = `CHATPROXY_HEAD_TIMEOUT`: a connection must send a whole request head
   within this many seconds of opening, or of its previous response. One that sent nothing is
@@ -222,6 +222,8 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
 
 
 class Server(uvicorn.Server):
+    """uvicorn's server with the shutdown of the module's docstring."""
+
     async def shutdown(self, sockets: list[Any] | None = None) -> None:
         uvicorn_log.info("Shutting down")
         for server in self.servers:
