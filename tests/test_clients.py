@@ -19,8 +19,8 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from tests.conftest import ROOT, UPSTREAM_KEY, User
-from tests.fault_helpers import Serve
+from tests.conftest import UPSTREAM_KEY, User
+from tests.fault_helpers import Serve, serve_env, serving
 from tests.strict_upstream import StrictUpstream, conversation_problem, identity
 
 pytestmark = pytest.mark.e2e
@@ -40,20 +40,10 @@ def proxy(
     database_url: str, strict: StrictUpstream, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Serve]:
     workdir = tmp_path_factory.mktemp("chatproxy-clients")
-    (workdir / "empty.toml").write_text("")
-    server = Serve({
-        "CHATPROXY_CONFIG": str(workdir / "empty.toml"),
-        "CHATPROXY_DATABASE_URL": database_url,
-        "CHATPROXY_UPSTREAM_BASE_URL": strict.base_url,
-        "CHATPROXY_UPSTREAM_API_KEY": UPSTREAM_KEY,
-        "CHATPROXY_MODELS_FILE": str(ROOT / "config" / "models.toml"),
-        "CHATPROXY_LOG_LEVEL": "warning",
-    }, workdir / "chatproxy.log")
-    server.start()
-    try:
+    env = serve_env(database_url, strict.base_url, workdir,
+                    CHATPROXY_UPSTREAM_API_KEY=UPSTREAM_KEY, CHATPROXY_LOG_LEVEL="warning")
+    with serving(env, workdir / "chatproxy.log") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -7,18 +7,27 @@ turns that recognised the same overlap.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 import respx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from proxy import codec
 from proxy.config import Settings
+from proxy.runtime import Runtime
 from proxy.store import messages
-from proxy.store.messages import NewMessage
+from proxy.store.messages import NewMessage, TurnContext, stored
+from proxy.tokens import ModelTable, TokenCounter
+from proxy.turns import prepare
 from tests.conftest import User, configured
+from tests.strict_upstream import conversation_problem
 from tests.test_chat import tiny_models
 from tests.test_streaming import SSE, Upstream, chunk, event
 from tests.turns import (
@@ -32,9 +41,9 @@ from tests.turns import (
     proxy_with,
     sent,
     session_of,
-    stored,
     u,
 )
+from tests.turns import stored as listed_messages
 
 CALL = {"id": "call_1", "type": "function",
         "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
@@ -66,7 +75,7 @@ async def test_a_tool_loops_second_call_is_stored_once_and_its_exchange_becomes_
     r = await chat(client, alice, sid, u("weather in Paris?"), call, RESULT)
     assert sent(route)["messages"] == [u("weather in Paris?"), call, RESULT]  # each once
     assert overlap_headers(r) == ("2", "0", "0", "2")
-    listed = await stored(client, alice, sid)
+    listed = await listed_messages(client, alice, sid)
     assert kinds(listed) == [("user", "weather in Paris?"), ("assistant", [CALL]),
                              ("tool", "sunny"), ("assistant", "It is sunny.")]
     # The stored call is answered by the stored result: injected whole from now on.
@@ -126,7 +135,7 @@ async def test_a_chat_app_resending_everything_past_the_window_stores_no_duplica
         assert sent(route)["messages"] == conversation  # nothing injected twice, nothing lost
         assert overlap_headers(r) == (str(2 * i) if i else None, "0", "0", str(2 * i))
         conversation.append(r.json()["choices"][0]["message"])
-    listed = await stored(client, alice, sid)
+    listed = await listed_messages(client, alice, sid)
     assert [m["content"] for m in listed] == [
         text for i in range(5) for text in (f"q{i}", f"echo q{i}")]
 
@@ -141,7 +150,7 @@ async def test_a_resend_that_differs_anywhere_is_new_messages(
     r = await chat(client, alice, sid, u("hi"), a("one, edited"), u("next"))
     assert "x-history-overlap" not in r.headers
     assert sent(route)["messages"] == [u("hi"), a("one"), u("hi"), a("one, edited"), u("next")]
-    assert [m["content"] for m in await stored(client, alice, sid)] == [
+    assert [m["content"] for m in await listed_messages(client, alice, sid)] == [
         "hi", "one", "hi", "one, edited", "next", "two"]
 
 
@@ -160,7 +169,7 @@ async def test_a_streamed_turn_recognises_the_overlap(
     assert r.content.endswith(b"data: [DONE]\n\n")
     assert overlap_headers(r) == ("2", "0", "0", "2")
     assert sent(route)["messages"] == [u("weather?"), CALLS, RESULT]
-    assert kinds(await stored(client, alice, sid)) == [
+    assert kinds(await listed_messages(client, alice, sid)) == [
         ("user", "weather?"), ("assistant", [CALL]), ("tool", "sunny"), ("assistant", "Sunny")]
 
 
@@ -178,7 +187,7 @@ async def test_an_idempotent_retry_of_a_resending_turn_replays_it_unchanged(
     assert again.content == first.content and again.headers["idempotent-replayed"] == "true"
     assert overlap_headers(again) == overlap_headers(first) == ("2", "0", "0", "2")
     assert route.call_count == 2
-    assert len(await stored(client, alice, sid)) == 4
+    assert len(await listed_messages(client, alice, sid)) == 4
 
 
 async def test_x_history_stored_is_what_the_session_held_before_the_turn(
@@ -249,3 +258,88 @@ async def test_an_in_doubt_retry_of_a_resending_turn_stores_it_once(
     await messages.store_turn(db, other, new(u("weather?"), CALLS))
     assert await messages.store_turn(db, other, turn, after_seq=3, unless_stored=True) == 2
     assert len(await contents(db, other)) == 4
+
+
+# --- properties of a prepared turn ------------------------------------------------------------
+
+
+@st.composite
+def conversations(draw: st.DrawFn) -> list[tuple[dict[str, Any], int]]:
+    """A well-formed stored history (every call answered), each message with its stored tokens
+    and text of its own (a conversation never repeats a message)."""
+    messages: list[dict[str, Any]] = []
+    for unit in range(draw(st.integers(min_value=0, max_value=10))):
+        kind = draw(st.sampled_from(["user", "reply", "tools"]))
+        if kind == "user":
+            messages.append(u(f"question {unit}"))
+        elif kind == "reply":
+            messages.append(a(f"answer {unit}"))
+        else:
+            ids = [f"call_{unit}_{i}" for i in range(draw(st.integers(1, 3)))]
+            messages.append({"role": "assistant", "content": None, "tool_calls": [
+                {"id": i, "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                for i in ids]})
+            messages += [{"role": "tool", "tool_call_id": i, "content": f"result {i}"}
+                         for i in ids]
+    return [(m, draw(st.integers(min_value=3, max_value=80))) for m in messages]
+
+
+def context(history: list[tuple[dict[str, Any], int]], window: int, resent: int
+            ) -> TurnContext:
+    """What the turn's read returns: the window, and the older messages it fetched to compare."""
+    rows = [stored(seq, m["role"], bool(m.get("tool_calls")), tokens, codec.dumps_text(m))
+            for seq, (m, tokens) in enumerate(history, 1)]
+    fetched = rows[max(0, len(rows) - max(window, resent)):]
+    edge = max(0, len(fetched) - window)
+    return TurnContext("user_1", True, None, window, None, fetched[edge:], fetched[:edge],
+                       len(rows), len(rows) + 1)
+
+
+def prepared(rt: Runtime, ctx: TurnContext, messages: list[dict[str, Any]], max_tokens: int
+             ) -> tuple[list[Any], dict[str, str], list[Any]]:
+    body = {"model": "tiny", "messages": messages, "max_tokens": max_tokens}
+    turn, body = asyncio.run(prepare.prepare(rt, body, messages, ctx, "sess_x"))
+    upstream = json.loads(codec.dumps(body["messages"]))
+    return upstream, turn.headers, [n.message for n in turn.new]
+
+
+@pytest.fixture(scope="module")
+def tiny_rt(tmp_path_factory: pytest.TempPathFactory) -> Runtime:
+    models = tiny_models(tmp_path_factory.mktemp("models"))
+    return Runtime(Settings(), None, None, TokenCounter(ModelTable.load(models)))  # type: ignore[arg-type]
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(history=conversations(), window=st.integers(min_value=0, max_value=30),
+       max_tokens=st.integers(min_value=600, max_value=990), data=st.data())
+def test_resending_any_suffix_sends_each_message_once_and_as_a_new_only_client_would(
+    tiny_rt: Runtime, history: list[tuple[dict[str, Any], int]], window: int,
+    max_tokens: int, data: st.DataObject,
+) -> None:
+    """Whatever suffix of the history a client resends (even from inside a tool exchange whose
+    call is in the window): the upstream gets a valid conversation with each message once, and
+    nothing resent is stored. When the resent messages are whole units within the window and a
+    client sending only the new message would have had them all injected, the upstream gets
+    exactly that client's request, and the same messages are dropped."""
+    cut = data.draw(st.integers(min_value=0, max_value=len(history)))
+    resent = [m for m, _ in history[cut:]]
+    new = [u("the new question")]
+    ctx = context(history, window, len(resent) + 1)
+    upstream, headers, stored_new = prepared(tiny_rt, ctx, [*resent, *new], max_tokens)
+    opener = cut  # the message that opens the exchange the resent messages start in
+    while opener < len(history) and history[opener][0]["role"] == "tool":
+        opener -= 1
+    if opener == cut or opener >= len(history) - window:  # else the request opens with
+        assert conversation_problem(upstream) is None, upstream  # answers to a call left out
+    assert headers.get("x-history-overlap") == (str(len(resent)) if resent else None)
+    assert stored_new == new
+    alone, alone_headers, _ = prepared(tiny_rt, context(history, window, 1), list(new),
+                                       max_tokens)
+    whole_units = not resent or resent[0]["role"] != "tool"
+    kept = alone[len(alone) - 1 - len(resent):len(alone) - 1] == resent
+    if whole_units and len(resent) <= window and kept:
+        assert upstream == alone
+        assert headers["x-history-dropped"] == alone_headers["x-history-dropped"]
+        assert int(headers["x-history-messages"]) + len(resent) == int(
+            alone_headers["x-history-messages"])

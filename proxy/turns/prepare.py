@@ -59,8 +59,9 @@ async def prepare(
         _reserved_output(body, info.reserve_output_tokens),
         head_tokens + rest_tokens + REPLY_PRIMING,
     )
-    # A request that opens with tool results answers the newest stored tool exchange.
-    continued = not resent and bool(rest) and rest[0].get("role") == "tool"
+    # A request that opens with tool results (new, or resent) answers the newest stored tool
+    # exchange before them.
+    continued = bool(rest) and rest[0].get("role") == "tool"
     window = ctx.history[: max(0, len(ctx.history) - resent)]
     trimmed = history.trim(window, budget, ctx.max_history_tokens, continued=continued)
     metrics.history(len(trimmed.messages), trimmed.tokens, trimmed.dropped)  # = X-History-*
