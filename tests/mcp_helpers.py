@@ -22,8 +22,10 @@ from tests.test_lifecycle import codec_conn, seed
 TOOLS = {
     "list_sessions", "resume_session", "get_messages", "create_session", "export_session",
     "import_session", "merge_sessions", "fork_session", "clear_session", "delete_session",
-    "cleanup_sessions",
+    "cleanup_sessions", "send_message",
 }
+
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 # seq: 1 user, 2 assistant opening a two-call tool exchange, 3-4 its results, 5 the answer,
 # 6 user with content parts and a name, 7 a reply cut off mid-stream.
@@ -54,20 +56,24 @@ async def over_http(url: str, key: str, **client: Any) -> AsyncIterator[ClientSe
                 yield session
 
 
-def stdio_parameters(database_url: str, user: str) -> StdioServerParameters:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATPROXY_")}
+def stdio_parameters(database_url: str, user: str, **extra: str) -> StdioServerParameters:
+    """`chatproxy mcp --user USER` on the test database; `extra` adds to its environment (e.g.
+    `CHATPROXY_UPSTREAM_BASE_URL`)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATPROXY_")
+           and k.lower() not in PROXY_VARIABLES}  # as `Serve`: the fakes are reached directly
     env.update(CHATPROXY_CONFIG=os.devnull, CHATPROXY_DATABASE_URL=database_url,
                CHATPROXY_MODELS_FILE=str(ROOT / "config" / "models.toml"),
-               CHATPROXY_LOG_LEVEL="info")
+               CHATPROXY_LOG_LEVEL="info", **extra)
     return StdioServerParameters(command=sys.executable, args=["-m", "proxy", "mcp", "--user",
                                                                user], env=env, cwd=ROOT)
 
 
 @asynccontextmanager
-async def over_stdio(database_url: str, user: str) -> AsyncIterator[ClientSession]:
+async def over_stdio(database_url: str, user: str, **extra: str) -> AsyncIterator[ClientSession]:
     """An initialized MCP session on `chatproxy mcp --user USER`."""
     # The command's log lines go to the test's stderr (pytest shows them if the test fails).
-    async with stdio_client(stdio_parameters(database_url, user), errlog=sys.stderr) as (r, w):
+    parameters = stdio_parameters(database_url, user, **extra)
+    async with stdio_client(parameters, errlog=sys.stderr) as (r, w):
         async with ClientSession(r, w) as session:
             await session.initialize()
             yield session
