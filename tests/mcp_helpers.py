@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 import httpx2
 from mcp import ClientSession
+from mcp.client.client import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
@@ -54,6 +55,17 @@ async def over_http(url: str, key: str, **client: Any) -> AsyncIterator[ClientSe
             async with ClientSession(read, write) as session:
                 await session.initialize()
                 yield session
+
+
+@asynccontextmanager
+async def over_http_modern(url: str, key: str) -> AsyncIterator[ClientSession]:
+    """A session on `url`/mcp as the official `Client` makes one by default: it asks the server
+    (`server/discover`) and speaks the per-request protocol (2026-07-28) when it can, which
+    needs no handshake and no state on the server."""
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+        async with Client(streamable_http_client(url + "/mcp", http_client=http)) as client:
+            yield client.session
 
 
 def stdio_parameters(database_url: str, user: str, **extra: str) -> StdioServerParameters:

@@ -65,6 +65,10 @@ async def test_requests_without_a_valid_key_are_401_before_the_mcp_layer(
                                        headers={**MCP_HEADERS, **headers})
                 assert (method, r.status_code, r.json()) == (method, 401,
                                                             unauthorized(message))
+            # The per-request protocol (2026-07-28), which the SDK routes by this header, too.
+            r = await http.post(live.url + "/mcp", json=INITIALIZE, headers={
+                **MCP_HEADERS, **headers, "MCP-Protocol-Version": "2026-07-28"})
+            assert (r.status_code, r.json()) == (401, unauthorized(message))
         r = await http.post(live.url + "/mcp", json=INITIALIZE,
                             headers={**MCP_HEADERS, **alice.headers})
         assert r.status_code == 200 and r.json()["result"]["serverInfo"]["name"] == "chatproxy"

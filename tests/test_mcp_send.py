@@ -15,7 +15,16 @@ import pytest
 from proxy import codec
 from tests.conftest import User
 from tests.fault_helpers import GARBAGE, FakeUpstream, Serve, serve_env, serving
-from tests.mcp_helpers import CONVO, conversation, fingerprint, ok, over_http, over_stdio, refused
+from tests.mcp_helpers import (
+    CONVO,
+    conversation,
+    fingerprint,
+    ok,
+    over_http,
+    over_http_modern,
+    over_stdio,
+    refused,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -187,6 +196,31 @@ async def test_the_access_log_line_has_the_turns_fields_and_no_message_text(
     turns = [(line["status"], line["session_id"], line["upstream_status"]) for line in lines
              if line["logger"] == "chatproxy.access" and line.get("session_id") == sid]
     assert turns == [(200, sid, 200), (200, sid, 400)]
+
+
+async def test_the_per_request_protocol_the_official_client_prefers(
+    live: Serve, upstream: FakeUpstream, alice: User, bob: User, db: asyncpg.Connection
+) -> None:
+    """The SDK serves 2026-07-28 (no handshake; each request in its own task, no per-request
+    transport) on the same mount: the same key check, tools and isolation."""
+    sid = await conversation(db, alice, model="echo")
+    theirs = await conversation(db, bob, model="echo")
+    bobs = await fingerprint(db, bob)
+    async with over_http_modern(live.url, alice.key) as mcp:
+        assert mcp.protocol_version == "2026-07-28"
+        before = len(upstream.requests)
+        sent = await ok(mcp, "send_message", session_id=sid, content="And Rome?")
+        (_, body), = upstream.requests[before:]
+        assert body["messages"] == [*HISTORY, {"role": "user", "content": "And Rome?"}]
+        assert sent["reply"] == {"role": "assistant", "content": "reply to And Rome?"}
+        assert len(await stored(db, sid)) == len(CONVO) + 2
+        assert [s["id"] for s in (await ok(mcp, "list_sessions"))["sessions"]] == [sid]
+        assert await refused(mcp, "send_message", session_id=theirs, content="hi") == (
+            f"Error executing tool send_message: Session {theirs} not found")
+        assert "at least 1 character" in await refused(mcp, "send_message", session_id=sid,
+                                                       content="")
+    assert await fingerprint(db, bob) == bobs
+    assert len(upstream.requests) == before + 1
 
 
 async def test_over_stdio(
