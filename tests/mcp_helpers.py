@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import httpx2
 from mcp import ClientSession
 from mcp.client.client import Client
@@ -18,6 +20,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from proxy.store import sessions
 from tests.conftest import ROOT, User
+from tests.fault_helpers import Serve, serve_env, serving
 from tests.test_lifecycle import codec_conn, seed
 
 TOOLS = {
@@ -44,6 +47,21 @@ CONVO: list[tuple[dict[str, Any], int, str]] = [
      "complete"),
     ({"role": "assistant", "content": "You're welc"}, 4, "incomplete"),
 ]
+
+
+@contextmanager
+def live_server(database_url: str, upstream_url: str, tmp: Path) -> Iterator[Serve]:
+    """`chatproxy serve` on the test database, logging at info (the access log's lines)."""
+    env = serve_env(database_url, upstream_url, tmp, CHATPROXY_LOG_LEVEL="info")
+    with serving(env, tmp / "serve.log") as server:
+        yield server
+
+
+@asynccontextmanager
+async def rest_as(live: Serve, user: User) -> AsyncIterator[httpx.AsyncClient]:
+    """The REST API as `user`, on the same server."""
+    async with httpx.AsyncClient(base_url=live.url, headers=user.headers, timeout=30) as c:
+        yield c
 
 
 @asynccontextmanager

@@ -14,8 +14,17 @@ import pytest
 
 from proxy import codec
 from tests.conftest import User
-from tests.fault_helpers import Serve, serve_env, serving
-from tests.mcp_helpers import TOOLS, conversation, fingerprint, ok, over_http, refused
+from tests.fault_helpers import Serve
+from tests.mcp_helpers import (
+    TOOLS,
+    conversation,
+    fingerprint,
+    live_server,
+    ok,
+    over_http,
+    refused,
+    rest_as,
+)
 from tests.test_lifecycle import codec_conn, seed
 
 pytestmark = pytest.mark.e2e
@@ -24,16 +33,15 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def live(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     tmp = tmp_path_factory.mktemp("mcp")
-    env = serve_env(database_url, "http://127.0.0.1:9/v1", tmp, CHATPROXY_LOG_LEVEL="info")
-    with serving(env, tmp / "serve.log") as server:
+    with live_server(database_url, "http://127.0.0.1:9/v1", tmp) as server:
         yield server
 
 
 @pytest.fixture
 async def rest(live: Serve, alice: User) -> AsyncIterator[httpx.AsyncClient]:
     """The REST API as alice, on the same server."""
-    async with httpx.AsyncClient(base_url=live.url, headers=alice.headers, timeout=30) as c:
-        yield c
+    async with rest_as(live, alice) as client:
+        yield client
 
 
 async def rest_json(r: httpx.Response, status: int = 200) -> Any:

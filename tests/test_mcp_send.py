@@ -14,16 +14,18 @@ import pytest
 
 from proxy import codec
 from tests.conftest import User
-from tests.fault_helpers import GARBAGE, FakeUpstream, Serve, serve_env, serving
+from tests.fault_helpers import GARBAGE, FakeUpstream, Serve
 from tests.mcp_helpers import (
     CONVO,
     conversation,
     fingerprint,
+    live_server,
     ok,
     over_http,
     over_http_modern,
     over_stdio,
     refused,
+    rest_as,
 )
 
 pytestmark = pytest.mark.e2e
@@ -42,15 +44,14 @@ def upstream() -> Iterator[FakeUpstream]:
 def live(database_url: str, upstream: FakeUpstream,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     tmp = tmp_path_factory.mktemp("mcp-send")
-    env = serve_env(database_url, upstream.base_url, tmp, CHATPROXY_LOG_LEVEL="info")
-    with serving(env, tmp / "serve.log") as server:
+    with live_server(database_url, upstream.base_url, tmp) as server:
         yield server
 
 
 @pytest.fixture
 async def rest(live: Serve, alice: User) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=live.url, headers=alice.headers, timeout=30) as c:
-        yield c
+    async with rest_as(live, alice) as client:
+        yield client
 
 
 async def stored(db: asyncpg.Connection, session_id: str) -> list[dict[str, Any]]:
