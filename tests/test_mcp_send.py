@@ -13,6 +13,8 @@ import httpx
 import pytest
 
 from proxy import codec
+from proxy.mcp.tools import refusal
+from proxy.turns import Passthrough
 from tests.conftest import User
 from tests.fault_helpers import GARBAGE, FakeUpstream, Serve
 from tests.mcp_helpers import (
@@ -28,10 +30,33 @@ from tests.mcp_helpers import (
     rest_as,
 )
 
-pytestmark = pytest.mark.e2e
-
 HISTORY = [message for message, _, _ in CONVO]  # what a turn on a CONVO session injects
 STRIP = ("id", "session_id", "created_at")
+
+
+@pytest.mark.parametrize(("status", "raw", "message"), [
+    (400, b'{"error": {"message": "too long", "type": "invalid_request_error"}}',
+     "The upstream refused the turn (HTTP 400): too long; nothing was stored"),
+    (429, b'{"error": {"message": "' + b"x" * 1200 + b'"}}',
+     "The upstream refused the turn (HTTP 429): " + "x" * 1000 + "…; nothing was stored"),
+    (500, b'{"error": {"message": "bad \\ud800 text"}}',
+     "The upstream refused the turn (HTTP 500): bad ? text; nothing was stored"),
+    (502, b'{"error": "a string, not an envelope"}',
+     "The upstream refused the turn (HTTP 502); nothing was stored"),
+    (503, b'{"error": {"message": 42}}',
+     "The upstream refused the turn (HTTP 503); nothing was stored"),
+    (500, GARBAGE, "The upstream refused the turn (HTTP 500); nothing was stored"),
+    (500, b"\xff\xfe not even text",
+     "The upstream refused the turn (HTTP 500); nothing was stored"),
+    (200, b'{"object": "list"}', "The upstream answered with something that is not a chat "
+                                 "completion; nothing was stored"),
+])
+def test_an_upstream_refusal_is_told_by_its_envelopes_message_only(
+    status: int, raw: bytes, message: str
+) -> None:
+    error = refusal(Passthrough(status, {}, raw))
+    assert error.message == message
+    error.message.encode()  # sendable as UTF-8
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +86,7 @@ async def stored(db: asyncpg.Connection, session_id: str) -> list[dict[str, Any]
     return [{**codec.loads(r["body"]), "status": r["status"]} for r in rows]
 
 
+@pytest.mark.e2e
 async def test_a_turn_is_the_one_a_chat_completion_on_the_session_runs(
     live: Serve, upstream: FakeUpstream, alice: User, db: asyncpg.Connection,
     rest: httpx.AsyncClient,
@@ -95,6 +121,7 @@ async def test_a_turn_is_the_one_a_chat_completion_on_the_session_runs(
     assert text.startswith("assistant: reply to And Rome?\nStored in session " + sid)
 
 
+@pytest.mark.e2e
 async def test_the_model_is_the_sessions_unless_given(
     live: Serve, upstream: FakeUpstream, alice: User, db: asyncpg.Connection
 ) -> None:
@@ -117,6 +144,7 @@ async def test_the_model_is_the_sessions_unless_given(
             "session"]["message_count"] == 2
 
 
+@pytest.mark.e2e
 async def test_another_users_session_is_not_found_and_nothing_is_sent_or_stored(
     live: Serve, upstream: FakeUpstream, alice: User, bob: User, db: asyncpg.Connection
 ) -> None:
@@ -146,6 +174,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
 ]
 
 
+@pytest.mark.e2e
 async def test_bad_arguments_are_tool_errors_that_send_and_store_nothing(
     live: Serve, upstream: FakeUpstream, alice: User, db: asyncpg.Connection
 ) -> None:
@@ -159,6 +188,7 @@ async def test_bad_arguments_are_tool_errors_that_send_and_store_nothing(
     assert len(upstream.requests) == asked
 
 
+@pytest.mark.e2e
 async def test_an_upstream_error_is_a_tool_error_and_nothing_is_stored(
     live: Serve, upstream: FakeUpstream, alice: User, db: asyncpg.Connection
 ) -> None:
@@ -183,6 +213,7 @@ async def test_an_upstream_error_is_a_tool_error_and_nothing_is_stored(
     assert GARBAGE.decode() not in live.log()
 
 
+@pytest.mark.e2e
 async def test_the_access_log_line_has_the_turns_fields_and_no_message_text(
     live: Serve, alice: User, db: asyncpg.Connection
 ) -> None:
@@ -199,6 +230,7 @@ async def test_the_access_log_line_has_the_turns_fields_and_no_message_text(
     assert turns == [(200, sid, 200), (200, sid, 400)]
 
 
+@pytest.mark.e2e
 async def test_the_per_request_protocol_the_official_client_prefers(
     live: Serve, upstream: FakeUpstream, alice: User, bob: User, db: asyncpg.Connection
 ) -> None:
@@ -224,6 +256,7 @@ async def test_the_per_request_protocol_the_official_client_prefers(
     assert len(upstream.requests) == before + 1
 
 
+@pytest.mark.e2e
 async def test_over_stdio(
     database_url: str, upstream: FakeUpstream, alice: User, bob: User, db: asyncpg.Connection
 ) -> None:

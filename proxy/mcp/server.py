@@ -204,11 +204,12 @@ def build(runtime: Callable[[], Runtime], caller: Caller) -> MCPServer:
             "session's model; required when the session has none)")] = None,
     ) -> Annotated[CallToolResult, Sent]:
         """Continue a stored conversation: send one user message to the language model in the
-        session, with the session's stored history (and system prompt) sent before it, and get
-        the model's reply. Both the message and the reply are stored in the session, so the
-        next turn - from this tool or any chatproxy client - sees them. Use it to ask the
-        session's model something in the context of that conversation; to only read a session,
-        use get_messages. Each call is a new turn: calling it again sends the message again."""
+        session, with the session's system prompt and as much of its stored history as fits the
+        model's context sent before it, and get the model's reply. Both the message and the
+        reply are stored in the session, so the next turn - from this tool or any chatproxy
+        client - sees them. Use it to ask the session's model something in the context of that
+        conversation; to only read a session, use get_messages. Each call is a new turn:
+        calling it again sends the message again."""
         work = mcptools.send_message(runtime(), caller(ctx), session_id, content, model,
                                      _log_fields(ctx))
         return await _answer(work, mcptext.sent)

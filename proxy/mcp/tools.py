@@ -145,7 +145,7 @@ async def send_message(
     outcome = await run_turn(rt, TurnRequest(
         Caller(user_id=user_id), session_id, body, state={} if state is None else state))
     if isinstance(outcome, Passthrough):
-        raise _refused(outcome)
+        raise refusal(outcome)
     assert isinstance(outcome, Answered), "a turn without streaming or a key answers whole"
     async with rt.connection() as conn:  # the turn is stored: the session as it is now
         after = await sessions.get_session(conn, user_id, session_id, include_inactive=True)
@@ -154,7 +154,7 @@ async def send_message(
     return {"reply": outcome.reply, "session": after}
 
 
-def _refused(outcome: Passthrough) -> UpstreamError:
+def refusal(outcome: Passthrough) -> UpstreamError:
     """What the upstream said instead of a completion: the message of its error envelope, when
     it sent one; never its bytes otherwise."""
     if outcome.status == 200:
@@ -170,7 +170,8 @@ def _refused(outcome: Passthrough) -> UpstreamError:
     if isinstance(said, str) and said.strip():
         if len(said) > MAX_UPSTREAM_MESSAGE:
             said = said[:MAX_UPSTREAM_MESSAGE] + "…"
-        text += f": {said}"
+        # A lone surrogate (JSON's "\ud800") cannot be sent: it becomes "?".
+        text += ": " + said.encode("utf-8", "replace").decode()
     return UpstreamError(text + "; nothing was stored")
 
 
