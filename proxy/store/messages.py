@@ -198,7 +198,7 @@ async def store_turn(
     proxy/overlap.py): the session's `next_seq` when the turn read them. Stored right after
     them as long as nothing came between (the statement checks `next_seq`); otherwise, under
     the session's lock, the first messages (all but the last, the reply) that a concurrent turn
-    with the same request has stored since are not stored again. Rare, so three round trips.
+    with the same request has stored since are not stored again. Rare, so four round trips.
 
     `unless_stored` is for a retry after a write whose outcome is unknown (its connection died
     after the statement was sent): under the session's lock, the turn is stored only if the
