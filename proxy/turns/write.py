@@ -46,7 +46,8 @@ class Turn(msgspec.Struct):
     """What the write-back needs once the upstream has answered.
 
     `headers` are the history's (X-Session-Id, X-History-*); `claim` the request's
-    Idempotency-Key, when it sent one.
+    Idempotency-Key, when it sent one; `after_seq` the session's next seq as read, when the
+    request resent its newest messages (`store_turn` checks that nothing came between).
     """
 
     session_id: str
@@ -55,6 +56,7 @@ class Turn(msgspec.Struct):
     headers: dict[str, str]
     claim: Claim | None = None
     extra_write: ExtraWrite | None = None
+    after_seq: int | None = None
 
 
 async def persist(
@@ -91,12 +93,14 @@ async def persist(
                     sent = True
                     if claim is None and extra is None:
                         count = await messages.store_turn(
-                            conn, turn.session_id, rows, unless_stored=in_doubt
+                            conn, turn.session_id, rows, unless_stored=in_doubt,
+                            after_seq=turn.after_seq,
                         )
                     else:
                         async with conn.transaction():
                             count = await messages.store_turn(
-                                conn, turn.session_id, rows, unless_stored=in_doubt
+                                conn, turn.session_id, rows, unless_stored=in_doubt,
+                                after_seq=turn.after_seq,
                             )
                             if claim is not None:
                                 await claim.settle(conn, answer)
