@@ -14,6 +14,7 @@ import msgspec
 
 from proxy import codec, searchtext
 from proxy.schemas import MESSAGE_ENVELOPE, MESSAGE_FIELDS
+from proxy.store.summaries import Held
 from proxy.timefmt import iso
 
 
@@ -90,6 +91,8 @@ class TurnContext:
     max_history_messages: int
     max_history_tokens: int | None
     history: list[Stored]
+    message_count: int = 0  # stored messages in all (those before `history` included)
+    summary: Held | None = None  # the session's summary of its earlier messages, if any
 
 
 async def read_turn(
@@ -118,8 +121,12 @@ def _context(rows: list[asyncpg.Record]) -> TurnContext | None:
     history = [
         stored(r["seq"], r["role"], r["has_tool_calls"], r["tokens"], r["body"])
         for r in reversed(rows)
-        if r["seq"] is not None
+        if r["role"] is not None
     ]
+    # The summary's row is the one without a role (see `_read_turn`).
+    summary = next((Held(codec.unpack_text(r["body"]), r["seq"], r["tokens"],
+                         bool(r["has_tool_calls"]))
+                    for r in rows if r["role"] is None and r["seq"] is not None), None)
     return TurnContext(
         user_id=first["user_id"],
         session_found=first["sid"] is not None,
@@ -127,12 +134,15 @@ def _context(rows: list[asyncpg.Record]) -> TurnContext | None:
         max_history_messages=first["max_history_messages"] or 0,
         max_history_tokens=first["max_history_tokens"],
         history=history,
+        message_count=first["message_count"] or 0,
+        summary=summary,
     )
 
 
 def _read_turn(caller: str, callers: str) -> str:
     """The turn's read for a caller found by `callers` (the FROM item, aliased `c`, with the
-    user id as `c.user_id`; `$1` names the caller) and `caller` (that user id, as a subquery)."""
+    user id as `c.user_id`; `$1` names the caller) and `caller` (that user id, as a subquery).
+    The session's summary (proxy/store/summaries.py) comes in the same statement."""
     return f"""
         WITH touched AS (
             UPDATE chat_sessions SET updated_at = now()
@@ -141,14 +151,20 @@ def _read_turn(caller: str, callers: str) -> str:
             RETURNING id
         )
         SELECT c.user_id, s.id AS sid, s.system_prompt, s.max_history_messages,
-               s.max_history_tokens, m.seq, m.role, m.has_tool_calls, m.tokens, m.body
+               s.max_history_tokens, s.message_count,
+               m.seq, m.role, m.has_tool_calls, m.tokens, m.body
         FROM {callers}
         LEFT JOIN chat_sessions s ON s.id = $2 AND s.user_id = c.user_id AND s.is_active
         LEFT JOIN LATERAL (
-            SELECT seq, role, has_tool_calls, tokens, body FROM chat_messages
+            (SELECT seq, role, has_tool_calls, tokens, body FROM chat_messages
+             WHERE session_id = s.id
+             ORDER BY seq DESC
+             LIMIT COALESCE($3::int, s.max_history_messages))
+            UNION ALL
+            -- The summary, once and not once per message: a row without a role, whose seq is
+            -- the last one it covers and whose has_tool_calls says its job is backing off.
+            SELECT up_to_seq, NULL, retry_after > now(), tokens, text FROM chat_summaries
             WHERE session_id = s.id
-            ORDER BY seq DESC
-            LIMIT COALESCE($3::int, s.max_history_messages)
         ) m ON true
     """
 

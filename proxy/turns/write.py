@@ -55,6 +55,7 @@ class Turn(msgspec.Struct):
     headers: dict[str, str]
     claim: Claim | None = None
     extra_write: ExtraWrite | None = None
+    summary_due: int | None = None  # a summary job should cover up to this seq (§11)
 
 
 async def persist(
