@@ -131,14 +131,20 @@ async def run(
     async with rt.connection(bulk=True) as conn:
         if not await database.try_lock(conn, key):
             return "busy", None
-        # Should the unlock below be skipped (a cancellation, a lost connection), the lock
-        # must not go on to the pool's next borrower: this connection is closed, not reused.
-        rt.pool.discard_on_release(conn)
         try:
             return await _fold(rt, conn, session_id, up_to, model, forced)
         finally:
-            with suppress(*db.UNAVAILABLE, asyncpg.PostgresError):
+            unlocked = False
+            try:
                 await database.unlock(conn, key)
+                unlocked = True
+            except (*db.UNAVAILABLE, asyncpg.PostgresError):
+                pass
+            finally:
+                # A lock that may still be held (a failed or cancelled unlock) must not go
+                # on to the pool's next borrower: that connection is closed, not reused.
+                if not unlocked:
+                    rt.pool.discard_on_release(conn)
 
 
 async def _fold(

@@ -17,6 +17,7 @@ from proxy import metrics
 from proxy.config import Settings
 from proxy.store import messages
 from proxy.store.messages import NewMessage
+from proxy.summaries import lock_key
 from tests.conftest import User, configured
 from tests.fault_helpers import LiveClient, app_client
 from tests.summary_helpers import (
@@ -74,6 +75,11 @@ async def test_a_summary_covers_what_turns_leave_out_and_later_turns_carry_it_on
         row = await db.fetchrow("SELECT text, up_to_seq, model FROM chat_summaries "
                                 "WHERE session_id = $1", sid)
         assert dict(row) == {"text": "SUMMARY 1", "up_to_seq": 6, "model": SUMMARY_MODEL}
+        key = lock_key(sid) & 0xFFFF_FFFF_FFFF_FFFF
+        held = await db.fetchval(  # the job's lock went with it, not on to a pooled connection
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1::oid "
+            "AND objid = $2::oid AND objsubid = 1", key >> 32, key & 0xFFFF_FFFF)
+        assert held == 0
 
         headers = await turn(proxy, alice, sid, "u5")
         assert fake.chat_bodies[-1]["messages"] == [
