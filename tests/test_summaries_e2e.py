@@ -257,7 +257,10 @@ async def test_two_processes_run_one_job_per_session_at_a_time(
     await say(sdks[0], sid, "via a")  # a's job: its summary call hangs
     await until(lambda: fake.active == 1, "a summary call")
     await say(sdks[1], sid, "via b")  # b finds the summary behind too: its job finds a's lock
-    await until(lambda: jobs(pair[1], "busy"), "b's job giving way")
+    async def gave_way() -> bool:
+        return await jobs(pair[1], "busy") > busy_before
+
+    await until(gave_way, "b's job giving way")
     assert await jobs(pair[1], "busy") == busy_before + 1
     assert (fake.active, len(fake.summary_bodies)) == (1, 1)
     fake.release.set()

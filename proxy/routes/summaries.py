@@ -71,14 +71,14 @@ async def compact(request: Request[Any, Any, Any], session_id: str) -> Response[
     user_id = await authenticate(request)
     rt = runtime(request)
     parse_model(CompactBody, await read_json(request, empty={}))
-    if rt.settings.summary_model is None:
-        raise BadRequest("Summaries are off: set CHATPROXY_SUMMARY_MODEL to the model that "
-                         "writes them", code="summaries_off")
     async with rt.connection() as conn:
         session = await sessions.get_session(conn, user_id, session_id)
     if session is None:
         raise SessionNotFound(session_id)
     addressed(request, session_id)
+    if rt.settings.summary_model is None:
+        raise BadRequest("Summaries are off: set CHATPROXY_SUMMARY_MODEL to the model that "
+                         "writes them", code="summaries_off")
     try:
         outcome, summary = await summaries.compact(
             rt, session_id, session["model"] or rt.settings.summary_model)
