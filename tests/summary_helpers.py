@@ -98,13 +98,3 @@ def material(body: dict[str, Any]) -> str:
     """What a summary call asked to fold (its user message)."""
     text: str = body["messages"][1]["content"]
     return text
-
-
-def metric(rt_text: str, name: str, **labels: str) -> float:
-    """One sample of `/metrics`' text (0 when absent)."""
-    label = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    prefix = f"{name}{{{label}}} " if labels else f"{name} "
-    for line in rt_text.splitlines():
-        if line.startswith(prefix):
-            return float(line.split()[-1])
-    return 0.0

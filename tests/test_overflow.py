@@ -20,7 +20,7 @@ from proxy import metrics
 from proxy.store import messages
 from proxy.store.messages import NewMessage
 from tests.conftest import User
-from tests.turns import Client, chat, completion, new_session, sent, u
+from tests.turns import Client, chat, completion, metric, new_session, sent, u
 
 TOKENS = 100  # each seeded message's stored count
 
@@ -61,10 +61,7 @@ async def stored_count(db: asyncpg.Connection, sid: str) -> int:
 
 
 def retries(model: str) -> float:
-    text = metrics.render().decode()
-    line = f'chatproxy_overflow_retries_total{{model="{model}"}}'
-    values = [float(row.split()[-1]) for row in text.splitlines() if row.startswith(line)]
-    return values[0] if values else 0.0
+    return metric(metrics.render().decode(), "chatproxy_overflow_retries_total", model=model)
 
 
 async def test_a_refused_turn_is_sent_again_without_the_excess_and_stored_once(

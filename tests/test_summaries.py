@@ -25,12 +25,11 @@ from tests.summary_helpers import (
     Upstream,
     jobs_done,
     material,
-    metric,
     put_summary,
     seed,
     summary_in,
 )
-from tests.turns import a, new_session, u
+from tests.turns import a, metric, new_session, u
 
 PROMPT = "Summarise for the test."
 

@@ -26,8 +26,8 @@ from proxy.store import messages
 from proxy.store.messages import NewMessage
 from tests.conftest import UPSTREAM_KEY, User
 from tests.fault_helpers import Serve, serve_env
-from tests.summary_helpers import metric
 from tests.threaded import Threaded, read_body
+from tests.turns import metric
 
 pytestmark = pytest.mark.e2e
 
