@@ -57,6 +57,7 @@ class Turn(msgspec.Struct):
     claim: Claim | None = None
     extra_write: ExtraWrite | None = None
     after_seq: int | None = None
+    summary_due: int | None = None  # a summary job should cover up to this seq (§11)
 
 
 async def persist(
