@@ -26,9 +26,10 @@ LAYERS = [
      "proxy.listing"),
     ("proxy.turns",),
     ("proxy.store", "proxy.upstream", "proxy.transport", "proxy.http1", "proxy.streamresponse",
-     "proxy.history", "proxy.tokens", "proxy.sse", "proxy.searchtext", "proxy.searchindex",
+     "proxy.history", "proxy.overlap", "proxy.tokens", "proxy.sse", "proxy.searchtext",
+     "proxy.searchindex",
      "proxy.db", "proxy.pool", "proxy.migrate", "proxy.retention", "proxy.keylease", "proxy.auth",
-     "proxy.metrics", "proxy.logs", "proxy.runtime", "proxy.exports"),
+     "proxy.metrics", "proxy.logs", "proxy.runtime", "proxy.summaries", "proxy.exports"),
     ("proxy.errors", "proxy.codec", "proxy.config", "proxy.proxyenv", "proxy.schemas",
      "proxy.validation", "proxy.document", "proxy.ids", "proxy.timefmt", "proxy.cursor"),
 ]

@@ -414,11 +414,14 @@ async def test_a_claim_whose_connection_died_is_given_back(
         ("user", "warm"), ("assistant", "ran"), ("user", "hi"), ("assistant", "ran")]
 
 
+@pytest.mark.parametrize("summary_due", [False, True])
 async def test_a_stream_closed_before_it_began_closes_the_upstream_and_gives_the_key_back(
-    settings: Settings, database_url: str, alice: User, db: asyncpg.Connection
+    settings: Settings, database_url: str, alice: User, db: asyncpg.Connection,
+    summary_due: bool,
 ) -> None:
     """The door never read the events (its request was cancelled before the body began): the
-    relay never ran, yet its upstream response is closed and its claim released."""
+    relay never ran, yet its upstream response is closed and its claim released; also when
+    the engine wraps the events to schedule a summary job after them."""
     closed = asyncio.Event()
 
     class Body(httpx.AsyncByteStream):
@@ -431,8 +434,14 @@ async def test_a_stream_closed_before_it_began_closes_the_upstream_and_gives_the
     upstream = respx.Router(base_url=settings.upstream_base_url, assert_all_called=False)
     upstream.post("/chat/completions").mock(
         return_value=httpx.Response(200, headers=SSE, stream=Body()))
+    if summary_due:  # a window of one over three stored messages: a summary job is due
+        settings = configured(settings, summary_model="gpt-4o-mini")
     http = make_client(settings, transport=httpx.MockTransport(upstream.async_handler))
     sid = await session_of(db, alice)
+    if summary_due:
+        await db.execute("UPDATE chat_sessions SET max_history_messages = 1 WHERE id = $1", sid)
+        await messages.store_turn(db, sid, [messages.NewMessage(
+            {"role": "user", "content": f"old {n}"}, 3) for n in range(3)])
     body = turn(sid, stream=True)
     key = Idempotency("never-began", request_hash(sid, json.dumps(body).encode()))
     async with runtime_on(settings, database_url, http) as rt:
@@ -440,6 +449,8 @@ async def test_a_stream_closed_before_it_began_closes_the_upstream_and_gives_the
                               stream=True, idempotency=key)
         outcome = await run_turn(rt, request)
         assert isinstance(outcome, Streaming)
+        wrapped = getattr(outcome.events, "_events", None)
+        assert (getattr(wrapped, "__qualname__", "") == "_then_summarise") is summary_due
         assert await db.fetchval("SELECT state FROM idempotency_keys WHERE user_id = $1 "
                                  "AND key = 'never-began'", alice.id) == "running"
         await outcome.events.aclose()
@@ -447,4 +458,4 @@ async def test_a_stream_closed_before_it_began_closes_the_upstream_and_gives_the
         assert closed.is_set()
     assert await db.fetchval("SELECT count(*) FROM idempotency_keys WHERE user_id = $1 "
                              "AND key = 'never-began'", alice.id) == 0
-    assert await contents(db, sid) == []
+    assert len(await contents(db, sid)) == (3 if summary_due else 0)

@@ -9,14 +9,15 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 import msgspec
 
-from proxy import codec, searchtext
+from proxy import codec, overlap, searchtext
 from proxy.schemas import MESSAGE_ENVELOPE, MESSAGE_FIELDS
+from proxy.store.summaries import Held
 from proxy.timefmt import iso
 
 
@@ -85,7 +86,13 @@ class NewMessage:
 
 @dataclass(frozen=True, slots=True)
 class TurnContext:
-    """What one read returns for a turn: the caller, and their session with its newest messages."""
+    """What one read returns for a turn: the caller, and their session with its newest messages.
+
+    `history` is the window (the newest `max_history_messages`, or the request's override);
+    `older` the stored messages just before it that the read also fetched, because the request
+    brought more messages than the window holds and may be resending them (proxy/overlap.py).
+    `message_count` is the session's message count and `next_seq` its next seq, both as read.
+    """
 
     user_id: str
     session_found: bool
@@ -93,49 +100,68 @@ class TurnContext:
     max_history_messages: int
     max_history_tokens: int | None
     history: list[Stored]
+    older: list[Stored] = field(default_factory=list)
+    message_count: int = 0  # stored messages in all (those before `history` included)
+    next_seq: int | None = None
+    summary: Held | None = None  # the session's summary of its earlier messages, if any
 
 
 async def read_turn(
-    conn: asyncpg.Connection, key_hash: bytes, session_id: str, limit: int | None
+    conn: asyncpg.Connection, key_hash: bytes, session_id: str, limit: int | None,
+    resent: int = 0,
 ) -> TurnContext | None:
     """Key, session and its newest `limit` messages in one round trip; None for a bad key.
 
-    A session idle for over an hour is touched (`updated_at`) by the same statement, so the
-    retention job, which re-checks the cutoff under the row lock, cannot delete it while the
-    turn waits for the upstream.
+    At least `resent` messages are fetched (the request's messages after its head, which may
+    repeat stored ones), in the same statement. A session idle for over an hour is touched
+    (`updated_at`) by the same statement, so the retention job, which re-checks the cutoff
+    under the row lock, cannot delete it while the turn waits for the upstream.
     """
-    return _context(await conn.fetch(_READ_BY_KEY, key_hash, session_id, limit))
+    rows = await conn.fetch(_READ_BY_KEY, key_hash, session_id, limit, resent)
+    return _context(rows, limit)
 
 
 async def read_turn_as(
-    conn: asyncpg.Connection, user_id: str, session_id: str, limit: int | None
+    conn: asyncpg.Connection, user_id: str, session_id: str, limit: int | None,
+    resent: int = 0,
 ) -> TurnContext | None:
     """`read_turn` for a caller known by user id (not by a key); None for an unknown user."""
-    return _context(await conn.fetch(_READ_BY_USER, user_id, session_id, limit))
+    return _context(await conn.fetch(_READ_BY_USER, user_id, session_id, limit, resent), limit)
 
 
-def _context(rows: list[asyncpg.Record]) -> TurnContext | None:
+def _context(rows: list[asyncpg.Record], limit: int | None) -> TurnContext | None:
     if not rows:
         return None
     first = rows[0]
-    history = [
+    window = limit if limit is not None else first["max_history_messages"] or 0
+    fetched = [
         stored(r["seq"], r["role"], r["has_tool_calls"], r["tokens"], r["body"])
         for r in reversed(rows)
-        if r["seq"] is not None
+        if r["role"] is not None
     ]
+    edge = max(0, len(fetched) - window)
+    # The summary's row is the one without a role (see `_read_turn`).
+    summary = next((Held(codec.unpack_text(r["body"]), r["seq"], r["tokens"],
+                         bool(r["has_tool_calls"]))
+                    for r in rows if r["role"] is None and r["seq"] is not None), None)
     return TurnContext(
         user_id=first["user_id"],
         session_found=first["sid"] is not None,
         system_prompt=codec.unpack_text(first["system_prompt"]),
         max_history_messages=first["max_history_messages"] or 0,
         max_history_tokens=first["max_history_tokens"],
-        history=history,
+        history=fetched[edge:] if edge else fetched,
+        older=fetched[:edge],
+        message_count=first["message_count"] or 0,
+        next_seq=first["next_seq"],
+        summary=summary,
     )
 
 
 def _read_turn(caller: str, callers: str) -> str:
     """The turn's read for a caller found by `callers` (the FROM item, aliased `c`, with the
-    user id as `c.user_id`; `$1` names the caller) and `caller` (that user id, as a subquery)."""
+    user id as `c.user_id`; `$1` names the caller) and `caller` (that user id, as a subquery).
+    The session's summary (proxy/store/summaries.py) comes in the same statement."""
     return f"""
         WITH touched AS (
             UPDATE chat_sessions SET updated_at = now()
@@ -144,14 +170,20 @@ def _read_turn(caller: str, callers: str) -> str:
             RETURNING id
         )
         SELECT c.user_id, s.id AS sid, s.system_prompt, s.max_history_messages,
-               s.max_history_tokens, m.seq, m.role, m.has_tool_calls, m.tokens, m.body
+               s.max_history_tokens, s.message_count, s.next_seq,
+               m.seq, m.role, m.has_tool_calls, m.tokens, m.body
         FROM {callers}
         LEFT JOIN chat_sessions s ON s.id = $2 AND s.user_id = c.user_id AND s.is_active
         LEFT JOIN LATERAL (
-            SELECT seq, role, has_tool_calls, tokens, body FROM chat_messages
+            (SELECT seq, role, has_tool_calls, tokens, body FROM chat_messages
+             WHERE session_id = s.id
+             ORDER BY seq DESC
+             LIMIT GREATEST(COALESCE($3::int, s.max_history_messages), $4::int))
+            UNION ALL
+            -- The summary, once and not once per message: a row without a role, whose seq is
+            -- the last one it covers and whose has_tool_calls says its job is backing off.
+            SELECT up_to_seq, NULL, retry_after > now(), tokens, text FROM chat_summaries
             WHERE session_id = s.id
-            ORDER BY seq DESC
-            LIMIT COALESCE($3::int, s.max_history_messages)
         ) m ON true
     """
 
@@ -181,6 +213,7 @@ async def store_turn(
     messages: list[NewMessage],
     *,
     turn_id: uuid.UUID | None = None,
+    after_seq: int | None = None,
 ) -> int:
     """Append `messages` with consecutive seqs in one statement; returns how many were stored.
 
@@ -192,28 +225,56 @@ async def store_turn(
     `turn_id` (sql/006_turn_ids.sql) is stored with the turn; a write retried with the same id
     after its first attempt committed raises StoredEarlier and stores nothing again (a first
     attempt still running is waited for, on the id's index entry).
+
+    `after_seq` is for a turn whose request resent the session's newest messages (an overlap,
+    proxy/overlap.py): the session's `next_seq` when the turn read them. Stored right after
+    them as long as nothing came between (the statement checks `next_seq`); otherwise, under
+    the session's lock, the first messages (all but the last, the reply) that a concurrent turn
+    with the same request has stored since are not stored again. Rare, so four round trips.
     """
     if not messages:
         return 0
+    turn_id = turn_id or new_turn_id()
     try:
         count: int = await conn.fetchval(
-            _STORE_TURN,
-            session_id,
-            [m.role for m in messages],
-            [m.has_tool_calls for m in messages],
-            [m.tokens for m in messages],
-            [codec.dumps_text(m.message) for m in messages],
-            [m.status for m in messages],
-            [searchtext.message_words(m.message) for m in messages],  # the search column's words
-            turn_id or new_turn_id(),
-        )
+            _STORE_TURN, *_turn_args(session_id, messages), after_seq, turn_id)
+        if count or after_seq is None:
+            return count
+        async with conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT next_seq, is_active FROM chat_sessions WHERE id = $1 FOR UPDATE",
+                session_id)
+            if row is None or not row["is_active"]:
+                return 0
+            if row["next_seq"] != after_seq:
+                rows = await conn.fetch(_SINCE, session_id, after_seq, len(messages) - 1)
+                since = [Stored(r["seq"], r["role"], r["has_tool_calls"], 0, r["body"])
+                         for r in rows]
+                skip = overlap.stored_since([m.message for m in messages[:-1]], since)
+                messages = messages[skip:]
+            count = await conn.fetchval(
+                _STORE_TURN, *_turn_args(session_id, messages), None, turn_id)
+            return count
     except asyncpg.UniqueViolationError as exc:
         if exc.table_name != "chat_turns":
             raise
         raise StoredEarlier() from None
-    return count
 
 
+def _turn_args(session_id: str, messages: list[NewMessage]) -> tuple[Any, ...]:
+    return (
+        session_id,
+        [m.role for m in messages],
+        [m.has_tool_calls for m in messages],
+        [m.tokens for m in messages],
+        [codec.dumps_text(m.message) for m in messages],
+        [m.status for m in messages],
+        [searchtext.message_words(m.message) for m in messages],  # the search column's words
+    )
+
+
+# $8: the session's next_seq the turn expects (after an overlap), or null for any; $9 the
+# turn's id.
 _STORE_TURN = """
     WITH s AS (
         UPDATE chat_sessions
@@ -222,10 +283,10 @@ _STORE_TURN = """
             total_tokens = total_tokens + (SELECT COALESCE(sum(t), 0) FROM unnest($4::int[]) t),
             last_message_at = now(),
             updated_at = now()
-        WHERE id = $1 AND is_active
+        WHERE id = $1 AND is_active AND ($8::bigint IS NULL OR next_seq = $8::bigint)
         RETURNING next_seq - cardinality($2::text[]) AS base
     ), turn AS (
-        INSERT INTO chat_turns (turn_id) SELECT $8 FROM s
+        INSERT INTO chat_turns (turn_id) SELECT $9 FROM s
     ), ins AS (
         INSERT INTO chat_messages
             (session_id, seq, role, has_tool_calls, tokens, body, status, search)
@@ -236,6 +297,12 @@ _STORE_TURN = """
         RETURNING 1
     )
     SELECT count(*) FROM ins
+"""
+
+# What was stored from a seq on, oldest first.
+_SINCE = """
+    SELECT seq, role, has_tool_calls, body FROM chat_messages
+    WHERE session_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3
 """
 
 

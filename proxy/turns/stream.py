@@ -68,6 +68,18 @@ async def open_stream(
     return Streaming(headers, Events(relay(rt, response, current, owned, headers, ttfb), abandon))
 
 
+def around(
+    rt: Runtime, events: AsyncGenerator[Event, None], inner: AsyncGenerator[Event, None]
+) -> Events:
+    """`events`, a generator over `inner`'s (a door's or the engine's own, run after the
+    stream), that still ends `inner`'s turn when it is closed before it began."""
+
+    def close_inner() -> None:
+        rt.track(asyncio.create_task(inner.aclose()))
+
+    return Events(events, close_inner)
+
+
 class Events(AsyncGenerator[Event, None]):
     """A relay's events. Once started, the relay ends the turn however it stops (its own
     `finally`); closed before it ever started (a request cancelled before its body began), it

@@ -49,7 +49,8 @@ class Turn(msgspec.Struct):
     """What the write-back needs once the upstream has answered.
 
     `headers` are the history's (X-Session-Id, X-History-*); `claim` the request's
-    Idempotency-Key, when it sent one.
+    Idempotency-Key, when it sent one; `after_seq` the session's next seq as read, when the
+    request resent its newest messages (`store_turn` checks that nothing came between).
     """
 
     session_id: str
@@ -58,6 +59,8 @@ class Turn(msgspec.Struct):
     headers: dict[str, str]
     claim: Claim | None = None
     extra_write: ExtraWrite | None = None
+    after_seq: int | None = None
+    summary_due: int | None = None  # a summary job should cover up to this seq (§11)
 
 
 async def persist(
@@ -91,7 +94,8 @@ async def persist(
         async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
             together = claim is not None or extra is not None
             async with conn.transaction() if together else nullcontext():
-                if not await messages.store_turn(conn, turn.session_id, rows, turn_id=turn_id):
+                if not await messages.store_turn(conn, turn.session_id, rows, turn_id=turn_id,
+                                                 after_seq=turn.after_seq):
                     raise SessionGone(turn.session_id)  # rolled back: the key is not settled
                 if claim is not None:
                     await claim.settle(conn, answer)

@@ -27,7 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import longconv
 import machine
+import overlap
 import phases
 import procs
 import roundtrips
@@ -38,8 +40,8 @@ import spy
 from report import markdown, render
 
 RESULTS = procs.BENCH / "results"
-PHASES = ("hops", "streams", "latency", "throughput", "streaming", "history", "mcp",
-          "roundtrips", "search")
+PHASES = ("hops", "streams", "latency", "throughput", "streaming", "history", "overlap", "mcp",
+          "roundtrips", "search", "long")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -256,6 +258,8 @@ def _measure(args: argparse.Namespace, run: procs.Procs, db: procs.Database, tmp
         _timed("streaming", lambda: phases.streaming(b))
     if "history" in only:
         _timed("history against session size", lambda: phases.history_size(b, groups))
+    if "overlap" in only:
+        _timed("a resent conversation against the new message", lambda: overlap.overlap(b))
     if "mcp" in only:
         _timed("MCP against REST", lambda: phases.mcp(b))
     if "roundtrips" in only:
@@ -265,6 +269,9 @@ def _measure(args: argparse.Namespace, run: procs.Procs, db: procs.Database, tmp
         _timed("deep pages", lambda: search.deep_pages(b, big, args.big))
         _timed("search", lambda: search.search(b, run, tmp, args.search_sessions,
                                                args.search_per_session))
+    if "long" in only:
+        _timed("summaries on and off", lambda: longconv.summaries(b, run, tmp))
+        _timed("the overflow path", lambda: longconv.overflow(b))
     if args.workers > 1:
         _timed(f"{args.workers} workers", lambda: scaling.workers(b, run, tmp, args.workers))
     b.raw["proxy_log_tail"] = (tmp / "chatproxy.log").read_text()[-4000:]
