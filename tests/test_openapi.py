@@ -13,6 +13,7 @@ import pytest
 import respx
 import schemathesis
 
+from proxy.responses.shapes import ResponseCreate
 from tests.conftest import User
 from tests.turns import Client, completion, u
 
@@ -67,6 +68,14 @@ ROWS: list[Row] = [
     ("post", "/v1/chat/completions", "required",
      frozenset({"model", "messages", "stream", "session_id", "max_history_messages"}), 200, None,
      frozenset({400, 401, 404, 409, 413, 422, 502, 503, 504})),
+    ("post", "/v1/responses", "required", frozenset(ResponseCreate.model_fields), 200,
+     "ResponseObject", frozenset({400, 401, 404, 409, 413, 422, 502, 503, 504})),
+    ("get", "/v1/responses/{response_id}", None, NONE, 200, "ResponseObject",
+     frozenset({400, 401, 404, 503})),
+    ("get", "/v1/responses/{response_id}/input_items", None, NONE, 200, "ItemList",
+     frozenset({400, 401, 404, 503})),
+    ("delete", "/v1/responses/{response_id}", None, NONE, 200, "DeletedResponse",
+     frozenset({401, 404, 503})),
 ]
 OPERATIONS = {"get", "put", "post", "delete", "patch"}
 

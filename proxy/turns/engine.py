@@ -17,8 +17,9 @@ nothing (an error, a cancellation, a Passthrough).
 
 - read: the caller (a key, or a user id), the session and its newest messages, in one round
   trip (proxy/store/messages.py). This is the one step that knows where history comes from: a
-  door with another source (the Responses API's chain of earlier responses) gives its own read
-  here; everything after it sees a `TurnContext`.
+  door with another source (the Responses API's chain of earlier responses) gives its own
+  (`TurnRequest.history`, a `HistorySource`); everything after it sees a `TurnContext`. A turn
+  with such a source may have no session: then only the door's `extra_write` stores it.
 - prepare: the upstream body, the budget and the trimming (proxy/turns/prepare.py). The call
   sends what prepare built, so an overflow retry is prepare (with less history) and call again.
 - claim: an Idempotency-Key, held for the rest of the turn (proxy/turns/claim.py).
@@ -31,14 +32,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import msgspec
 
 from proxy import codec, db, metrics
 from proxy import upstream as up
-from proxy.errors import SessionNotFound, Unauthorized, UpstreamError
+from proxy.errors import ProxyError, SessionNotFound, Unauthorized, UpstreamError
 from proxy.runtime import Runtime
 from proxy.store import messages
 from proxy.store.idempotency import Answer
@@ -46,7 +47,14 @@ from proxy.store.messages import TurnContext
 from proxy.turns import prepare, stream
 from proxy.turns.claim import Idempotency, claimed
 from proxy.turns.outcome import Answered, Outcome, Passthrough, Replayed
-from proxy.turns.write import ExtraWrite, Turn, first_message, persist, reply_message
+from proxy.turns.write import (
+    ExtraWrite,
+    Turn,
+    finish_reason,
+    first_message,
+    persist,
+    reply_message,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +66,17 @@ class Caller:
     user_id: str | None = None
 
 
+class HistorySource(Protocol):
+    """Where a turn's history comes from when it is not a session's (the Responses API's chain
+    of earlier responses): `read` is the turn's read (None: the caller is unknown; a context
+    whose `session_found` is false: what it names is not the caller's, and `missing()` is the
+    error to raise)."""
+
+    async def read(self, rt: Runtime, caller: Caller, limit: int | None) -> TurnContext | None: ...
+
+    def missing(self) -> ProxyError: ...
+
+
 @dataclass(slots=True)
 class TurnRequest:
     """One turn as a door hands it over.
@@ -66,10 +85,12 @@ class TurnRequest:
     request's), the proxy's own fields removed; every other field goes upstream as it is.
     `stream` must agree with the body's `stream`. `headers` are the client's, forwarded upstream
     (proxy/upstream.py drops what must not go). `state` receives the access log's fields.
+    `history` replaces the session's read; with it, `session_id` may be None (nothing is
+    stored in a session).
     """
 
     caller: Caller
-    session_id: str
+    session_id: str | None
     body: dict[str, Any]
     headers: Iterable[tuple[str, str]] = ()
     stream: bool = False
@@ -77,6 +98,7 @@ class TurnRequest:
     idempotency: Idempotency | None = None
     state: dict[str, Any] = field(default_factory=dict)
     extra_write: ExtraWrite | None = None
+    history: HistorySource | None = None
 
 
 async def run_turn(rt: Runtime, request: TurnRequest) -> Outcome:
@@ -102,6 +124,26 @@ async def run_turn(rt: Runtime, request: TurnRequest) -> Outcome:
 
 async def _read(rt: Runtime, request: TurnRequest) -> TurnContext:
     caller = request.caller
+    if request.history is not None:
+        ctx = await request.history.read(rt, caller, request.history_limit)
+    else:
+        ctx = await _read_session(rt, request)
+    if ctx is None:
+        raise Unauthorized("Invalid API key" if caller.key_hash is not None else "Unknown user")
+    state = request.state  # the access log's fields (proxy/logs.py)
+    state["user_id"] = ctx.user_id
+    if not ctx.session_found:
+        if request.history is not None:
+            raise request.history.missing()
+        raise SessionNotFound(str(request.session_id))
+    if request.session_id is not None:
+        state["session_id"] = request.session_id
+    return ctx
+
+
+async def _read_session(rt: Runtime, request: TurnRequest) -> TurnContext | None:
+    caller = request.caller
+    assert request.session_id is not None, "a turn without a history source has a session"
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         if caller.key_hash is not None:
             ctx = await messages.read_turn(
@@ -112,13 +154,6 @@ async def _read(rt: Runtime, request: TurnRequest) -> TurnContext:
             ctx = await messages.read_turn_as(
                 conn, caller.user_id, request.session_id, request.history_limit
             )
-    if ctx is None:
-        raise Unauthorized("Invalid API key" if caller.key_hash is not None else "Unknown user")
-    state = request.state  # the access log's fields (proxy/logs.py)
-    state["user_id"] = ctx.user_id
-    if not ctx.session_found:
-        raise SessionNotFound(request.session_id)
-    state["session_id"] = request.session_id
     return ctx
 
 
@@ -156,5 +191,6 @@ async def _complete(rt: Runtime, response: httpx.Response, turn: Turn) -> Outcom
     reply = reply_message(message)
     headers = {**headers, **turn.headers}
     sent = Answer(200, headers, raw) if turn.claim is not None else None
-    await persist(rt, turn, reply, answer.get("usage"), "complete", sent)
+    await persist(rt, turn, reply, answer.get("usage"), "complete", sent,
+                  finish_reason=finish_reason(answer))
     return Answered(raw, answer, reply, headers)

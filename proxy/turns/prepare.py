@@ -32,7 +32,7 @@ def _reserved_output(body: dict[str, Any], default: int) -> int:
 
 async def prepare(
     rt: Runtime, body: dict[str, Any], items: list[dict[str, Any]],
-    ctx: TurnContext, session_id: str, extra_write: ExtraWrite | None = None,
+    ctx: TurnContext, session_id: str | None, extra_write: ExtraWrite | None = None,
 ) -> tuple[Turn, dict[str, Any]]:
     """The upstream body (head + history + rest) and the turn to store once answered.
 
@@ -63,9 +63,12 @@ async def prepare(
     metrics.history(len(trimmed.messages), trimmed.tokens, trimmed.dropped)  # = X-History-*
     body["messages"] = [*head, *(msgspec.Raw(m.body) for m in trimmed.messages), *rest]
     headers = {
-        "x-session-id": session_id,
         "x-history-messages": str(len(trimmed.messages)),
         "x-history-tokens": str(trimmed.tokens),
         "x-history-dropped": str(trimmed.dropped),
     }
-    return Turn(session_id, model, new, headers, extra_write=extra_write), body
+    if session_id is not None:
+        headers = {"x-session-id": session_id, **headers}
+    prompt_tokens = head_tokens + trimmed.tokens + rest_tokens + REPLY_PRIMING
+    return Turn(session_id, model, new, headers, extra_write=extra_write, user_id=ctx.user_id,
+                prompt_tokens=prompt_tokens), body

@@ -1,0 +1,125 @@
+"""`POST /v1/responses` over chat completions (contract §10), with a respx upstream: what the
+upstream is sent, the `response` object answered, stored and retrieved, chains and branches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import httpx
+import respx
+from openai.types.responses import Response as SdkResponse
+
+from tests.conftest import User
+from tests.turns import Client, answers, completion, sent
+
+
+def create(client: Client, caller: User, /, **body: Any) -> Any:
+    body.setdefault("model", "gpt-4o")
+    return client.post("/v1/responses", json=body, headers=caller.headers)
+
+
+def call(name: str, arguments: str, call_id: str = "call_1") -> dict[str, Any]:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+async def test_a_response_is_one_chat_completion_and_answers_openais_object(
+    client: Client, upstream: respx.Router, alice: User
+) -> None:
+    route = upstream.post("/chat/completions").mock(
+        side_effect=answers(completion("Hello there")))
+    r = await create(client, alice, input="Hi", instructions="Be brief.", temperature=0.2,
+                     max_output_tokens=50, metadata={"k": "v"}, user="u-1")
+    assert r.status_code == 200, r.text
+    assert sent(route) == {
+        "model": "gpt-4o", "temperature": 0.2, "user": "u-1", "max_completion_tokens": 50,
+        "messages": [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": "Hi"}],
+    }
+    body = r.json()
+    parsed = SdkResponse.model_validate(body)
+    assert parsed.output_text == "Hello there"
+    assert body["id"].startswith("resp_") and body["status"] == "completed"
+    stem = body["id"].removeprefix("resp_")
+    assert body["output"] == [{
+        "id": f"msg_{stem}", "type": "message", "status": "completed", "role": "assistant",
+        "content": [{"type": "output_text", "text": "Hello there", "annotations": []}]}]
+    assert body["usage"] == {
+        "input_tokens": 9, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": 4, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 13}
+    assert (body["instructions"], body["metadata"], body["temperature"],
+            body["max_output_tokens"], body["previous_response_id"], body["conversation"]) == (
+        "Be brief.", {"k": "v"}, 0.2, 50, None, None)
+
+    got = await client.get(f"/v1/responses/{body['id']}", headers=alice.headers)
+    assert got.status_code == 200 and got.json() == body
+
+
+async def test_a_chain_carries_history_and_a_branch_leaves_later_turns_out(
+    client: Client, upstream: respx.Router, alice: User
+) -> None:
+    route = upstream.post("/chat/completions").mock(side_effect=answers(
+        completion("one"), completion("two"), completion("branch")))
+    first = (await create(client, alice, input="a", instructions="first only")).json()
+    second = (await create(client, alice, input="b", previous_response_id=first["id"])).json()
+    assert second["previous_response_id"] == first["id"]
+    assert sent(route)["messages"] == [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "one"},
+        {"role": "user", "content": "b"}]
+    # branching from the first again: the second turn is not in this history
+    await create(client, alice, input="c", previous_response_id=first["id"])
+    assert [m["content"] for m in sent(route)["messages"]] == ["a", "one", "c"]
+    assert second["status"] == "completed"
+
+
+async def test_function_tools_and_their_results_go_upstream_in_chat_form(
+    client: Client, upstream: respx.Router, alice: User
+) -> None:
+    route = upstream.post("/chat/completions").mock(side_effect=answers(
+        completion(None, tool_calls=[call("get_weather", '{"city":"Paris"}')]),
+        completion("Sunny in Paris")))
+    tool = {"type": "function", "name": "get_weather", "description": "Weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            "strict": True}
+    first = (await create(client, alice, input="Weather in Paris?", tools=[tool],
+                          tool_choice="auto", parallel_tool_calls=False)).json()
+    assert sent(route)["tools"] == [{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather", "parameters": tool["parameters"],
+        "strict": True}}]
+    assert (sent(route)["tool_choice"], sent(route)["parallel_tool_calls"]) == ("auto", False)
+    stem = first["id"].removeprefix("resp_")
+    assert first["output"] == [{"id": f"fc_{stem}_0", "type": "function_call",
+                                "status": "completed", "call_id": "call_1",
+                                "name": "get_weather", "arguments": '{"city":"Paris"}'}]
+    SdkResponse.model_validate(first)
+    second = await create(client, alice, previous_response_id=first["id"], tools=[tool],
+                          input=[{"type": "function_call_output", "call_id": "call_1",
+                                  "output": "sunny"}])
+    assert second.status_code == 200, second.text
+    assert sent(route)["messages"] == [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None,
+         "tool_calls": [call("get_weather", '{"city":"Paris"}')]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+
+
+async def test_store_false_keeps_nothing(
+    client: Client, upstream: respx.Router, alice: User, db: asyncpg.Connection
+) -> None:
+    upstream.post("/chat/completions").mock(side_effect=answers(completion("x")))
+    before = await db.fetchval("SELECT count(*) FROM responses")
+    r = await create(client, alice, input="secret", store=False)
+    assert r.status_code == 200 and r.json()["store"] is False
+    assert await db.fetchval("SELECT count(*) FROM responses") == before
+    got = await client.get(f"/v1/responses/{r.json()['id']}", headers=alice.headers)
+    assert got.status_code == 404
+
+
+async def test_an_upstream_error_passes_through(
+    client: Client, upstream: respx.Router, alice: User
+) -> None:
+    error = {"error": {"message": "slow down", "type": "rate_limit", "code": "rate_limited"}}
+    upstream.post("/chat/completions").mock(return_value=httpx.Response(
+        429, json=error, headers={"retry-after": "3"}))
+    r = await create(client, alice, input="hi")
+    assert (r.status_code, r.json(), r.headers["retry-after"]) == (429, error, "3")
