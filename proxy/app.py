@@ -99,6 +99,7 @@ def create_app(
     from proxy.routes import (
         admin,
         chat,
+        conversations,
         fastpath,
         health,
         passthrough,
@@ -126,6 +127,7 @@ def create_app(
             *ui.handlers,
             *chat.handlers,
             *responses.handlers,
+            *conversations.handlers,
             *mcphttp.handlers,
             *passthrough.handlers,
             *swagger.handlers,

@@ -221,7 +221,7 @@ def parse_item_id(item_id: str) -> tuple[int, int | None] | None:
 def has_message_item(message: dict[str, Any]) -> bool:
     """Whether a stored message shows as a `message` item (an assistant's with tool calls only
     when it has content or a refusal)."""
-    if message.get("role") != "assistant" or not _calls(message):
+    if message.get("role") != "assistant" or not calls_of(message):
         return True
     return bool(message.get("content")) or bool(message.get("refusal"))
 
@@ -241,7 +241,7 @@ def to_items(
         shown = "tool" if role == "function" else role
         items.append({"id": ids.message, "type": "message", "status": state, "role": shown,
                       "content": _parts(message, assistant=role == "assistant")})
-    for index, call in enumerate(_calls(message)):
+    for index, call in enumerate(calls_of(message)):
         function = call["function"] if isinstance(call.get("function"), dict) else {}
         items.append({"id": ids.call(index), "type": "function_call", "status": state,
                       "call_id": call.get("id"), "name": function.get("name"),
@@ -249,7 +249,8 @@ def to_items(
     return items
 
 
-def _calls(message: dict[str, Any]) -> list[dict[str, Any]]:
+def calls_of(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """A stored message's tool calls (those that are objects)."""
     calls = message.get("tool_calls")
     return [c for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
 

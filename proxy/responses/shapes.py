@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from proxy.schemas import ExactText
+
 MAX_ITEMS = 20  # a conversation's items per create (OpenAI's limit)
 Item = dict[str, Any]
 Metadata = dict[str, str]
@@ -142,7 +144,7 @@ class DeletedConversation(BaseModel):
     deleted: Literal[True]
 
 
-class ConversationCreate(BaseModel):
+class ConversationCreate(ExactText):
     model_config = ConfigDict(extra="forbid")
 
     items: list[Item] | None = Field(default=None, max_length=MAX_ITEMS,
@@ -150,13 +152,13 @@ class ConversationCreate(BaseModel):
     metadata: Metadata | None = Field(default=None, description="at most 16 pairs")
 
 
-class ConversationUpdate(BaseModel):
+class ConversationUpdate(ExactText):
     model_config = ConfigDict(extra="forbid")
 
     metadata: Metadata | None = Field(description="replaces the metadata (null: none)")
 
 
-class ItemsCreate(BaseModel):
+class ItemsCreate(ExactText):
     model_config = ConfigDict(extra="forbid")
 
     items: list[Item] = Field(min_length=1, max_length=MAX_ITEMS,
