@@ -117,12 +117,13 @@ async def respond(
         raise ObjectNotFound("Conversation", conversation, param="conversation")
     sent = list(plan.body["messages"])  # the engine splices history into the body's list
     record = Record(answer.new_response_id(), int(time.time()), plan, key)
-    history = None if conversation else Chain(plan.previous_response_id,
-                                              rt.settings.default_max_history_messages)
+    stores = plan.store or key is not None
+    history = None if conversation else Chain(
+        plan.previous_response_id, rt.settings.default_max_history_messages, stores)
     claim = Idempotency(key, request_hash("responses", raw)) if key is not None else None
     turn = TurnRequest(
         caller, conversation, plan.body, headers, plan.stream, plan.history_limit, claim, state,
-        extra_write=record.write if plan.store or key is not None else None, history=history,
+        extra_write=record.write if stores else None, history=history,
     )
     try:
         outcome = await run_turn(rt, turn)
