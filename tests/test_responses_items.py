@@ -36,8 +36,8 @@ parts = st.lists(text_part | image_part | file_part, min_size=1, max_size=3).fil
     lambda ps: not (len(ps) == 1 and ps[0]["type"] == "text"))  # one text part is a string
 content = TEXT | parts
 calls = st.lists(
-    st.builds(lambda i, n, a: {"id": i, "type": "function", "function": {"name": n, "arguments": a}},
-              IDS, TEXT, TEXT),
+    st.builds(lambda i, n, a: {"id": i, "type": "function",
+                               "function": {"name": n, "arguments": a}}, IDS, TEXT, TEXT),
     min_size=1, max_size=3, unique_by=lambda call: call["id"])
 
 plain = st.builds(lambda r, c: {"role": r, "content": c},
