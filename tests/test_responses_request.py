@@ -58,20 +58,24 @@ def test_every_mapped_field_reaches_the_chat_body() -> None:
 
 
 def test_the_other_formats_and_tool_choices() -> None:
-    body = request.plan({"model": "m", "text": {"format": {"type": "json_object"}},
+    body = request.plan({"model": "m", "text": {"format": {"type": "json_object"}}, "input": "x",
                          "tools": [{"type": "function", "name": "f"}],
                          "tool_choice": {"type": "allowed_tools", "mode": "required",
                                          "tools": [{"type": "function", "name": "f"}]}}).body
     assert body["response_format"] == {"type": "json_object"}
     assert body["tool_choice"] == {"type": "allowed_tools", "allowed_tools": {
         "mode": "required", "tools": [{"type": "function", "function": {"name": "f"}}]}}
-    plain = request.plan({"model": "m", "text": {"format": {"type": "text"}},
+    plain = request.plan({"model": "m", "text": {"format": {"type": "text"}}, "input": "x",
                           "parallel_tool_calls": True}).body
-    assert plain == {"model": "m", "messages": []}  # no tools: parallel_tool_calls is left out
+    # no tools: parallel_tool_calls is left out
+    assert plain == {"model": "m", "messages": [{"role": "user", "content": "x"}]}
 
 
 @pytest.mark.parametrize(("body", "param", "code"), [
     ({"input": "x"}, "model", "missing_required_parameter"),
+    ({"model": "m"}, "input", "missing_required_parameter"),
+    ({"model": "m", "input": [{"type": "reasoning", "summary": []}]}, "input",
+     "missing_required_parameter"),
     ({"model": 5}, "model", "invalid_value"),
     ({"model": "m", "colour": "red"}, "colour", "unknown_parameter"),
     ({"model": "m", "background": True}, "background", "unsupported_value"),
@@ -122,7 +126,7 @@ def parsed(stream: bytes) -> list[dict[str, Any]]:
     return events
 
 
-SETTINGS = request.plan({"model": "m"}).settings
+SETTINGS = request.plan({"model": "m", "input": "x"}).settings
 
 
 def test_each_chunk_makes_its_events_at_once_and_finish_closes_every_item() -> None:

@@ -120,8 +120,11 @@ def plan(request: Any) -> Plan:
         "service_tier": request.get("service_tier") or "auto",
         **{name: request.get(name) for name in ("user", "safety_identifier", "prompt_cache_key")},
     }
-    return Plan(body, conversation, previous, store is not False, stream,
-                _history_limit(request.get("max_history_messages")), settings)
+    history_limit = _history_limit(request.get("max_history_messages"))
+    if len(messages) == (instructions is not None) and conversation is None and previous is None:
+        # nothing to answer: no input, no history
+        raise BadRequest("input is required", param="input", code="missing_required_parameter")
+    return Plan(body, conversation, previous, store is not False, stream, history_limit, settings)
 
 
 def _refuse_what_cannot_be_honoured(request: dict[str, Any]) -> None:
