@@ -98,7 +98,7 @@ def test_fuzzing_the_schema_finds_no_500_and_no_cross_user_read(
                 assert SECRET not in r.text, (case.method, case.formatted_path, body)
                 if aim == "alice-private" and (
                     "{session_id}" in case.path or "{conversation_id}" in case.path
-                    or isinstance(body, dict) and "conversation" in body
+                    or (isinstance(body, dict) and "conversation" in body)
                 ):
                     assert not 200 <= r.status_code < 300, (case.method, case.formatted_path)
 
