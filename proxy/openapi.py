@@ -81,8 +81,8 @@ class Verbatim(BaseSchemaObject):
 
 _ERRORS: dict[int, tuple[str, str, str, str | None]] = {
     # status: (description, example code, example message, example param)
-    400: ("Bad input: `invalid_json`, `invalid_value`, `missing_required_parameter` or "
-          "`unknown_parameter`; `param` names the field.",
+    400: ("Bad input: `invalid_json`, `invalid_value`, `missing_required_parameter`, "
+          "`unknown_parameter` or (Responses) `unsupported_value`; `param` names the field.",
           "unknown_parameter", "Unknown parameter: colour", "colour"),
     401: ("Missing, unknown or revoked key (`invalid_api_key`).",
           "invalid_api_key", "Invalid API key", None),
