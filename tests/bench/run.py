@@ -30,6 +30,7 @@ from typing import Any
 import machine
 import phases
 import procs
+import responsesapi
 import roundtrips
 import scaling
 import search
@@ -39,7 +40,7 @@ from report import markdown, render
 
 RESULTS = procs.BENCH / "results"
 PHASES = ("hops", "streams", "latency", "throughput", "streaming", "history", "mcp",
-          "roundtrips", "search")
+          "responses", "roundtrips", "search")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -258,6 +259,8 @@ def _measure(args: argparse.Namespace, run: procs.Procs, db: procs.Database, tmp
         _timed("history against session size", lambda: phases.history_size(b, groups))
     if "mcp" in only:
         _timed("MCP against REST", lambda: phases.mcp(b))
+    if "responses" in only:
+        _timed("Responses against chat completions", lambda: responsesapi.responses_api(b))
     if "roundtrips" in only:
         _timed("database round trips", lambda: roundtrips.round_trips(b, run, tmp))
     if "search" in only:
