@@ -93,3 +93,33 @@ async def test_the_retention_job_deletes_responses_older_than_the_period(
     assert left == {"resp_new"}
     assert await conn.fetchval(
         "SELECT count(*) FROM response_messages WHERE response_id = 'resp_old'") == 0
+
+
+async def test_a_response_in_a_conversation_and_its_turn_are_one_write_never_two(
+    conn: asyncpg.Connection
+) -> None:
+    user = await make_user(conn)
+    sid = "sess_" + user.id.removeprefix("user_")
+    await conn.execute("INSERT INTO chat_sessions (id, user_id, max_history_messages) "
+                       "VALUES ($1, $2, 20)", sid, user.id)
+    turn = [NewMessage({"role": "user", "content": "q"}, 5),
+            NewMessage({"role": "assistant", "content": "a"}, 4)]
+    response = responses.NewResponse("resp_t1", user.id, None, sid, "complete", "stop", None,
+                                     10, {"model": "m"}, 1)
+    assert await responses.insert_response(conn, response, turn)
+    # the same write again (retried after its outcome was unknown): nothing more
+    assert not await responses.insert_response(conn, response, turn)
+    rows = await conn.fetch("SELECT seq, body, tokens FROM chat_messages WHERE session_id = $1 "
+                            "ORDER BY seq", sid)
+    assert [(r["seq"], json.loads(r["body"])["content"], r["tokens"]) for r in rows] == [
+        (1, "q", 5), (2, "a", 4)]
+    session = await conn.fetchrow("SELECT message_count, total_tokens, next_seq "
+                                  "FROM chat_sessions WHERE id = $1", sid)
+    assert tuple(session) == (2, 9, 3)
+    assert await conn.fetchval("SELECT session_id FROM responses WHERE id = 'resp_t1'") == sid
+    # a session purged meanwhile: the response is kept, without it
+    await conn.execute("DELETE FROM chat_sessions WHERE id = $1", sid)
+    gone = responses.NewResponse("resp_t2", user.id, None, sid, "complete", "stop", None,
+                                 10, {"model": "m"}, 1)
+    assert await responses.insert_response(conn, gone, turn)
+    assert await conn.fetchval("SELECT session_id FROM responses WHERE id = 'resp_t2'") is None

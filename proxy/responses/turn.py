@@ -4,9 +4,11 @@ The request becomes one chat completions turn (proxy/responses/request.py): with
 conversation, a turn on that session (history read, trimmed and stored by the engine); else a
 turn whose history is the `previous_response_id` chain (proxy/responses/chain.py) and which has
 no session. The response row is the turn's `extra_write` (`Record`): written in the turn's own
-transaction, with, for an `Idempotency-Key`, the answer a retry gets back (the response, or its
-events as a stream) recorded over the engine's. The answer is sent after that write, so the next
-request sees the turn. An upstream error passes through as it came.
+transaction (a stored response in a conversation writes the session's turn too, in the same
+statement, so the turn is still one round trip), with, for an `Idempotency-Key`, the answer a
+retry gets back (the response, or its events as a stream) recorded over the engine's. The
+answer is sent after that write, so the next request sees the turn. An upstream error passes
+through as it came.
 """
 
 from __future__ import annotations
@@ -124,6 +126,8 @@ async def respond(
     turn = TurnRequest(
         caller, conversation, plan.body, headers, plan.stream, plan.history_limit, claim, state,
         extra_write=record.write if stores else None, history=history,
+        # a stored response in a conversation: its row and the session's turn, one statement
+        extra_stores=conversation is not None and plan.store,
     )
     try:
         outcome = await run_turn(rt, turn)

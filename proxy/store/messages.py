@@ -180,15 +180,7 @@ async def store_turn(
     """
     if not messages:
         return 0
-    args = (
-        session_id,
-        [m.role for m in messages],
-        [m.has_tool_calls for m in messages],
-        [m.tokens for m in messages],
-        [codec.dumps_text(m.message) for m in messages],
-        [m.status for m in messages],
-        [searchtext.message_words(m.message) for m in messages],  # the search column's words
-    )
+    args = turn_args(session_id, messages)
     if not unless_stored:
         count: int = await conn.fetchval(_STORE_TURN, *args)
         return count
@@ -200,15 +192,35 @@ async def store_turn(
         return count
 
 
-_STORE_TURN = """
-    WITH s AS (
+def turn_args(
+    session_id: str | None, messages: list[NewMessage], *, searched: bool = True
+) -> tuple[Any, ...]:
+    """`$1`-`$7` of `turn_ctes`: the session, and the messages' columns as arrays (their
+    search words only when they go into `chat_messages`: `searched`)."""
+    return (
+        session_id,
+        [m.role for m in messages],
+        [m.has_tool_calls for m in messages],
+        [m.tokens for m in messages],
+        [codec.dumps_text(m.message) for m in messages],
+        [m.status for m in messages],
+        [searchtext.message_words(m.message) for m in messages] if searched else [],
+    )
+
+
+def turn_ctes(guard: str = "") -> str:
+    """The CTEs `s` and `ins` that append a turn's messages (`$1`-`$7`, `turn_args`) to a
+    session, for a statement that does more in the same round trip; `guard` (`AND ...`) is a
+    condition the append also needs."""
+    return f"""
+    s AS (
         UPDATE chat_sessions
         SET next_seq = next_seq + cardinality($2::text[]),
             message_count = message_count + cardinality($2::text[]),
             total_tokens = total_tokens + (SELECT COALESCE(sum(t), 0) FROM unnest($4::int[]) t),
             last_message_at = now(),
             updated_at = now()
-        WHERE id = $1
+        WHERE id = $1{guard}
         RETURNING next_seq - cardinality($2::text[]) AS base
     ), ins AS (
         INSERT INTO chat_messages
@@ -218,9 +230,10 @@ _STORE_TURN = """
         FROM s, unnest($2::text[], $3::bool[], $4::int[], $5::text[], $6::text[], $7::text[])
                 WITH ORDINALITY AS m(role, tc, tokens, body, status, words, ord)
         RETURNING 1
-    )
-    SELECT count(*) FROM ins
-"""
+    )"""
+
+
+_STORE_TURN = "WITH " + turn_ctes() + "\n    SELECT count(*) FROM ins\n"
 
 # A run of consecutive seqs, written in the last minutes, whose bodies are exactly the turn's.
 _TURN_STORED = """

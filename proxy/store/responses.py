@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 
 from proxy import codec
-from proxy.store.messages import NewMessage, TurnContext, stored
+from proxy.store.messages import NewMessage, TurnContext, stored, turn_args, turn_ctes
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,44 +58,53 @@ class StoredResponse:
     messages: list[StoredMessage]
 
 
-async def insert_response(
-    conn: asyncpg.Connection, response: NewResponse, messages: list[NewMessage]
-) -> None:
-    """Store `response` and its messages in one statement; nothing when its id is taken (a
-    retried write that had already stored it)."""
-    await conn.execute(
-        """
-        WITH r AS (
-            INSERT INTO responses (id, user_id, previous_response_id, session_id, status,
-                                   finish_reason, usage, prompt_tokens, settings, message_count,
-                                   created_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, cardinality($10::text[]),
-                    to_timestamp($15))
-            ON CONFLICT (id) DO NOTHING
-            RETURNING id
-        )
+# The response row ($8-$16) and its copy of the turn's messages (the arrays of `turn_args`,
+# $2-$6, its session $1), inserted unless a response with its id is there already (a write
+# retried after its outcome was unknown): the CTEs `r` and `rm`.
+_RESPONSE_CTES = """
+    r AS (
+        INSERT INTO responses (id, user_id, previous_response_id, session_id, status,
+                               finish_reason, usage, prompt_tokens, settings, message_count,
+                               created_at)
+        VALUES ($8, $9, $10, (SELECT id FROM chat_sessions WHERE id = $1), $11, $12, $13, $14,
+                $15, cardinality($2::text[]), to_timestamp($16))
+        ON CONFLICT (id) DO NOTHING
+        RETURNING id
+    ), rm AS (
         INSERT INTO response_messages (response_id, ord, role, has_tool_calls, tokens, body,
                                        status)
         SELECT r.id, m.ord - 1, m.role, m.tc, m.tokens, m.body, m.status
-        FROM r, unnest($10::text[], $11::bool[], $12::int[], $13::text[], $14::text[])
+        FROM r, unnest($2::text[], $3::bool[], $4::int[], $5::text[], $6::text[])
                 WITH ORDINALITY AS m(role, tc, tokens, body, status, ord)
-        """,
+    )"""
+# Without a session: the response alone ($7, the messages' search words, is left empty).
+_INSERT = "WITH " + _RESPONSE_CTES + ", words AS (SELECT $7::text[]) SELECT count(*) FROM r"
+# In a conversation: the response and the session's turn, in one statement.
+_INSERT_WITH_TURN = ("WITH " + _RESPONSE_CTES + "," + turn_ctes(" AND EXISTS (SELECT 1 FROM r)")
+                     + " SELECT count(*) FROM r")
+
+
+async def insert_response(
+    conn: asyncpg.Connection, response: NewResponse, messages: list[NewMessage]
+) -> bool:
+    """Store `response` and its messages in one statement; in a conversation
+    (`response.session_id`), the turn in the session too. False when a response with its id is
+    there already (a retried write that had stored it): nothing is stored again."""
+    args = (
+        *turn_args(response.session_id, messages, searched=response.session_id is not None),
         response.id,
         response.user_id,
         response.previous_response_id,
-        response.session_id,
         response.status,
         response.finish_reason,
         None if response.usage is None else codec.dumps_text(response.usage),
         response.prompt_tokens,
         codec.dumps_text(response.settings),
-        [m.role for m in messages],
-        [m.has_tool_calls for m in messages],
-        [m.tokens for m in messages],
-        [codec.dumps_text(m.message) for m in messages],
-        [m.status for m in messages],
         response.created_at,
     )
+    statement = _INSERT if response.session_id is None else _INSERT_WITH_TURN
+    stored: int = await conn.fetchval(statement, *args)
+    return bool(stored)
 
 
 # The chain: the named response (the caller's), then each previous one, until the chain ends or

@@ -86,7 +86,8 @@ class TurnRequest:
     `stream` must agree with the body's `stream`. `headers` are the client's, forwarded upstream
     (proxy/upstream.py drops what must not go). `state` receives the access log's fields.
     `history` replaces the session's read; with it, `session_id` may be None (nothing is
-    stored in a session).
+    stored in a session). `extra_stores`: `extra_write` stores the turn's messages in the
+    session itself, in the one statement it runs (so that the turn needs one round trip).
     """
 
     caller: Caller
@@ -99,6 +100,7 @@ class TurnRequest:
     state: dict[str, Any] = field(default_factory=dict)
     extra_write: ExtraWrite | None = None
     history: HistorySource | None = None
+    extra_stores: bool = False
 
 
 async def run_turn(rt: Runtime, request: TurnRequest) -> Outcome:
@@ -109,7 +111,8 @@ async def run_turn(rt: Runtime, request: TurnRequest) -> Outcome:
     ctx = await _read(rt, request)
     items = request.body["messages"]
     turn, body = await prepare.prepare(
-        rt, request.body, items, ctx, request.session_id, request.extra_write
+        rt, request.body, items, ctx, request.session_id, request.extra_write,
+        extra_stores=request.extra_stores,
     )
     if request.idempotency is None:
         return await _answer(rt, request, turn, body, None)

@@ -33,6 +33,7 @@ def _reserved_output(body: dict[str, Any], default: int) -> int:
 async def prepare(
     rt: Runtime, body: dict[str, Any], items: list[dict[str, Any]],
     ctx: TurnContext, session_id: str | None, extra_write: ExtraWrite | None = None,
+    *, extra_stores: bool = False,
 ) -> tuple[Turn, dict[str, Any]]:
     """The upstream body (head + history + rest) and the turn to store once answered.
 
@@ -71,4 +72,4 @@ async def prepare(
         headers = {"x-session-id": session_id, **headers}
     prompt_tokens = head_tokens + trimmed.tokens + rest_tokens + REPLY_PRIMING
     return Turn(session_id, model, new, headers, extra_write=extra_write, user_id=ctx.user_id,
-                prompt_tokens=prompt_tokens), body
+                prompt_tokens=prompt_tokens, extra_stores=extra_stores), body

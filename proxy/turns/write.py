@@ -63,6 +63,7 @@ class Turn(msgspec.Struct):
     extra_write: ExtraWrite | None = None
     user_id: str = ""
     prompt_tokens: int = 0  # head + history + the request's messages + reply priming
+    extra_stores: bool = False  # `extra_write` stores the messages in the session itself
 
 
 async def persist(
@@ -103,8 +104,11 @@ async def persist(
             try:
                 async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
                     sent = True
-                    if claim is None and extra is None:
+                    if claim is None and (extra is None or not _stores(turn)):
+                        # one statement: no transaction to open
                         count = await _store(conn, turn, rows, in_doubt)
+                        if extra is not None and count:
+                            await extra(conn, stored)
                     else:
                         async with conn.transaction():
                             count = await _store(conn, turn, rows, in_doubt)
@@ -127,12 +131,17 @@ async def persist(
     await asyncio.shield(task)
 
 
+def _stores(turn: Turn) -> bool:
+    """Whether the engine stores the turn's messages itself (else its door's `extra_write`
+    does, and must be safe to run again when the write is retried in doubt)."""
+    return turn.session_id is not None and not turn.extra_stores
+
+
 async def _store(
     conn: asyncpg.Connection, turn: Turn, rows: list[NewMessage], in_doubt: bool
 ) -> int:
-    """The turn's messages stored in its session; without one, nothing here (the door's
-    `extra_write` stores the turn, and must itself be safe to run again when `in_doubt`)."""
-    if turn.session_id is None:
+    """The turn's messages stored in its session (how many), unless the door's write does it."""
+    if turn.session_id is None or turn.extra_stores:
         return len(rows)
     return await messages.store_turn(conn, turn.session_id, rows, unless_stored=in_doubt)
 
