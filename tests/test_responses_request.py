@@ -63,6 +63,10 @@ def test_the_other_formats_and_tool_choices() -> None:
                          "tool_choice": {"type": "allowed_tools", "mode": "required",
                                          "tools": [{"type": "function", "name": "f"}]}}).body
     assert body["response_format"] == {"type": "json_object"}
+    echoed = request.plan({"model": "m", "input": "x",
+                           "tools": [{"type": "function", "name": "f"}]}).settings["tools"]
+    assert echoed == [{"type": "function", "name": "f", "description": None, "parameters": None,
+                       "strict": None}]  # every field OpenAI's response object has
     assert body["tool_choice"] == {"type": "allowed_tools", "allowed_tools": {
         "mode": "required", "tools": [{"type": "function", "function": {"name": "f"}}]}}
     plain = request.plan({"model": "m", "text": {"format": {"type": "text"}}, "input": "x",

@@ -104,7 +104,7 @@ def plan(request: Any) -> Plan:
     settings = {
         "model": model,
         "instructions": instructions,
-        "tools": tools,
+        "tools": [_echoed_tool(t) for t in tools],
         "tool_choice": choice if choice is not None else "auto",
         "parallel_tool_calls": request.get("parallel_tool_calls") is not False,
         "temperature": request.get("temperature"),
@@ -201,6 +201,12 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
         else:
             raise BadRequest("Unknown tool type", param=f"{where}.type")
     return tools
+
+
+def _echoed_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    """A function tool as the response echoes it: every field of OpenAI's, null when unset."""
+    return {"type": "function", "name": tool["name"], "description": tool.get("description"),
+            "parameters": tool.get("parameters"), "strict": tool.get("strict")}
 
 
 def _chat_tool(tool: dict[str, Any]) -> dict[str, Any]:
