@@ -5,60 +5,20 @@ Chat Completions upstream (tests/fake_upstream.py) recording what it was sent.""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import ROOT, UPSTREAM_KEY, User
+from tests import test_e2e
 from tests.fake_upstream import FakeUpstream
-from tests.fault_helpers import Serve
 
 pytestmark = pytest.mark.e2e
 
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as upstream:
-        yield upstream
-
-
-@pytest.fixture(scope="module")
-def proxy(
-    database_url: str, fake: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Serve]:
-    workdir = tmp_path_factory.mktemp("chatproxy-responses")
-    (workdir / "empty.toml").write_text("")
-    server = Serve({
-        "CHATPROXY_CONFIG": str(workdir / "empty.toml"),
-        "CHATPROXY_DATABASE_URL": database_url,
-        "CHATPROXY_UPSTREAM_BASE_URL": fake.url + "/v1",
-        "CHATPROXY_UPSTREAM_API_KEY": UPSTREAM_KEY,
-        "CHATPROXY_MODELS_FILE": str(ROOT / "config" / "models.toml"),
-        "CHATPROXY_LOG_LEVEL": "info",
-        "CHATPROXY_SHUTDOWN_GRACE": "5",
-    }, workdir / "chatproxy.log")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def sdk(proxy: Serve, alice: User) -> AsyncIterator[openai.AsyncOpenAI]:
-    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=alice.key, max_retries=0,
-                                timeout=60)
-    yield client
-    await client.close()
-
-
-@pytest.fixture
-async def api(proxy: Serve, alice: User) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=proxy.url, headers=alice.headers, timeout=30) as c:
-        yield c
+# The live server, its fake upstream and clients on it: tests/test_e2e.py's fixtures.
+fake, proxy, sdk, api = test_e2e.fake, test_e2e.proxy, test_e2e.sdk, test_e2e.api
 
 
 def last(fake: FakeUpstream) -> Any:

@@ -145,13 +145,19 @@ def item_page(
 ) -> dict[str, Any]:
     """OpenAI's item list: `limit` items after the item `after`, in order (400 when `after`
     names none of them)."""
-    ordered = items[::-1] if descending else items
-    if after is not None:
-        ids = [item["id"] for item in ordered]
-        if after not in ids:
-            raise BadRequest("after names no item of this list", param="after")
-        ordered = ordered[ids.index(after) + 1:]
+    ordered = after_item(items[::-1] if descending else items, after)
     return list_of(ordered[:limit], has_more=len(ordered) > limit)
+
+
+def after_item(items: list[dict[str, Any]], after: str | None) -> list[dict[str, Any]]:
+    """The items after the one whose id is `after` (all of them for None; 400 when it is not
+    one of them)."""
+    if after is None:
+        return items
+    ids = [item["id"] for item in items]
+    if after not in ids:
+        raise BadRequest("after names no item of this list", param="after")
+    return items[ids.index(after) + 1:]
 
 
 def list_of(data: list[dict[str, Any]], *, has_more: bool) -> dict[str, Any]:

@@ -12,6 +12,7 @@ missing one, and nothing is changed by a request that fails.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -19,7 +20,7 @@ import asyncpg
 
 from proxy.errors import BadRequest, ObjectNotFound
 from proxy.ids import is_session_id
-from proxy.responses.answer import list_of
+from proxy.responses.answer import after_item, list_of
 from proxy.responses.items import ItemIds, calls_of, parse_item_id, to_items, to_messages
 from proxy.responses.request import check_metadata
 from proxy.runtime import Runtime
@@ -63,37 +64,41 @@ async def create(
     return conversation(session)
 
 
-async def get(rt: Runtime, user_id: str, conversation_id: str) -> dict[str, Any]:
-    session = None
+async def _session(
+    rt: Runtime, conversation_id: str,
+    act: Callable[[asyncpg.Connection], Awaitable[dict[str, Any] | None]],
+) -> dict[str, Any]:
+    """What `act` makes of the caller's session (404 when it answers None, or for an id that
+    cannot be a session's)."""
+    found = None
     if is_session_id(conversation_id):
         async with rt.connection() as conn:
-            session = await sessions.get_session(conn, user_id, conversation_id)
-    if session is None:
+            found = await act(conn)
+    if found is None:
         raise not_found(conversation_id)
-    return conversation(session)
+    return found
+
+
+async def get(rt: Runtime, user_id: str, conversation_id: str) -> dict[str, Any]:
+    return conversation(await _session(
+        rt, conversation_id, lambda conn: sessions.get_session(conn, user_id, conversation_id)))
 
 
 async def update(
     rt: Runtime, user_id: str, conversation_id: str, metadata: dict[str, str] | None
 ) -> dict[str, Any]:
     fields = {"metadata": check_metadata(metadata, "metadata") or {}}
-    session = None
-    if is_session_id(conversation_id):
-        async with rt.connection() as conn:
-            session = await sessions.update_session(conn, user_id, conversation_id, fields)
-    if session is None:
-        raise not_found(conversation_id)
-    return conversation(session)
+    return conversation(await _session(rt, conversation_id, lambda conn: sessions.update_session(
+        conn, user_id, conversation_id, fields)))
 
 
 async def delete(rt: Runtime, user_id: str, conversation_id: str) -> dict[str, Any]:
-    deleted = False
-    if is_session_id(conversation_id):
-        async with rt.connection() as conn:
-            deleted = await sessions.soft_delete_session(conn, user_id, conversation_id)
-    if not deleted:
-        raise not_found(conversation_id)
-    return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
+    async def soft_delete(conn: asyncpg.Connection) -> dict[str, Any] | None:
+        if not await sessions.soft_delete_session(conn, user_id, conversation_id):
+            return None
+        return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
+
+    return await _session(rt, conversation_id, soft_delete)
 
 
 async def list_items(
@@ -115,12 +120,7 @@ async def list_items(
                                            position[0] if position is not None else None)
     if rows is None:
         raise BadRequest("after names no item of this conversation", param="after")
-    shown = [item for row in rows for item in row_items(row, descending)]
-    if after is not None:
-        ids = [item["id"] for item in shown]
-        if after not in ids:
-            raise BadRequest("after names no item of this conversation", param="after")
-        shown = shown[ids.index(after) + 1:]
+    shown = after_item([item for row in rows for item in row_items(row, descending)], after)
     return list_of(shown[:limit], has_more=len(shown) > limit)
 
 

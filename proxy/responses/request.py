@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.chatbody import history_override
 from proxy.errors import BadRequest
 from proxy.responses.items import to_messages, unsupported
-from proxy.schemas import MAX_HISTORY_MESSAGES
 
 # Chat completions has the same field, with the same meaning.
 FORWARDED = ("temperature", "top_p", "parallel_tool_calls", "user", "safety_identifier",
@@ -120,7 +120,7 @@ def plan(request: Any) -> Plan:
         "service_tier": request.get("service_tier") or "auto",
         **{name: request.get(name) for name in ("user", "safety_identifier", "prompt_cache_key")},
     }
-    history_limit = _history_limit(request.get("max_history_messages"))
+    history_limit = history_override(request)
     if len(messages) == (instructions is not None) and conversation is None and previous is None:
         # nothing to answer: no input, no history
         raise BadRequest("input is required", param="input", code="missing_required_parameter")
@@ -308,14 +308,3 @@ def check_metadata(metadata: Any, param: str) -> dict[str, str] | None:
                              f"strings of at most {MAX_METADATA_VALUE}", param=param)
     return metadata
 
-
-def _history_limit(value: Any) -> int | None:
-    if value is None:
-        return None
-    if (not isinstance(value, int) or isinstance(value, bool)
-            or not 0 <= value <= MAX_HISTORY_MESSAGES):
-        raise BadRequest(
-            f"max_history_messages must be an integer between 0 and {MAX_HISTORY_MESSAGES}",
-            param="max_history_messages",
-        )
-    return value
