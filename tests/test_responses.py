@@ -123,3 +123,38 @@ async def test_an_upstream_error_passes_through(
         429, json=error, headers={"retry-after": "3"}))
     r = await create(client, alice, input="hi")
     assert (r.status_code, r.json(), r.headers["retry-after"]) == (429, error, "3")
+
+
+async def test_the_route_litestar_keeps_answers_as_the_fast_one(
+    client: Client, upstream: respx.Router, alice: User
+) -> None:
+    upstream.post("/chat/completions").mock(side_effect=answers(completion("a"), completion("b")))
+    fast = await client.post("/v1/responses", json={"model": "m", "input": "x"},
+                             headers=alice.headers)
+    routed = await client.post("/v1/responses/", json={"model": "m", "input": "x"},
+                               headers=alice.headers)
+    assert (fast.status_code, routed.status_code) == (200, 200)
+    assert [r.json()["output"][0]["content"][0]["text"] for r in (fast, routed)] == ["a", "b"]
+    bad = [await client.post(path, json={"model": "m"}, headers=alice.headers)
+           for path in ("/v1/responses", "/v1/responses/")]
+    assert bad[0].json() == bad[1].json() == {"error": {
+        "message": "input is required", "type": "invalid_request_error", "param": "input",
+        "code": "missing_required_parameter"}}
+
+
+async def test_without_the_upstreams_usage_the_tokens_are_counted_the_same_way(
+    client: Client, upstream: respx.Router, alice: User
+) -> None:
+    upstream.post("/chat/completions").mock(side_effect=answers(
+        completion("four words of reply", usage=None), completion("four words of reply",
+                                                                  usage=None)))
+    stored = (await create(client, alice, input="count me in", instructions="sys")).json()
+    unstored = (await create(client, alice, input="count me in", instructions="sys",
+                             store=False)).json()
+    usage = stored["usage"]
+    # the reply as history counts it (its four words and its role), less the message overhead
+    assert usage["input_tokens"] > 5 and usage["output_tokens"] == 5
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    assert unstored["usage"] == usage  # counted by the write, or by the door: alike
+    got = await client.get(f"/v1/responses/{stored['id']}", headers=alice.headers)
+    assert got.json()["usage"] == usage

@@ -132,6 +132,38 @@ async def test_a_stream_cut_short_is_stored_incomplete(
         ("user", "go", "complete"), ("assistant", "Hello, wor", "incomplete")]
 
 
+async def test_a_client_that_leaves_a_stream_early_leaves_an_incomplete_response(
+    sdk: openai.AsyncOpenAI, api: httpx.AsyncClient, fake: FakeUpstream
+) -> None:
+    response_id, seen = None, ""
+    async with sdk.responses.stream(model="fake-slow", input="count") as stream:
+        async for event in stream:
+            if event.type == "response.created":
+                response_id = event.response.id
+            if event.type == "response.output_text.delta":
+                seen += event.delta
+                if seen.count("tick") == 3:
+                    break
+    number = fake.requests[-1].number
+
+    async def stored() -> dict[str, Any] | None:
+        got = await api.get(f"/v1/responses/{response_id}")
+        return got.json() if got.status_code == 200 else None
+
+    kept = await test_e2e.eventually(stored)
+    assert kept is not None and kept["status"] == "incomplete"
+    text = kept["output"][0]["content"][0]["text"]
+    assert text.startswith(seen) and set(text.split()) == {"tick"}
+
+    async def upstream_closed() -> bool:
+        return number in fake.disconnected
+
+    assert await test_e2e.eventually(upstream_closed, within=5)
+    # the cut reply is in the next response's history
+    await sdk.responses.create(model="fake-echo", input="next", previous_response_id=response_id)
+    assert contents(last(fake)) == [("user", "count"), ("assistant", text), ("user", "next")]
+
+
 # --- conversations ------------------------------------------------------------------------------
 
 
