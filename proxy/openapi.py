@@ -313,7 +313,14 @@ CHAT_COMPLETIONS = {
             ("X-Session-Id", "the session" + _HISTORY, OpenAPIType.STRING),
             ("X-History-Messages", "stored messages injected" + _HISTORY, OpenAPIType.INTEGER),
             ("X-History-Tokens", "their tokens" + _HISTORY, OpenAPIType.INTEGER),
-            ("X-History-Dropped", "stored messages left out for the token budget" + _HISTORY,
+            ("X-History-Dropped", "stored messages of the window (less those the request "
+             "resent) left out: for the token budget, at the window's edge, or in a tool "
+             "exchange never wholly answered" + _HISTORY, OpenAPIType.INTEGER),
+            ("X-History-Stored", "messages the session held before this turn" + _HISTORY,
+             OpenAPIType.INTEGER),
+            ("X-History-Overlap", "request messages (after its leading system/developer ones) "
+             "recognised as the session's newest stored messages, resent by a client that "
+             "keeps its own history: neither stored again nor injected; absent when none",
              OpenAPIType.INTEGER),
             ("Idempotent-Replayed", "`true` on a response served again for a repeated "
              "Idempotency-Key", OpenAPIType.STRING),

@@ -76,6 +76,19 @@ class EventSplitter:
         return bytes(self._buffer)
 
 
+def closing(tail: bytes) -> bytes:
+    """What to write after `tail` (the last four or more bytes written of an event stream) so
+    that an event written next stands on its own: nothing after a whole event (or nothing
+    written), the line end that ends the event after a whole line, and a line end plus a blank
+    line in the middle of a line (the upstream broke off there)."""
+    if not tail or tail.endswith((b"\r\n\r\n", b"\n\n", b"\r\r")):  # as _BOUNDARY
+        return b""
+    for end in (b"\r\n", b"\n", b"\r"):
+        if tail.endswith(end):
+            return end
+    return b"\n\n"
+
+
 def event_data(event: bytes) -> bytes | None:
     """The joined `data:` lines of one event, or None when it has none."""
     lines = [

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import httpx
 from litestar import Response
 
-from proxy import codec, metrics
+from proxy import codec, metrics, sse
 from proxy.config import Settings, Upstream
 from proxy.errors import ProxyError, UpstreamBusy, UpstreamError, UpstreamTimeout
 from proxy.streamresponse import ClosingStream
@@ -284,11 +284,13 @@ async def read_body(response: httpx.Response, limit: int = MAX_UPSTREAM_BODY) ->
 async def _body_chunks(
     response: httpx.Response, ttfb: tuple[float, str] | None = None
 ) -> AsyncIterator[bytes]:
+    tail = b""  # the last bytes relayed: where the stream stopped, if it breaks off
     try:
         async for chunk in response.aiter_bytes():
             if ttfb is not None:
                 metrics.stream_ttfb(time.perf_counter() - ttfb[0], upstream=ttfb[1])
                 ttfb = None
+            tail = chunk[-4:] if len(chunk) >= 4 else (tail + chunk)[-4:]
             yield chunk
     except httpx.HTTPError as exc:
         # The upstream broke off. An event stream ends with an error event (as a session
@@ -299,7 +301,7 @@ async def _body_chunks(
                 if isinstance(exc, httpx.TimeoutException)
                 else UpstreamError("The upstream broke off the stream")
             )
-            yield b"\n\ndata: " + codec.dumps(failure.body()) + b"\n\n"
+            yield sse.closing(tail) + b"data: " + codec.dumps(failure.body()) + b"\n\n"
     finally:
         await response.aclose()
 

@@ -141,6 +141,9 @@ def chunk(content: str) -> bytes:
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
+GARBAGE = b"<html><body>upstream internals: trace 0xdeadbeef</body></html>"
+
+
 def reply_to(body: dict[str, Any]) -> str:
     """The fake's reply: names the request's last message, so a test can pair them."""
     last = body["messages"][-1].get("content")
@@ -155,6 +158,8 @@ class FakeUpstream:
     `slow:N:D`      a stream of N chunks, D seconds apart, then [DONE]
     `hang`          never answers (until the caller goes away)
     `status:NNN`    that status with an OpenAI error body
+    `garbage:NNN`   that status with an HTML body (`GARBAGE`), not OpenAI's envelope
+    `notchat`       a 200 with JSON that is not a chat completion
 
     `server_options` go to uvicorn (`ssl_certfile=...` serves HTTPS); `held` counts the `hang`
     requests being held now.
@@ -206,6 +211,14 @@ class FakeUpstream:
             error = {"error": {"message": "upstream says no", "type": "invalid_request_error",
                                "param": None, "code": "upstream_no"}}
             await self._send(send, int(model.split(":")[1]), json.dumps(error).encode())
+            return
+        if model == "notchat":
+            await self._send(send, 200, b'{"object": "list", "data": []}')
+            return
+        if model.startswith("garbage:"):
+            await send({"type": "http.response.start", "status": int(model.split(":")[1]),
+                        "headers": [(b"content-type", b"text/html")]})
+            await send({"type": "http.response.body", "body": GARBAGE})
             return
         if model.startswith("slow:"):
             _, count, delay = model.split(":")

@@ -5,25 +5,31 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import httpx2
 from mcp import ClientSession
+from mcp.client.client import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
 from proxy.store import sessions
 from tests.conftest import ROOT, User
+from tests.fault_helpers import Serve, serve_env, serving
 from tests.test_lifecycle import codec_conn, seed
 
 TOOLS = {
     "list_sessions", "resume_session", "get_messages", "create_session", "export_session",
     "import_session", "merge_sessions", "fork_session", "clear_session", "delete_session",
-    "cleanup_sessions",
+    "cleanup_sessions", "send_message",
 }
+
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 # seq: 1 user, 2 assistant opening a two-call tool exchange, 3-4 its results, 5 the answer,
 # 6 user with content parts and a name, 7 a reply cut off mid-stream.
@@ -43,6 +49,21 @@ CONVO: list[tuple[dict[str, Any], int, str]] = [
 ]
 
 
+@contextmanager
+def live_server(database_url: str, upstream_url: str, tmp: Path) -> Iterator[Serve]:
+    """`chatproxy serve` on the test database, logging at info (the access log's lines)."""
+    env = serve_env(database_url, upstream_url, tmp, CHATPROXY_LOG_LEVEL="info")
+    with serving(env, tmp / "serve.log") as server:
+        yield server
+
+
+@asynccontextmanager
+async def rest_as(live: Serve, user: User) -> AsyncIterator[httpx.AsyncClient]:
+    """The REST API as `user`, on the same server."""
+    async with httpx.AsyncClient(base_url=live.url, headers=user.headers, timeout=30) as c:
+        yield c
+
+
 @asynccontextmanager
 async def over_http(url: str, key: str, **client: Any) -> AsyncIterator[ClientSession]:
     """An initialized MCP session on `url`/mcp with `key`."""
@@ -54,20 +75,35 @@ async def over_http(url: str, key: str, **client: Any) -> AsyncIterator[ClientSe
                 yield session
 
 
-def stdio_parameters(database_url: str, user: str) -> StdioServerParameters:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATPROXY_")}
+@asynccontextmanager
+async def over_http_modern(url: str, key: str) -> AsyncIterator[ClientSession]:
+    """A session on `url`/mcp as the official `Client` makes one by default: it asks the server
+    (`server/discover`) and speaks the per-request protocol (2026-07-28) when it can, which
+    needs no handshake and no state on the server."""
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+        async with Client(streamable_http_client(url + "/mcp", http_client=http)) as client:
+            yield client.session
+
+
+def stdio_parameters(database_url: str, user: str, **extra: str) -> StdioServerParameters:
+    """`chatproxy mcp --user USER` on the test database; `extra` adds to its environment (e.g.
+    `CHATPROXY_UPSTREAM_BASE_URL`)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATPROXY_")
+           and k.lower() not in PROXY_VARIABLES}  # as `Serve`: the fakes are reached directly
     env.update(CHATPROXY_CONFIG=os.devnull, CHATPROXY_DATABASE_URL=database_url,
                CHATPROXY_MODELS_FILE=str(ROOT / "config" / "models.toml"),
-               CHATPROXY_LOG_LEVEL="info")
+               CHATPROXY_LOG_LEVEL="info", **extra)
     return StdioServerParameters(command=sys.executable, args=["-m", "proxy", "mcp", "--user",
                                                                user], env=env, cwd=ROOT)
 
 
 @asynccontextmanager
-async def over_stdio(database_url: str, user: str) -> AsyncIterator[ClientSession]:
+async def over_stdio(database_url: str, user: str, **extra: str) -> AsyncIterator[ClientSession]:
     """An initialized MCP session on `chatproxy mcp --user USER`."""
     # The command's log lines go to the test's stderr (pytest shows them if the test fails).
-    async with stdio_client(stdio_parameters(database_url, user), errlog=sys.stderr) as (r, w):
+    parameters = stdio_parameters(database_url, user, **extra)
+    async with stdio_client(parameters, errlog=sys.stderr) as (r, w):
         async with ClientSession(r, w) as session:
             await session.initialize()
             yield session

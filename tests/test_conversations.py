@@ -180,3 +180,28 @@ async def test_a_response_in_a_conversation_is_a_turn_of_its_session(
         "I am Ada.", "Hello", "Nice to meet you, Ada.", "Who am I?", "You are Ada."]
     assert [i["role"] for i in listed["data"]] == [
         "user", "user", "assistant", "user", "assistant"]
+
+
+async def test_a_response_that_resends_the_conversations_newest_items_stores_them_once(
+    client: Client, upstream: respx.Router, alice: User
+) -> None:
+    route = upstream.post("/chat/completions").mock(side_effect=answers(
+        completion("first answer"), completion("second answer")))
+    cid = await new_conversation(client, alice)
+    await client.post("/v1/responses", headers=alice.headers, json={
+        "model": "gpt-4o", "conversation": cid, "input": "first"})
+    # a client that keeps its own history sends it all again, with the new message
+    r = await client.post("/v1/responses", headers=alice.headers, json={
+        "model": "gpt-4o", "conversation": cid, "input": [
+            user_item("first"),
+            {"type": "message", "role": "assistant",
+             "content": [{"type": "output_text", "text": "first answer", "annotations": []}]},
+            user_item("second")]})
+    assert r.status_code == 200, r.text
+    assert [m["content"] for m in sent(route)["messages"]] == [
+        "first", "first answer", "second"]  # each message once
+    assert [m["content"] for m in await stored(client, alice, cid)] == [
+        "first", "first answer", "second", "second answer"]
+    inputs = await client.get(f"/v1/responses/{r.json()['id']}/input_items",
+                              headers=alice.headers)
+    assert [i["content"][0]["text"] for i in inputs.json()["data"]] == ["second"]

@@ -40,7 +40,8 @@ async def test_a_retry_replays_the_response_without_a_second_turn(
     assert again.content == first.content
     assert again.headers["idempotent-replayed"] == "true"
     assert "idempotent-replayed" not in first.headers
-    for name in ("x-session-id", "x-history-messages", "x-history-tokens", "x-history-dropped"):
+    for name in ("x-session-id", "x-history-messages", "x-history-tokens", "x-history-dropped",
+                 "x-history-stored"):
         assert again.headers[name] == first.headers[name]
     assert route.call_count == 1
     assert [m["content"] for m in await stored(client, alice, sid)] == ["hi", "once"]

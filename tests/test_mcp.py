@@ -14,8 +14,17 @@ import pytest
 
 from proxy import codec
 from tests.conftest import User
-from tests.fault_helpers import Serve, serve_env, serving
-from tests.mcp_helpers import TOOLS, conversation, ok, over_http, refused
+from tests.fault_helpers import Serve
+from tests.mcp_helpers import (
+    TOOLS,
+    conversation,
+    fingerprint,
+    live_server,
+    ok,
+    over_http,
+    refused,
+    rest_as,
+)
 from tests.test_lifecycle import codec_conn, seed
 
 pytestmark = pytest.mark.e2e
@@ -24,16 +33,15 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def live(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     tmp = tmp_path_factory.mktemp("mcp")
-    env = serve_env(database_url, "http://127.0.0.1:9/v1", tmp, CHATPROXY_LOG_LEVEL="info")
-    with serving(env, tmp / "serve.log") as server:
+    with live_server(database_url, "http://127.0.0.1:9/v1", tmp) as server:
         yield server
 
 
 @pytest.fixture
 async def rest(live: Serve, alice: User) -> AsyncIterator[httpx.AsyncClient]:
     """The REST API as alice, on the same server."""
-    async with httpx.AsyncClient(base_url=live.url, headers=alice.headers, timeout=30) as c:
-        yield c
+    async with rest_as(live, alice) as client:
+        yield client
 
 
 async def rest_json(r: httpx.Response, status: int = 200) -> Any:
@@ -90,6 +98,46 @@ async def test_create_list_and_read_answer_what_the_rest_api_answers(
             assert read == {"messages": page["data"], "total": 7,
                             "has_more": page["has_more"]}
         assert [m["seq"] for m in read["messages"]] == [6, 5, 4] and read["has_more"]
+
+
+async def test_list_sessions_with_a_query_finds_the_callers_sessions_by_name_or_message(
+    live: Serve, alice: User, bob: User, db: asyncpg.Connection, rest: httpx.AsyncClient
+) -> None:
+    named = await conversation(db, alice, session_name="Lisbon trip")
+    plain = await conversation(db, alice)
+    talked = await conversation(db, alice)
+    await seed(await codec_conn(db), talked, [
+        ({"role": "user", "content": "What do pelicans eat in Lisbon?"}, 9, "complete")])
+    await conversation(db, bob, session_name="Lisbon pelicans")  # every CONVO says Paris too
+
+    def ids(result: dict[str, Any]) -> list[str]:
+        return [s["id"] for s in result["sessions"]]
+
+    async with over_http(live.url, alice.key) as mcp:
+        found = await ok(mcp, "list_sessions", query="LISBON")  # by message, and by name
+        page = await rest_json(await rest.get("/v1/chat/sessions?q=LISBON"))
+        assert found == {"sessions": page["data"], "total": 2, "has_more": False}
+        assert ids(found) == [talked, named]  # most recent activity first
+        assert ids(await ok(mcp, "list_sessions", query="pelic")) == [talked]  # a prefix
+        assert ids(await ok(mcp, "list_sessions", query="trip lisbon")) == [named]  # every word
+        assert ids(await ok(mcp, "list_sessions", query="lisbon giraffe")) == []
+        # Only the caller's own: bob's sessions hold every one of these words too.
+        everywhere = await ok(mcp, "list_sessions", query="weather paris", limit=2)
+        assert (set(ids(everywhere)), everywhere["total"], everywhere["has_more"]) == (
+            {talked, plain}, 3, True)
+        assert ids(await ok(mcp, "list_sessions", query="paris", offset=2)) == [named]
+
+        before = await fingerprint(db, alice)
+        for query, message in [
+            ("!!! ?", "query must contain at least one letter or digit"),
+            (" ".join(f"w{i}" for i in range(33)), "query must have at most 32 words"),
+            ("", "String should have at least 1 character"),
+            ("x" * 1001, "String should have at most 1000 characters"),
+            (7, "Input should be a valid string"),
+        ]:
+            text = await refused(mcp, "list_sessions", query=query)
+            assert message in text and "query" in text, text
+    assert await fingerprint(db, alice) == before
 
 
 async def test_resume_restores_a_deleted_session_with_the_history_a_turn_would_get(

@@ -65,6 +65,10 @@ async def test_requests_without_a_valid_key_are_401_before_the_mcp_layer(
                                        headers={**MCP_HEADERS, **headers})
                 assert (method, r.status_code, r.json()) == (method, 401,
                                                             unauthorized(message))
+            # The per-request protocol (2026-07-28), which the SDK routes by this header, too.
+            r = await http.post(live.url + "/mcp", json=INITIALIZE, headers={
+                **MCP_HEADERS, **headers, "MCP-Protocol-Version": "2026-07-28"})
+            assert (r.status_code, r.json()) == (401, unauthorized(message))
         r = await http.post(live.url + "/mcp", json=INITIALIZE,
                             headers={**MCP_HEADERS, **alice.headers})
         assert r.status_code == 200 and r.json()["result"]["serverInfo"]["name"] == "chatproxy"
@@ -151,6 +155,8 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("import_session", {"document": "not a document"}, "valid dictionary"),
     ("cleanup_sessions", {"older_than": "soon"}, "older_than must be a duration like 30s"),
     ("cleanup_sessions", {"older_than": "0d"}, "older_than must be a duration like 30s"),
+    ("send_message", {"session_id": "{sid}", "content": "hi"},
+     "has no model: give the model to send to"),
     ("no_such_tool", {}, "Unknown tool: no_such_tool"),
 ]
 
@@ -175,3 +181,15 @@ async def test_a_bad_argument_is_a_tool_error_and_changes_nothing(
 async def test_arguments_a_tool_does_not_know_are_ignored(live: Serve, alice: User) -> None:
     async with over_http(live.url, alice.key) as mcp:
         assert await ok(mcp, "list_sessions", colour="blue") == await ok(mcp, "list_sessions")
+
+
+async def test_an_upstream_that_cannot_be_reached_is_a_tool_error(
+    live: Serve, alice: User, db: asyncpg.Connection
+) -> None:
+    """This server's upstream (port 9) refuses connections: the turn's 502, as a tool result."""
+    sid = await conversation(db, alice, model="gpt-4o")
+    before = await fingerprint(db, alice)
+    async with over_http(live.url, alice.key) as mcp:
+        assert await refused(mcp, "send_message", session_id=sid, content="hi") == (
+            "Error executing tool send_message: The upstream could not be reached")
+    assert await fingerprint(db, alice) == before

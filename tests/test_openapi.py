@@ -173,7 +173,9 @@ async def test_the_chat_route_documents_its_headers_and_its_stream(schema: Json)
     ok = operation["responses"]["200"]
     assert set(ok["content"]) == {"application/json", "text/event-stream"}
     assert set(ok["headers"]) == {"X-Session-Id", "X-History-Messages", "X-History-Tokens",
-                                  "X-History-Dropped", "Idempotent-Replayed"}
+                                  "X-History-Dropped", "X-History-Stored", "X-History-Overlap",
+                                  "Idempotent-Replayed"}
+    assert ok["headers"]["X-History-Overlap"]["schema"] == {"type": "integer"}
     examples = operation["responses"]["409"]["content"]["application/json"]["examples"]
     assert [e["value"]["error"]["code"] for e in examples.values()] == ["idempotency_key_in_use"]
 
@@ -255,7 +257,9 @@ async def test_answers_and_requests_agree_with_the_schema(
     r = await client.post("/v1/chat/completions", headers=alice.headers, json=turn)
     assert r.status_code == 200
     documented = schema["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["headers"]
-    assert {h.lower() for h in documented} - set(r.headers) == {"idempotent-replayed"}
+    # those two only when they apply: a replay, a request that resent stored messages
+    assert {h.lower() for h in documented} - set(r.headers) == {"idempotent-replayed",
+                                                                "x-history-overlap"}
 
     listed = await client.get("/v1/chat/sessions?include_inactive=true", headers=alice.headers)
     check(schema, "SessionList", listed.json())

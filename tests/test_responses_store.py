@@ -106,9 +106,9 @@ async def test_a_response_in_a_conversation_and_its_turn_are_one_write_never_two
             NewMessage({"role": "assistant", "content": "a"}, 4)]
     response = responses.NewResponse("resp_t1", user.id, None, sid, "complete", "stop", None,
                                      10, {"model": "m"}, 1)
-    assert await responses.insert_response(conn, response, turn)
+    assert await responses.insert_response(conn, response, turn, with_turn=True)
     # the same write again (retried after its outcome was unknown): nothing more
-    assert not await responses.insert_response(conn, response, turn)
+    assert not await responses.insert_response(conn, response, turn, with_turn=True)
     rows = await conn.fetch("SELECT seq, body, tokens FROM chat_messages WHERE session_id = $1 "
                             "ORDER BY seq", sid)
     assert [(r["seq"], json.loads(r["body"])["content"], r["tokens"]) for r in rows] == [
@@ -121,5 +121,5 @@ async def test_a_response_in_a_conversation_and_its_turn_are_one_write_never_two
     await conn.execute("DELETE FROM chat_sessions WHERE id = $1", sid)
     gone = responses.NewResponse("resp_t2", user.id, None, sid, "complete", "stop", None,
                                  10, {"model": "m"}, 1)
-    assert await responses.insert_response(conn, gone, turn)
+    assert await responses.insert_response(conn, gone, turn, with_turn=True)
     assert await conn.fetchval("SELECT session_id FROM responses WHERE id = 'resp_t2'") is None

@@ -476,13 +476,13 @@ async def test_a_retry_after_a_write_of_unknown_outcome_does_not_store_twice(
     calls: list[bool] = []
 
     def dying(commit_first: bool) -> Any:
-        async def store(*args: Any, unless_stored: bool = False) -> int:
+        async def store(*args: Any, unless_stored: bool = False, **more: Any) -> int:
             calls.append(unless_stored)
             if len(calls) == 1:
                 if commit_first:
-                    await real(*args)
+                    await real(*args, **more)
                 raise DatabaseUnavailable()
-            return await real(*args, unless_stored=unless_stored)
+            return await real(*args, unless_stored=unless_stored, **more)
         return store
 
     for commit_first in (True, False):
@@ -513,15 +513,34 @@ async def test_the_retry_guard_still_stores_a_turn_that_repeats_an_older_one(
     assert [r["seq"] for r in found] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.parametrize(("cut", "closing"), [
+    (b"", b""),  # after a whole event: the error event follows at once, no blank line
+    (b"data: {\"id\": \"chatcmpl-s\", \"cho", b"\n\n"),  # mid-line: the line and event end
+    (b": keep-alive\n", b"\n"),  # after a whole line: the blank line that ends its event
+    (b": keep-alive\r\n", b"\r\n"),  # ... in the stream's own line ends
+])
 async def test_a_sessionless_stream_the_upstream_breaks_ends_with_an_error_event(
-    client: Client, upstream: respx.Router, alice: User
+    client: Client, upstream: respx.Router, alice: User, cut: bytes, closing: bytes
 ) -> None:
     events = hello("cut")[:2]
     upstream.post("/chat/completions").mock(
-        return_value=streaming(Upstream(*events, httpx.ReadError("reset")))
+        return_value=streaming(Upstream(*events, cut, httpx.ReadError("reset")))
     )
     r = await chat(client, alice, None, u("hi"), stream=True)
     assert r.status_code == 200
-    assert r.content == b"".join(events) + b"\n\n" + error_event(
+    assert r.content == b"".join(events) + cut + closing + error_event(
         "The upstream broke off the stream"
     )
+
+
+async def test_a_session_stream_cut_mid_event_relays_whole_events_then_the_error_event(
+    client: Client, upstream: respx.Router, alice: User
+) -> None:
+    """A session's stream relays only whole events, so the error event follows the last one
+    directly: no half event, no blank line before it."""
+    events = hello("cut")[:2]
+    upstream.post("/chat/completions").mock(return_value=streaming(
+        Upstream(*events, b"data: {\"id\": \"chatcmpl-s\", \"cho", httpx.ReadError("reset"))))
+    sid = await new_session(client, alice)
+    r = await stream_chat(client, alice, sid, u("hi"))
+    assert r.content == b"".join(events) + error_event("The upstream broke off the stream")

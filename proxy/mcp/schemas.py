@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from proxy.schemas import ExportDocument, Message, Session
+from proxy.schemas import ChatMessage, ExportDocument, Message, Session
 
 __all__ = [
     "Cleaned",
@@ -21,6 +21,7 @@ __all__ = [
     "MessagePage",
     "OneSession",
     "Resumed",
+    "Sent",
     "SessionPage",
 ]
 
@@ -45,6 +46,13 @@ class MessagePage(BaseModel):
 
 class OneSession(BaseModel):
     session: Session
+
+
+class Sent(BaseModel):
+    reply: ChatMessage = Field(
+        description="the model's reply, as stored: role, content (and tool_calls or refusal "
+        "when it has them)")
+    session: Session = Field(description="the session after the turn")
 
 
 class Cleared(BaseModel):

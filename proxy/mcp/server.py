@@ -34,6 +34,7 @@ from proxy.mcp.schemas import (
     MessagePage,
     OneSession,
     Resumed,
+    Sent,
     SessionPage,
 )
 from proxy.reading import MAX_OFFSET
@@ -47,7 +48,8 @@ INSTRUCTIONS = """\
 chatproxy keeps this user's chat sessions: conversations with a language model whose history is \
 stored on the server. Session ids look like sess_3kTq9vYb2LwQ8cRmXa1b2c3d. Find sessions with \
 list_sessions, read one with get_messages (or the resource chatproxy://sessions/{session_id}), \
-pick one up again with resume_session. Every tool acts only on this user's own sessions."""
+pick one up again with resume_session, continue it with send_message. Every tool acts only on \
+this user's own sessions."""
 
 SessionId = Annotated[str, Field(
     description="a session id, like sess_3kTq9vYb2LwQ8cRmXa1b2c3d (from list_sessions)",
@@ -94,6 +96,14 @@ async def _answer(
         raise ToolError(exc.message) from None
     return CallToolResult(content=[TextContent(type="text", text=text(result))],
                           structured_content=result)
+
+
+def _log_fields(ctx: Context) -> dict[str, Any] | None:
+    """The HTTP request's access-log fields (its scope's `state`), which a turn fills in with
+    the upstream's name, status and latency; over stdio there is no request and no such log."""
+    scope = getattr(ctx.request_context.request, "scope", None)
+    state = scope.get("state") if isinstance(scope, dict) else None
+    return state if isinstance(state, dict) else None
 
 
 def build(runtime: Callable[[], Runtime], caller: Caller) -> MCPServer:
@@ -172,7 +182,7 @@ def build(runtime: Callable[[], Runtime], caller: Caller) -> MCPServer:
             max_length=64, description="string labels, e.g. {\"project\": \"apollo\"}")] = None,
     ) -> Annotated[CallToolResult, OneSession]:
         """Create an empty chat session for the user and answer it, with its id (sess_...).
-        Clients then send turns to it through chatproxy's chat completions API."""
+        Continue it with send_message (or any client of chatproxy's chat completions API)."""
         given = {
             "session_name": session_name, "model": model, "system_prompt": system_prompt,
             "max_history_messages": max_history_messages,
@@ -181,6 +191,28 @@ def build(runtime: Callable[[], Runtime], caller: Caller) -> MCPServer:
         fields = {name: value for name, value in given.items() if value is not None}
         work = mcptools.create_session(runtime(), caller(ctx), fields)
         return await _answer(work, lambda r: mcptext.one_session("Created", r))
+
+    @tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False,
+                                      idempotent_hint=False, open_world_hint=True))
+    async def send_message(
+        ctx: Context,
+        session_id: SessionId,
+        content: Annotated[str, Field(
+            min_length=1, description="the user's message: plain text")],
+        model: Annotated[str | None, Field(
+            min_length=1, max_length=200, description="the model to answer (default: the "
+            "session's model; required when the session has none)")] = None,
+    ) -> Annotated[CallToolResult, Sent]:
+        """Continue a stored conversation: send one user message to the language model in the
+        session, with the session's system prompt and as much of its stored history as fits the
+        model's context sent before it, and get the model's reply. Both the message and the
+        reply are stored in the session, so the next turn - from this tool or any chatproxy
+        client - sees them. Use it to ask the session's model something in the context of that
+        conversation; to only read a session, use get_messages. Each call is a new turn:
+        calling it again sends the message again."""
+        work = mcptools.send_message(runtime(), caller(ctx), session_id, content, model,
+                                     _log_fields(ctx))
+        return await _answer(work, mcptext.sent)
 
     @tool(annotations=READS)
     async def export_session(ctx: Context, session_id: SessionId) -> Annotated[

@@ -78,9 +78,12 @@ def message_line(message: dict[str, Any]) -> str:
     if message.get("status") == "incomplete":
         role += " [incomplete]"
     lines = [f"[{message['seq']}] {role}: {_cut(content_text(message.get('content')))}"]
-    lines += [f"    tool call {name}({_cut(arguments)}) id {call_id}"
-              for name, arguments, call_id in _calls(message)]
-    return "\n".join(lines)
+    return "\n".join(lines + _call_lines(message))
+
+
+def _call_lines(message: dict[str, Any]) -> list[str]:
+    return [f"    tool call {name}({_cut(arguments)}) id {call_id}"
+            for name, arguments, call_id in _calls(message)]
 
 
 def _page(what: str, lines: list[str], result: dict[str, Any], offset: int,
@@ -110,6 +113,15 @@ def resumed(result: dict[str, Any]) -> str:
              f"History a turn would be sent now: {len(found)} messages, oldest first"
              + (":" if found else ".")]
     return "\n".join(lines + [message_line(m) for m in found])
+
+
+def sent(result: dict[str, Any]) -> str:
+    reply = result["reply"]
+    lines = [f"assistant: {_cut(content_text(reply.get('content')))}"]
+    if isinstance(reply.get("refusal"), str):
+        lines.append(f"refusal: {_cut(reply['refusal'])}")
+    lines += _call_lines(reply)
+    return "\n".join([*lines, f"Stored in session {session_line(result['session'])}"])
 
 
 def one_session(verb: str, result: dict[str, Any]) -> str:

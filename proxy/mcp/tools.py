@@ -3,8 +3,10 @@
 Every tool is a short recipe over the functions the sessions API uses (`proxy.store`,
 `proxy.lifecycle`, `proxy.messages`, `proxy.document`, `proxy.retention`), so REST and MCP
 share their SQL, their validation and their ownership rule: another user's session is the same
-`SessionNotFound` as a missing one. A bad argument raises a `ProxyError` before anything is
-written; `proxy.mcp.server` turns it into a tool result with `isError: true`.
+`SessionNotFound` as a missing one; `send_message` is a turn run by the turn engine
+(`proxy.turns.run_turn`), as `/v1/chat/completions` runs one. A bad argument raises a
+`ProxyError` before anything is written; `proxy.mcp.server` turns it into a tool result with
+`isError: true`.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ from typing import Any
 import asyncpg
 
 from proxy import codec, document, history, metrics, retention, searchtext
-from proxy.errors import BadRequest, SessionNotFound
+from proxy.errors import BadRequest, SessionNotFound, UpstreamError
 from proxy.ids import is_session_id
 from proxy.runtime import Runtime
 from proxy.store import lifecycle, messages, sessions
 from proxy.tokens import REPLY_PRIMING
+from proxy.turns import Answered, Caller, Passthrough, TurnRequest, run_turn
+
+MAX_UPSTREAM_MESSAGE = 1000  # characters of an upstream's error message a tool result repeats
 
 
 def _checked(session_id: str, param: str = "session_id") -> None:
@@ -117,6 +122,57 @@ async def create_session(rt: Runtime, user_id: str, fields: dict[str, Any]) -> d
     async with rt.connection() as conn:
         session = await sessions.create_session(conn, user_id, fields)
     return {"session": session}
+
+
+async def send_message(
+    rt: Runtime, user_id: str, session_id: str, content: str, model: str | None,
+    state: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One turn on the session, run by the engine exactly as `/v1/chat/completions` with the
+    session runs it (non-streamed; `model` defaults to the session's): the stored reply and the
+    session after the turn. `state` receives the access log's fields of the turn."""
+    _checked(session_id)
+    if model is None:
+        async with rt.connection() as conn:
+            session = await sessions.get_session(conn, user_id, session_id)
+        if session is None:
+            raise SessionNotFound(session_id)
+        model = session["model"]
+        if model is None:
+            raise BadRequest(f"Session {session_id} has no model: give the model to send to",
+                             param="model")
+    body = {"model": model, "messages": [{"role": "user", "content": content}]}
+    outcome = await run_turn(rt, TurnRequest(
+        Caller(user_id=user_id), session_id, body, state={} if state is None else state))
+    if isinstance(outcome, Passthrough):
+        raise refusal(outcome)
+    assert isinstance(outcome, Answered), "a turn without streaming or a key answers whole"
+    async with rt.connection() as conn:  # the turn is stored: the session as it is now
+        after = await sessions.get_session(conn, user_id, session_id, include_inactive=True)
+    if after is None:  # purged the moment the turn was stored
+        raise SessionNotFound(session_id)
+    return {"reply": outcome.reply, "session": after}
+
+
+def refusal(outcome: Passthrough) -> UpstreamError:
+    """What the upstream said instead of a completion: the message of its error envelope, when
+    it sent one; never its bytes otherwise."""
+    if outcome.status == 200:
+        return UpstreamError("The upstream answered with something that is not a chat "
+                             "completion; nothing was stored")
+    try:
+        answer = codec.loads(outcome.raw)
+    except codec.InvalidJSON:
+        answer = None
+    error = answer.get("error") if isinstance(answer, dict) else None
+    said = error.get("message") if isinstance(error, dict) else None
+    text = f"The upstream refused the turn (HTTP {outcome.status})"
+    if isinstance(said, str) and said.strip():
+        if len(said) > MAX_UPSTREAM_MESSAGE:
+            said = said[:MAX_UPSTREAM_MESSAGE] + "…"
+        # A lone surrogate (JSON's "\ud800") cannot be sent: it becomes "?".
+        text += ": " + said.encode("utf-8", "replace").decode()
+    return UpstreamError(text + "; nothing was stored")
 
 
 async def export_session(rt: Runtime, user_id: str, session_id: str) -> dict[str, Any]:

@@ -93,7 +93,7 @@ class Record:
                 self.response_id, stored.user_id, self.plan.previous_response_id,
                 stored.session_id, stored.status, stored.finish_reason, stored.usage,
                 stored.prompt_tokens, self.plan.settings, self.created_at,
-            ), stored.messages)
+            ), stored.messages, with_turn=stored.session_id is not None and not stored.in_session)
         if self.key is not None and stored.status == "complete":
             await idempotency.settle(conn, stored.user_id, self.key,
                                      replay(final, self.plan.stream))

@@ -6,13 +6,13 @@ next to the few columns the trimming rules need (`role`, `has_tool_calls`, `toke
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 import msgspec
 
-from proxy import codec, searchtext
+from proxy import codec, overlap, searchtext
 from proxy.schemas import MESSAGE_ENVELOPE, MESSAGE_FIELDS
 from proxy.timefmt import iso
 
@@ -82,7 +82,13 @@ class NewMessage:
 
 @dataclass(frozen=True, slots=True)
 class TurnContext:
-    """What one read returns for a turn: the caller, and their session with its newest messages."""
+    """What one read returns for a turn: the caller, and their session with its newest messages.
+
+    `history` is the window (the newest `max_history_messages`, or the request's override);
+    `older` the stored messages just before it that the read also fetched, because the request
+    brought more messages than the window holds and may be resending them (proxy/overlap.py).
+    `stored` is the session's message count and `next_seq` its next seq, both as read.
+    """
 
     user_id: str
     session_found: bool
@@ -90,43 +96,55 @@ class TurnContext:
     max_history_messages: int
     max_history_tokens: int | None
     history: list[Stored]
+    older: list[Stored] = field(default_factory=list)
+    stored: int = 0
+    next_seq: int | None = None
 
 
 async def read_turn(
-    conn: asyncpg.Connection, key_hash: bytes, session_id: str, limit: int | None
+    conn: asyncpg.Connection, key_hash: bytes, session_id: str, limit: int | None,
+    resent: int = 0,
 ) -> TurnContext | None:
     """Key, session and its newest `limit` messages in one round trip; None for a bad key.
 
-    A session idle for over an hour is touched (`updated_at`) by the same statement, so the
-    retention job, which re-checks the cutoff under the row lock, cannot delete it while the
-    turn waits for the upstream.
+    At least `resent` messages are fetched (the request's messages after its head, which may
+    repeat stored ones), in the same statement. A session idle for over an hour is touched
+    (`updated_at`) by the same statement, so the retention job, which re-checks the cutoff
+    under the row lock, cannot delete it while the turn waits for the upstream.
     """
-    return _context(await conn.fetch(_READ_BY_KEY, key_hash, session_id, limit))
+    rows = await conn.fetch(_READ_BY_KEY, key_hash, session_id, limit, resent)
+    return _context(rows, limit)
 
 
 async def read_turn_as(
-    conn: asyncpg.Connection, user_id: str, session_id: str, limit: int | None
+    conn: asyncpg.Connection, user_id: str, session_id: str, limit: int | None,
+    resent: int = 0,
 ) -> TurnContext | None:
     """`read_turn` for a caller known by user id (not by a key); None for an unknown user."""
-    return _context(await conn.fetch(_READ_BY_USER, user_id, session_id, limit))
+    return _context(await conn.fetch(_READ_BY_USER, user_id, session_id, limit, resent), limit)
 
 
-def _context(rows: list[asyncpg.Record]) -> TurnContext | None:
+def _context(rows: list[asyncpg.Record], limit: int | None) -> TurnContext | None:
     if not rows:
         return None
     first = rows[0]
-    history = [
+    window = limit if limit is not None else first["max_history_messages"] or 0
+    fetched = [
         stored(r["seq"], r["role"], r["has_tool_calls"], r["tokens"], r["body"])
         for r in reversed(rows)
         if r["seq"] is not None
     ]
+    edge = max(0, len(fetched) - window)
     return TurnContext(
         user_id=first["user_id"],
         session_found=first["sid"] is not None,
         system_prompt=codec.unpack_text(first["system_prompt"]),
         max_history_messages=first["max_history_messages"] or 0,
         max_history_tokens=first["max_history_tokens"],
-        history=history,
+        history=fetched[edge:] if edge else fetched,
+        older=fetched[:edge],
+        stored=first["message_count"] or 0,
+        next_seq=first["next_seq"],
     )
 
 
@@ -141,14 +159,15 @@ def _read_turn(caller: str, callers: str) -> str:
             RETURNING id
         )
         SELECT c.user_id, s.id AS sid, s.system_prompt, s.max_history_messages,
-               s.max_history_tokens, m.seq, m.role, m.has_tool_calls, m.tokens, m.body
+               s.max_history_tokens, s.message_count, s.next_seq,
+               m.seq, m.role, m.has_tool_calls, m.tokens, m.body
         FROM {callers}
         LEFT JOIN chat_sessions s ON s.id = $2 AND s.user_id = c.user_id AND s.is_active
         LEFT JOIN LATERAL (
             SELECT seq, role, has_tool_calls, tokens, body FROM chat_messages
             WHERE session_id = s.id
             ORDER BY seq DESC
-            LIMIT COALESCE($3::int, s.max_history_messages)
+            LIMIT GREATEST(COALESCE($3::int, s.max_history_messages), $4::int)
         ) m ON true
     """
 
@@ -168,11 +187,18 @@ async def store_turn(
     messages: list[NewMessage],
     *,
     unless_stored: bool = False,
+    after_seq: int | None = None,
 ) -> int:
     """Append `messages` with consecutive seqs in one statement; returns how many were stored.
 
     The UPDATE takes the session row's lock, so concurrent turns on one session (from any
     process) queue there and each gets its own adjacent run of seqs.
+
+    `after_seq` is for a turn whose request resent the session's newest messages (an overlap,
+    proxy/overlap.py): the session's `next_seq` when the turn read them. Stored right after
+    them as long as nothing came between (the statement checks `next_seq`); otherwise, under
+    the session's lock, the first messages (all but the last, the reply) that a concurrent turn
+    with the same request has stored since are not stored again. Rare, so four round trips.
 
     `unless_stored` is for a retry after a write whose outcome is unknown (its connection died
     after the statement was sent): under the session's lock, the turn is stored only if the
@@ -180,15 +206,24 @@ async def store_turn(
     """
     if not messages:
         return 0
-    args = turn_args(session_id, messages)
     if not unless_stored:
-        count: int = await conn.fetchval(_STORE_TURN, *args)
-        return count
+        count: int = await conn.fetchval(_STORE_TURN, *turn_args(session_id, messages), after_seq)
+        if count or after_seq is None:
+            return count
     async with conn.transaction():
-        await conn.execute("SELECT 1 FROM chat_sessions WHERE id = $1 FOR UPDATE", session_id)
-        if await conn.fetchval(_TURN_STORED, session_id, args[4]):
+        next_seq = await conn.fetchval(
+            "SELECT next_seq FROM chat_sessions WHERE id = $1 FOR UPDATE", session_id)
+        if next_seq is None:
             return 0
-        count = await conn.fetchval(_STORE_TURN, *args)
+        if after_seq is not None and next_seq != after_seq:
+            rows = await conn.fetch(_SINCE, session_id, after_seq, len(messages) - 1)
+            since = [Stored(r["seq"], r["role"], r["has_tool_calls"], 0, r["body"]) for r in rows]
+            skip = overlap.stored_since([m.message for m in messages[:-1]], since)
+            messages = messages[skip:]
+        args = turn_args(session_id, messages)
+        if unless_stored and await conn.fetchval(_TURN_STORED, session_id, args[4]):
+            return 0
+        count = await conn.fetchval(_STORE_TURN, *args, None)
         return count
 
 
@@ -233,7 +268,15 @@ def turn_ctes(guard: str = "") -> str:
     )"""
 
 
-_STORE_TURN = "WITH " + turn_ctes() + "\n    SELECT count(*) FROM ins\n"
+# $8: the session's next_seq the turn expects (after an overlap), or null for any.
+_STORE_TURN = ("WITH " + turn_ctes(" AND ($8::bigint IS NULL OR next_seq = $8::bigint)")
+               + "\n    SELECT count(*) FROM ins\n")
+
+# What was stored from a seq on, oldest first.
+_SINCE = """
+    SELECT seq, role, has_tool_calls, body FROM chat_messages
+    WHERE session_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3
+"""
 
 # A run of consecutive seqs, written in the last minutes, whose bodies are exactly the turn's.
 _TURN_STORED = """

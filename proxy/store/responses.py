@@ -77,21 +77,22 @@ _RESPONSE_CTES = """
         FROM r, unnest($2::text[], $3::bool[], $4::int[], $5::text[], $6::text[])
                 WITH ORDINALITY AS m(role, tc, tokens, body, status, ord)
     )"""
-# Without a session: the response alone ($7, the messages' search words, is left empty).
+# The response alone ($7, the messages' search words, is left empty).
 _INSERT = "WITH " + _RESPONSE_CTES + ", words AS (SELECT $7::text[]) SELECT count(*) FROM r"
-# In a conversation: the response and the session's turn, in one statement.
+# The response and its conversation's turn, in one statement.
 _INSERT_WITH_TURN = ("WITH " + _RESPONSE_CTES + "," + turn_ctes(" AND EXISTS (SELECT 1 FROM r)")
                      + " SELECT count(*) FROM r")
 
 
 async def insert_response(
-    conn: asyncpg.Connection, response: NewResponse, messages: list[NewMessage]
+    conn: asyncpg.Connection, response: NewResponse, messages: list[NewMessage],
+    *, with_turn: bool = False,
 ) -> bool:
-    """Store `response` and its messages in one statement; in a conversation
-    (`response.session_id`), the turn in the session too. False when a response with its id is
-    there already (a retried write that had stored it): nothing is stored again."""
+    """Store `response` and its messages in one statement; `with_turn`, the turn in its
+    conversation's session too. False when a response with its id is there already (a retried
+    write that had stored it): nothing is stored again."""
     args = (
-        *turn_args(response.session_id, messages, searched=response.session_id is not None),
+        *turn_args(response.session_id, messages, searched=with_turn),
         response.id,
         response.user_id,
         response.previous_response_id,
@@ -102,7 +103,7 @@ async def insert_response(
         codec.dumps_text(response.settings),
         response.created_at,
     )
-    statement = _INSERT if response.session_id is None else _INSERT_WITH_TURN
+    statement = _INSERT_WITH_TURN if with_turn else _INSERT
     stored: int = await conn.fetchval(statement, *args)
     return bool(stored)
 

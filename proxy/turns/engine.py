@@ -147,15 +147,17 @@ async def _read(rt: Runtime, request: TurnRequest) -> TurnContext:
 async def _read_session(rt: Runtime, request: TurnRequest) -> TurnContext | None:
     caller = request.caller
     assert request.session_id is not None, "a turn without a history source has a session"
+    items = request.body["messages"]
+    resent = len(items) - prepare.head_length(items)  # what may repeat stored messages
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
         if caller.key_hash is not None:
             ctx = await messages.read_turn(
-                conn, caller.key_hash, request.session_id, request.history_limit
+                conn, caller.key_hash, request.session_id, request.history_limit, resent
             )
         else:
             assert caller.user_id is not None, "a caller is a key or a user"
             ctx = await messages.read_turn_as(
-                conn, caller.user_id, request.session_id, request.history_limit
+                conn, caller.user_id, request.session_id, request.history_limit, resent
             )
     return ctx
 

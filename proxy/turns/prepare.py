@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from proxy import history, metrics
+from proxy import history, metrics, overlap
 from proxy.runtime import Runtime
 from proxy.store.messages import NewMessage, TurnContext
 from proxy.tokens import REPLY_PRIMING
@@ -40,36 +40,53 @@ async def prepare(
     `items` are the request's messages; the body's `messages` is replaced by the spliced list
     (so `items` must be kept by a caller that prepares again).
     """
-    split = 0
-    while split < len(items) and items[split].get("role") in HEAD_ROLES:
-        split += 1
+    split = head_length(items)
     head, rest = items[:split], items[split:]
     if not head and ctx.system_prompt is not None:
         head = [{"role": "system", "content": ctx.system_prompt}]
     model = body.get("model")
     info = rt.tokens.table.lookup(model)
-    counts = await rt.tokens.counts(model, [*head, *rest])  # off the loop when long
+    # The request may open with the session's newest messages (proxy/overlap.py): those are
+    # not stored again, the history ends before them, and they count with their stored tokens.
+    tail = [*ctx.older, *ctx.history] if ctx.older else ctx.history
+    resent = overlap.find(rest, tail)
+    counts = await rt.tokens.counts(model, [*head, *rest[resent:]])  # off the loop when long
     head_tokens, rest_counts = sum(counts[: len(head)]), counts[len(head) :]
-    new = [NewMessage(m, n) for m, n in zip(rest, rest_counts, strict=True)
+    new = [NewMessage(m, n) for m, n in zip(rest[resent:], rest_counts, strict=True)
            if m["role"] not in HEAD_ROLES]
-    rest_tokens = sum(rest_counts)
+    rest_tokens = sum(rest_counts) + sum(m.tokens for m in tail[len(tail) - resent :])
     budget = history.budget(
         info.context_window,
         _reserved_output(body, info.reserve_output_tokens),
         head_tokens + rest_tokens + REPLY_PRIMING,
     )
-    # A request that opens with tool results answers the newest stored tool exchange.
+    # A request that opens with tool results (new, or resent) answers the newest stored tool
+    # exchange before them.
     continued = bool(rest) and rest[0].get("role") == "tool"
-    trimmed = history.trim(ctx.history, budget, ctx.max_history_tokens, continued=continued)
+    window = ctx.history[: max(0, len(ctx.history) - resent)]
+    trimmed = history.trim(window, budget, ctx.max_history_tokens, continued=continued)
     metrics.history(len(trimmed.messages), trimmed.tokens, trimmed.dropped)  # = X-History-*
     body["messages"] = [*head, *(msgspec.Raw(m.body) for m in trimmed.messages), *rest]
     headers = {
         "x-history-messages": str(len(trimmed.messages)),
         "x-history-tokens": str(trimmed.tokens),
         "x-history-dropped": str(trimmed.dropped),
+        "x-history-stored": str(ctx.stored),
     }
+    if resent:
+        headers["x-history-overlap"] = str(resent)
     if session_id is not None:
         headers = {"x-session-id": session_id, **headers}
+    after_seq = ctx.next_seq if resent else None
     prompt_tokens = head_tokens + trimmed.tokens + rest_tokens + REPLY_PRIMING
-    return Turn(session_id, model, new, headers, extra_write=extra_write, user_id=ctx.user_id,
-                prompt_tokens=prompt_tokens, extra_stores=extra_stores), body
+    return Turn(session_id, model, new, headers, extra_write=extra_write, after_seq=after_seq,
+                user_id=ctx.user_id, prompt_tokens=prompt_tokens, extra_stores=extra_stores), body
+
+
+def head_length(items: list[dict[str, Any]]) -> int:
+    """How many of the request's messages are its head (the system/developer ones it opens
+    with)."""
+    split = 0
+    while split < len(items) and items[split].get("role") in HEAD_ROLES:
+        split += 1
+    return split

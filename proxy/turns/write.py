@@ -41,6 +41,7 @@ class StoredTurn:
     usage: Any = None
     finish_reason: str | None = None
     prompt_tokens: int = 0
+    in_session: bool = True  # the engine stored the messages in the session (else: the door)
 
 
 # A door's own write in the turn's transaction (e.g. the Responses API's `responses` row); run
@@ -52,7 +53,9 @@ class Turn(msgspec.Struct):
     """What the write-back needs once the upstream has answered.
 
     `headers` are the history's (X-Session-Id, X-History-*); `claim` the request's
-    Idempotency-Key, when it sent one. Without a session only `extra_write` stores anything.
+    Idempotency-Key, when it sent one; `after_seq` the session's next seq as read, when the
+    request resent its newest messages (`store_turn` checks that nothing came between).
+    Without a session only `extra_write` stores anything.
     """
 
     session_id: str | None
@@ -61,6 +64,7 @@ class Turn(msgspec.Struct):
     headers: dict[str, str]
     claim: Claim | None = None
     extra_write: ExtraWrite | None = None
+    after_seq: int | None = None
     user_id: str = ""
     prompt_tokens: int = 0  # head + history + the request's messages + reply priming
     extra_stores: bool = False  # `extra_write` stores the messages in the session itself
@@ -97,7 +101,7 @@ async def persist(
         tokens = await reply_tokens(rt, turn.model, reply, usage)
         rows = [*turn.new, NewMessage(reply, tokens, status)]
         stored = StoredTurn(turn.session_id, rows, status, turn.user_id, usage, finish_reason,
-                            turn.prompt_tokens)
+                            turn.prompt_tokens, _stores(turn))
         in_doubt = False
         for attempt in (1, 2):
             sent = False
@@ -132,18 +136,20 @@ async def persist(
 
 
 def _stores(turn: Turn) -> bool:
-    """Whether the engine stores the turn's messages itself (else its door's `extra_write`
-    does, and must be safe to run again when the write is retried in doubt)."""
-    return turn.session_id is not None and not turn.extra_stores
+    """Whether the engine stores the turn's messages in its session itself (else its door's
+    `extra_write` does, and must be safe to run again when the write is retried in doubt). A
+    turn that resent stored messages is always stored here (`store_turn` handles its race)."""
+    return turn.session_id is not None and (not turn.extra_stores or turn.after_seq is not None)
 
 
 async def _store(
     conn: asyncpg.Connection, turn: Turn, rows: list[NewMessage], in_doubt: bool
 ) -> int:
     """The turn's messages stored in its session (how many), unless the door's write does it."""
-    if turn.session_id is None or turn.extra_stores:
+    if turn.session_id is None or not _stores(turn):
         return len(rows)
-    return await messages.store_turn(conn, turn.session_id, rows, unless_stored=in_doubt)
+    return await messages.store_turn(conn, turn.session_id, rows, unless_stored=in_doubt,
+                                     after_seq=turn.after_seq)
 
 
 async def reply_tokens(rt: Runtime, model: Any, reply: dict[str, Any], usage: Any) -> int:

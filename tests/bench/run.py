@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import machine
+import overlap
 import phases
 import procs
 import responsesapi
@@ -39,7 +40,7 @@ import spy
 from report import markdown, render
 
 RESULTS = procs.BENCH / "results"
-PHASES = ("hops", "streams", "latency", "throughput", "streaming", "history", "mcp",
+PHASES = ("hops", "streams", "latency", "throughput", "streaming", "history", "overlap", "mcp",
           "responses", "roundtrips", "search")
 
 
@@ -257,6 +258,8 @@ def _measure(args: argparse.Namespace, run: procs.Procs, db: procs.Database, tmp
         _timed("streaming", lambda: phases.streaming(b))
     if "history" in only:
         _timed("history against session size", lambda: phases.history_size(b, groups))
+    if "overlap" in only:
+        _timed("a resent conversation against the new message", lambda: overlap.overlap(b))
     if "mcp" in only:
         _timed("MCP against REST", lambda: phases.mcp(b))
     if "responses" in only:

@@ -2,10 +2,11 @@
 
 A turn's one statement stores its messages as before sql/005_search.sql: no search words are
 computed in Python (`message_words` answers "" at once) and no tsvector is built or indexed (the
-statement is the one before that migration; it only names the words' parameter, so the shipped
-`store_turn` runs unchanged around it). The search phase (`run.py --only search`) measures a
-turn on both side by side. Messages this variant stores have no search words (the shipped
-server's backfill fills them in later); its own backfill is off.
+statement is the one before that migration; it only names the words' parameter, and keeps the
+overlap's `next_seq` check, so the shipped `store_turn` runs unchanged around it). The search
+phase (`run.py --only search`) measures a turn on both side by side. Messages this variant
+stores have no search words (the shipped server's backfill fills them in later); its own
+backfill is off.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ _STORE_TURN = """
             last_message_at = now(),
             updated_at = now()
         WHERE id = $1 AND cardinality($7::text[]) >= 0
+          AND ($8::bigint IS NULL OR next_seq = $8::bigint)
         RETURNING next_seq - cardinality($2::text[]) AS base
     ), ins AS (
         INSERT INTO chat_messages (session_id, seq, role, has_tool_calls, tokens, body, status)
