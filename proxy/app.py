@@ -20,6 +20,7 @@ from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 
 from proxy import db, errors, keylease, logs, metrics, openapi, retention, searchindex
+from proxy import summaries as summary_jobs
 from proxy.config import Settings, load_settings
 from proxy.migrate import migrate
 from proxy.runtime import Runtime
@@ -62,6 +63,7 @@ def _lifespan(settings: Settings, http_client: httpx.AsyncClient | None) -> Any:
             feed.cancel()
             backfill.cancel()
             await asyncio.gather(job, feed, backfill, return_exceptions=True)
+            await summary_jobs.stop(rt)  # a later turn redoes a summary job
             # Requests cancelled at the grace deadline hand their write-backs over as they
             # unwind, possibly while this waits: wait until none is left (or the deadline).
             loop = asyncio.get_running_loop()
@@ -108,6 +110,7 @@ def create_app(
         search,
         session_lifecycle,
         sessions,
+        summaries,
         swagger,
         ui,
     )
@@ -123,6 +126,7 @@ def create_app(
             *admin.handlers,
             *sessions.handlers,
             *session_lifecycle.handlers,
+            *summaries.handlers,
             *search.handlers,
             *ui.handlers,
             *chat.handlers,

@@ -139,6 +139,16 @@ def _ca_bundle(key: str, value: Any) -> str | None:
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
+SUMMARY_PROMPT = (
+    "You keep the running summary of a conversation between a user and an assistant. The "
+    "assistant will continue the conversation from your summary once the earlier messages are "
+    "no longer shown to it. Fold the new messages into the previous summary, if there is one, "
+    "and answer with the new summary alone, as plain text in the conversation's language. Keep "
+    "every fact, decision, name, number, preference and commitment, what was asked of tools "
+    "and what they answered, and the questions still open; leave out greetings and repetition. "
+    "Be concise: at most about 400 words."
+)
+
 
 def _log_level(key: str, value: Any) -> str:
     text = _str(key, value).lower()
@@ -199,6 +209,12 @@ FIELDS: tuple[Field, ...] = (
     Field("max_connections", 4096, _int(1),
           "open client connections per process; one more gets 503 and is closed (at most half "
           "the open-files limit)"),
+    Field("summary_model", None, _opt_str,
+          "the model that summarises messages a turn leaves out of the history (routed like "
+          "any model); unset: no summaries"),
+    Field("summary_prompt", SUMMARY_PROMPT, _str,
+          "the summary model's instructions (the default asks for the facts, decisions, names "
+          "and open questions a continuation needs)"),
     Field("log_level", "info", _log_level, "debug, info, warning, error or critical"),
 )
 
@@ -252,6 +268,8 @@ class Settings:
     head_timeout: int = 10
     max_head_bytes: int = 65_536
     max_connections: int = 4096
+    summary_model: str | None = None
+    summary_prompt: str = SUMMARY_PROMPT
     log_level: str = "info"
     upstreams: tuple[Upstream, ...] = field(default=())
 
@@ -415,6 +433,8 @@ def keyless_upstreams(settings: Settings) -> list[str]:
 def _shown(spec: Field) -> str:
     if spec.key == "upstream_api_key":
         return "`$OPENAI_API_KEY`"
+    if spec.key == "summary_prompt":
+        return "a built-in prompt (`proxy/config.py`)"
     if spec.default is None:
         return "unset"
     if isinstance(spec.default, float) and spec.default.is_integer():

@@ -1,6 +1,7 @@
 """The export document, `chatproxy.session.v1`: how a session is written out and read back.
 
-    {"format": "chatproxy.session.v1", "session": {...session object...}, "messages": [...]}
+    {"format": "chatproxy.session.v1", "session": {...session object...},
+     "summary": {"text", "up_to_seq", "tokens", "model", "updated_at"} | null, "messages": [...]}
 
 A message is written as its message object (contract §5) with, beside `role` and `content`,
 every other field its stored body holds (`store.messages.message_object(..., whole=True)`), so
@@ -11,6 +12,11 @@ that importing it stores the same message. The keys that name the envelope (`id`
 the first problem is a `BadRequest` whose `param` names the field (`messages[3].role`), and
 nothing is created. The text stored is the document's own, exactly (lone surrogates and NULs
 included). Pure: no I/O.
+
+The summary (contract §11) is the session's summary of its earlier messages: `up_to_seq` names
+the last message it covers, in the document's seqs; an import renumbers messages 1..n, and the
+summary's `up_to_seq` with them. `Summary` and `summary_message` are its value and the system
+message a turn carries it in, wherever a summary is read, written or counted.
 """
 
 from __future__ import annotations
@@ -33,15 +39,41 @@ from proxy.schemas import (
     ROLES,
     ImportDocument,
 )
+from proxy.timefmt import iso
 from proxy.validation import validated
+
+SUMMARY_PREFIX = "Summary of the earlier conversation:\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """A session's summary: its text, the last seq it covers, what it costs in a turn (the
+    tokens of `summary_message`), the model that wrote it and when."""
+
+    text: str
+    up_to_seq: int
+    tokens: int
+    model: str | None
+    updated_at: datetime | None
+
+    def as_object(self) -> dict[str, Any]:
+        return {"text": self.text, "up_to_seq": self.up_to_seq, "tokens": self.tokens,
+                "model": self.model, "updated_at": iso(self.updated_at)}
+
+
+def summary_message(text: str) -> dict[str, Any]:
+    """The one system message a turn carries a summary in, right after its head."""
+    return {"role": "system", "content": SUMMARY_PREFIX + text}
+
 
 # --- writing ----------------------------------------------------------------------------------
 
 
-def head(session: dict[str, Any]) -> bytes:
+def head(session: dict[str, Any], summary: dict[str, Any] | None = None) -> bytes:
     """The document up to the opening bracket of its messages."""
     opening = b'{"format":"' + FORMAT.encode() + b'","session":'
-    return opening + codec.dumps(session) + b',"messages":['
+    return (opening + codec.dumps(session) + b',"summary":' + codec.dumps(summary)
+            + b',"messages":[')
 
 
 TAIL = b"]}"
@@ -74,6 +106,7 @@ class Document:
 
     fields: dict[str, Any]
     messages: list[Message]
+    summary: Summary | None = None
 
 
 TokenCount = Callable[[Any, dict[str, Any]], int]
@@ -106,7 +139,30 @@ def parse(doc: Any, default_max_history: int, count: TokenCount) -> Document:
         body.update((k, v) for k, v in item.items() if k not in MESSAGE_ENVELOPE and k not in body)
         tokens = message.tokens if message.tokens is not None else count(fields["model"], body)
         result.append(Message(body, tokens, message.status, message.created_at))
-    return Document(fields, result)
+    summary = None
+    if checked.summary is not None:
+        summary = _summary(doc["summary"], checked, fields["model"], count)
+    return Document(fields, result, summary)
+
+
+def _summary(raw: dict[str, Any], checked: ImportDocument, model: Any,
+             count: TokenCount) -> Summary:
+    """The document's summary, its `up_to_seq` moved to the seqs the import gives (1..n)."""
+    given = checked.summary
+    assert given is not None
+    seqs = [(at, m.seq) for at, m in enumerate(checked.messages, 1) if m.seq is not None]
+    if seqs:  # the last imported message it covers, by the document's own seqs
+        up_to = max((at for at, seq in seqs if seq <= given.up_to_seq), default=0)
+    elif given.up_to_seq <= len(checked.messages):  # no seqs: positions
+        up_to = given.up_to_seq
+    else:
+        raise _bad("summary.up_to_seq", f"expected at most {len(checked.messages)} (the "
+                   "document's messages)")
+    text = raw["text"]  # the document's own text, exactly
+    tokens = given.tokens if given.tokens is not None else count(model, summary_message(text))
+    model_name = raw.get("model")
+    return Summary(text, up_to, tokens, model_name if isinstance(model_name, str) else None,
+                   given.updated_at)
 
 
 # --- the first problem, worded as the document format always has --------------------------------
@@ -131,6 +187,10 @@ _REASONS = {
     "seq": "expected an integer",
     "tokens": f"expected an integer between 0 and {MAX_TOKENS}",
     "created_at": "expected an ISO 8601 timestamp",
+    "summary": "expected an object or null",
+    "text": "expected a string",
+    "up_to_seq": "expected an integer >= 0",
+    "updated_at": "expected an ISO 8601 timestamp",
 }
 _TOO_LONG = {"session_name": "characters", "model": "characters", "metadata": "entries"}
 # Required fields for which null counts as left out.

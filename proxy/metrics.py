@@ -1,9 +1,10 @@
 """Prometheus metrics: their definitions, the recording calls, and the `/metrics` rendering.
 
 Other modules record through the small functions below (`request`, `upstream_latency`,
-`stream_ttfb`, `history`, `turn_stored`, `replay`, `retention_deleted`, `observe_pool`); none of
-them ever takes a key, a user name or message text, and every label has a bounded set of values
-(a route template, an HTTP method, a status code, an upstream's configured name).
+`stream_ttfb`, `history`, `turn_stored`, `replay`, `retention_deleted`, `summary_job`,
+`overflow_retry`, `observe_pool`); none of them ever takes a key, a user name or message text,
+and every label has a bounded set of values (a route template, an HTTP method, a status code,
+an upstream's configured name, an outcome, at most 100 model names).
 
 One process (the default): metrics live in prometheus-client's default registry. Several
 workers: `chatproxy serve --workers N` points `PROMETHEUS_MULTIPROC_DIR` at a fresh private
@@ -87,6 +88,9 @@ class _Metrics:
     pool_max: Gauge
     retention_sessions: Counter
     retention_messages: Counter
+    summary_jobs: Counter
+    overflow_retries: Counter
+    retry_models: set[str]
 
 
 @functools.cache
@@ -154,6 +158,18 @@ def _metrics() -> _Metrics:
             "chatproxy_retention_deleted_messages",
             "Messages deleted by the retention job (with their sessions, or pruned)",
         ),
+        summary_jobs=Counter(
+            "chatproxy_summary_jobs",
+            "Summary jobs by outcome: stored, failed, busy (another process had the session's "
+            "job), skipped (backing off, or nothing to do)",
+            ["outcome"],
+        ),
+        overflow_retries=Counter(
+            "chatproxy_overflow_retries",
+            "Turns sent again with less history after the upstream refused their context size",
+            ["model"],
+        ),
+        retry_models=set(),
     )
 
 
@@ -204,6 +220,30 @@ def retention_deleted(sessions: int, messages: int) -> None:
         m.retention_sessions.inc(sessions)
     if messages:
         m.retention_messages.inc(messages)
+
+
+def summary_job(outcome: str) -> None:
+    """A summary job ended: "stored", "failed", "busy" or "skipped"."""
+    _metrics().summary_jobs.labels(outcome).inc()
+
+
+MAX_RETRY_MODELS = 100  # distinct model labels on the retry counter; the rest count as "other"
+
+
+def overflow_retry(model: object) -> None:
+    """A turn was sent again with less history after a context-size refusal.
+
+    Only models an upstream served and refused as too long get here, so the labels stay few;
+    past MAX_RETRY_MODELS of them, the rest are counted as "other".
+    """
+    m = _metrics()
+    label = model if isinstance(model, str) and len(model) <= 200 else "other"
+    if label not in m.retry_models:
+        if len(m.retry_models) >= MAX_RETRY_MODELS:
+            label = "other"
+        else:
+            m.retry_models.add(label)
+    m.overflow_retries.labels(label).inc()
 
 
 def observe_pool(pool: PoolLike) -> None:

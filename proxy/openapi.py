@@ -114,6 +114,9 @@ NOT_FOUND = {
     "response": ("Unknown, deleted, unstored (`store: false`) or another user's response, or "
                  "conversation (`not_found`).", "not_found", "Response resp_x not found",
                  "response_id"),
+    "summary": ("Unknown, deleted or another user's session (`session_not_found`), or a "
+                "session without a summary (`not_found`).",
+                "not_found", "Session sess_x has no summary", "session_id"),
 }
 CONFLICT = {
     "admin": ("The name is already taken (`conflict`).",
@@ -121,6 +124,9 @@ CONFLICT = {
     "idempotency": ("A retry while the first request with this `Idempotency-Key` is still "
                     "running (`idempotency_key_in_use`).", "idempotency_key_in_use",
                     "A request with this Idempotency-Key is still in progress", None),
+    "summary": ("A summary job is writing this session's summary right now (`conflict`).",
+                "conflict",
+                "This session's summary is being written right now; try again shortly", None),
 }
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
           404: "invalid_request_error", 409: "invalid_request_error",
@@ -322,6 +328,10 @@ CHAT_COMPLETIONS = {
              "recognised as the session's newest stored messages, resent by a client that "
              "keeps its own history: neither stored again nor injected; absent when none",
              OpenAPIType.INTEGER),
+            ("X-History-Summary-Seq", "the newest seq the session's summary covers, when the "
+             "turn carries it (right after the head)" + _HISTORY, OpenAPIType.INTEGER),
+            ("X-History-Retried", "`1` when the upstream refused the turn as too long for its "
+             "context and it was sent again with less history" + _HISTORY, OpenAPIType.STRING),
             ("Idempotent-Replayed", "`true` on a response served again for a repeated "
              "Idempotency-Key", OpenAPIType.STRING),
         ),

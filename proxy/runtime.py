@@ -35,6 +35,11 @@ class Runtime:
     # Keys this process verified: trusted under a lease, and while the database is down
     # (proxy/keylease.py).
     keys: keylease.KeyLease = field(default_factory=keylease.KeyLease)
+    # Summary jobs this process runs, by session (proxy/summaries.py); None once shutdown has
+    # cancelled them (none starts after that).
+    summary_jobs: dict[str, asyncio.Task[Any]] | None = field(default_factory=dict)
+    # Context windows upstream refusals stated, by model (proxy/turns/overflow.py).
+    context_limits: dict[str, int] = field(default_factory=dict)
 
     def connection(self, *, bulk: bool = False) -> AbstractAsyncContextManager[asyncpg.Connection]:
         """A pooled connection (`db.connection`); `bulk` for statements that grow with a

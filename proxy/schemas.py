@@ -70,6 +70,25 @@ class ErrorResponse(BaseModel):
 # --- sessions -----------------------------------------------------------------------------------
 
 
+class SummaryOutline(BaseModel):
+    """A session's summary, without its text (`GET .../summary` has the text)."""
+
+    up_to_seq: int = Field(description="the newest message the summary covers")
+    tokens: int = Field(description="what the summary costs a turn that carries it")
+    updated_at: datetime
+
+
+class Summary(BaseModel):
+    """A session's summary of its earlier messages (contract §11). A turn that leaves out
+    messages it covers carries it as one system message right after the head."""
+
+    text: str
+    up_to_seq: int = Field(description="the newest message the summary covers")
+    tokens: int = Field(description="tokens of the system message that carries it")
+    model: str | None = Field(description="the model that wrote it")
+    updated_at: datetime
+
+
 class Session(BaseModel):
     """A chat session. Timestamps are ISO 8601 UTC (`2024-12-15T10:30:00Z`)."""
 
@@ -89,6 +108,8 @@ class Session(BaseModel):
     created_at: datetime
     updated_at: datetime
     last_message_at: datetime | None
+    summary: SummaryOutline | None = Field(
+        description="the summary of the earlier messages (`GET .../summary`), or null")
 
 
 class SessionList(BaseModel):
@@ -166,6 +187,8 @@ class ExportDocument(BaseModel):
 
     format: Format
     session: Session
+    summary: Summary | None = Field(
+        description="the session's summary, `up_to_seq` in these messages' seqs")
     messages: list[Message]
 
 
@@ -199,6 +222,19 @@ class ImportMessage(BaseModel):
     created_at: Timestamp | None = None
 
 
+class ImportSummary(BaseModel):
+    """The summary part of an import: `text` and `up_to_seq` (in the document's seqs, or its
+    positions when its messages have none) are required; `tokens` is counted when left out."""
+
+    model_config = ConfigDict(extra="allow")
+
+    text: str
+    up_to_seq: int = Field(ge=0, le=2**62)
+    tokens: int | None = Field(default=None, ge=0, le=MAX_TOKENS)
+    model: ModelName = None
+    updated_at: Timestamp | None = None
+
+
 # What an import is validated with (proxy/document.py), lone surrogates and NULs included.
 class ImportDocument(ExactText):
     """An export document (`GET .../export`), or one written by hand."""
@@ -207,6 +243,7 @@ class ImportDocument(ExactText):
 
     format: Format
     session: ImportSession
+    summary: ImportSummary | None = None
     messages: list[ImportMessage]
 
 

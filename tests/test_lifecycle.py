@@ -246,7 +246,7 @@ def expected_document(session: dict[str, Any], rows: list[asyncpg.Record]) -> di
         item.update((k, v) for k, v in message.items() if k not in item)
         item.update(tokens=tokens, status=status, created_at=timefmt.iso(row["created_at"]))
         data.append(item)
-    return {"format": F, "session": session, "messages": data}
+    return {"format": F, "session": session, "summary": None, "messages": data}
 
 
 async def test_export_is_the_whole_session_in_order(client, db, alice) -> None:

@@ -42,12 +42,16 @@ def session_rows(prefix: str) -> list[Row]:
         ("post", s + "/restore", None, NONE, 200, "Session", {401, 404, 503}),
         ("delete", s + "/messages", None, NONE, 204, None, {401, 404, 503}),
         ("get", s + "/export", None, NONE, 200, "ExportDocument", {401, 404, 503}),
-        ("post", prefix + "/import", "required", frozenset({"format", "session", "messages"}),
-         201, "Session", {400, 401, 413, 503}),
+        ("post", prefix + "/import", "required",
+         frozenset({"format", "session", "summary", "messages"}), 201, "Session",
+         {400, 401, 413, 503}),
         ("post", s + "/fork", "optional", frozenset({"up_to_seq", "session_name"}), 201,
          "Session", {400, 401, 404, 413, 503}),
         ("post", s + "/merge", "required", frozenset({"source_session_id"}), 200, "Session",
          {400, 401, 404, 413, 503}),
+        ("get", s + "/summary", None, NONE, 200, "Summary", {401, 404, 503}),
+        ("post", s + "/compact", "optional", NONE, 200, "Summary",
+         {400, 401, 404, 409, 413, 502, 503, 504}),
         ("get", prefix.replace("/sessions", "/search"), None, NONE, 200, "SearchList",
          {400, 401, 404, 503}),
     ]
@@ -174,6 +178,7 @@ async def test_the_chat_route_documents_its_headers_and_its_stream(schema: Json)
     assert set(ok["content"]) == {"application/json", "text/event-stream"}
     assert set(ok["headers"]) == {"X-Session-Id", "X-History-Messages", "X-History-Tokens",
                                   "X-History-Dropped", "X-History-Stored", "X-History-Overlap",
+                                  "X-History-Summary-Seq", "X-History-Retried",
                                   "Idempotent-Replayed"}
     assert ok["headers"]["X-History-Overlap"]["schema"] == {"type": "integer"}
     examples = operation["responses"]["409"]["content"]["application/json"]["examples"]
@@ -257,9 +262,10 @@ async def test_answers_and_requests_agree_with_the_schema(
     r = await client.post("/v1/chat/completions", headers=alice.headers, json=turn)
     assert r.status_code == 200
     documented = schema["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["headers"]
-    # those two only when they apply: a replay, a request that resent stored messages
-    assert {h.lower() for h in documented} - set(r.headers) == {"idempotent-replayed",
-                                                                "x-history-overlap"}
+    # those only when they apply: a replay, a request that resent stored messages, a summary
+    # carried, an overflow retry
+    assert {h.lower() for h in documented} - set(r.headers) == {
+        "idempotent-replayed", "x-history-overlap", "x-history-summary-seq", "x-history-retried"}
 
     listed = await client.get("/v1/chat/sessions?include_inactive=true", headers=alice.headers)
     check(schema, "SessionList", listed.json())

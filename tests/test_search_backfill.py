@@ -60,8 +60,8 @@ async def test_migrating_a_database_with_messages_then_backfilling_makes_them_se
                 [(f"sess_old{n}", seq, role, body)
                  for seq, (role, body) in enumerate(OLD_MESSAGES, 1)])
 
-        applied = await migrate(conn)  # 005, and whatever later migrations there are
-        assert applied[0] == "005_search" and applied == sorted(applied)
+        applied = await migrate(conn)  # 005_search, and whatever came after it
+        assert applied[0] == "005_search"
         columns = await conn.fetchval(
             "SELECT count(*) FROM information_schema.columns WHERE column_name = 'search' "
             "AND table_name IN ('chat_messages', 'chat_sessions')")

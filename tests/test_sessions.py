@@ -20,7 +20,7 @@ ISO_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 SESSION_KEYS = {
     "id", "object", "session_id", "session_name", "model", "system_prompt",
     "max_history_messages", "max_history_tokens", "metadata", "message_count", "total_tokens",
-    "is_active", "created_at", "updated_at", "last_message_at",
+    "is_active", "created_at", "updated_at", "last_message_at", "summary",
 }
 
 
@@ -75,7 +75,7 @@ async def test_create_with_defaults(client, alice: User, prefix: str) -> None:
         "max_history_messages": 20, "max_history_tokens": None, "metadata": {},
         "message_count": 0, "total_tokens": 0, "is_active": True,
         "created_at": session["created_at"], "updated_at": session["updated_at"],
-        "last_message_at": None,
+        "last_message_at": None, "summary": None,
     }
     assert ISO_RE.match(session["created_at"])
     assert ISO_RE.match(session["updated_at"])

@@ -121,3 +121,13 @@ async def proxy_with(settings: Settings, upstream: respx.Router) -> AsyncIterato
                                base_url="http://proxy.test") as test_client:
         yield test_client
     await http.aclose()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample of `/metrics`' text (0 when absent)."""
+    label = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    prefix = f"{name}{{{label}}} " if labels else f"{name} "
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line.split()[-1])
+    return 0.0

@@ -18,7 +18,7 @@ import asyncpg
 
 from proxy import codec, document, ids, searchtext
 from proxy.errors import BadRequest, SessionNotFound
-from proxy.store import messages, sessions
+from proxy.store import messages, sessions, summaries
 
 EXPORT_BATCH = 1000  # rows fetched per cursor round trip
 EXPORT_CHUNK = 1 << 16  # bytes gathered before a chunk is handed on
@@ -66,6 +66,7 @@ async def clear_messages(conn: asyncpg.Connection, user_id: str, session_id: str
         if row is None:
             return False
         await conn.execute("DELETE FROM chat_messages WHERE session_id = $1", session_id)
+        await summaries.drop(conn, session_id)
     return True
 
 
@@ -99,7 +100,7 @@ async def export_document(
             session = await sessions.get_session(conn, user_id, session_id)
         if session is None:
             raise SessionNotFound(session_id)
-        buffer = bytearray(document.head(session))
+        buffer = bytearray(document.head(session, await summaries.exported(conn, session_id)))
         first = True
         cursor = conn.cursor(
             "SELECT id, seq, role, body, tokens, status, created_at FROM chat_messages "
@@ -164,6 +165,8 @@ async def import_session(
             """,
             session_id,
         )
+        if doc.summary is not None:
+            await summaries.put(conn, session_id, doc.summary)
         session = await sessions.get_session(conn, user_id, session_id)
     assert session is not None
     return session
@@ -199,7 +202,8 @@ async def fork_session(
     """A new session with the same settings and a copy of the messages up to `up_to_seq`.
 
     `session_name` is (given, value): the copy keeps the source's name unless one is given.
-    The messages keep their seqs, roles, bodies, tokens, statuses and times.
+    The messages keep their seqs, roles, bodies, tokens, statuses and times; the summary is
+    kept when it covers only copied messages.
     """
     async with conn.transaction(isolation="repeatable_read"):
         row = await conn.fetchrow(
@@ -261,6 +265,7 @@ async def fork_session(
             session_id,
             cut,
         )
+        await summaries.copy_for_fork(conn, session_id, fork_id, cut)
         session = await sessions.get_session(conn, user_id, fork_id)
     assert session is not None
     return session
@@ -276,8 +281,9 @@ async def merge_sessions(
 
     One transaction. Both rows are locked in id order (so two opposite merges cannot
     deadlock) before the target's `next_seq` is read; the copy gets seqs that continue the
-    target's, in the source's order. The source keeps its own messages, so restoring it
-    brings it back whole.
+    target's, in the source's order. The source keeps its own messages (and summary), so
+    restoring it brings it back whole. The target's summary still covers the same messages
+    (their seqs do not move); the appended ones are summarised when they leave the window.
     """
     if target_id == source_id:
         raise BadRequest("A session cannot be merged into itself", param="source_session_id")

@@ -14,6 +14,7 @@ import msgspec
 
 from proxy import codec, overlap, searchtext
 from proxy.schemas import MESSAGE_ENVELOPE, MESSAGE_FIELDS
+from proxy.store.summaries import Held
 from proxy.timefmt import iso
 
 
@@ -87,7 +88,7 @@ class TurnContext:
     `history` is the window (the newest `max_history_messages`, or the request's override);
     `older` the stored messages just before it that the read also fetched, because the request
     brought more messages than the window holds and may be resending them (proxy/overlap.py).
-    `stored` is the session's message count and `next_seq` its next seq, both as read.
+    `message_count` is the session's message count and `next_seq` its next seq, both as read.
     """
 
     user_id: str
@@ -97,8 +98,9 @@ class TurnContext:
     max_history_tokens: int | None
     history: list[Stored]
     older: list[Stored] = field(default_factory=list)
-    stored: int = 0
+    message_count: int = 0  # stored messages in all (those before `history` included)
     next_seq: int | None = None
+    summary: Held | None = None  # the session's summary of its earlier messages, if any
 
 
 async def read_turn(
@@ -132,9 +134,13 @@ def _context(rows: list[asyncpg.Record], limit: int | None) -> TurnContext | Non
     fetched = [
         stored(r["seq"], r["role"], r["has_tool_calls"], r["tokens"], r["body"])
         for r in reversed(rows)
-        if r["seq"] is not None
+        if r["role"] is not None
     ]
     edge = max(0, len(fetched) - window)
+    # The summary's row is the one without a role (see `_read_turn`).
+    summary = next((Held(codec.unpack_text(r["body"]), r["seq"], r["tokens"],
+                         bool(r["has_tool_calls"]))
+                    for r in rows if r["role"] is None and r["seq"] is not None), None)
     return TurnContext(
         user_id=first["user_id"],
         session_found=first["sid"] is not None,
@@ -143,14 +149,16 @@ def _context(rows: list[asyncpg.Record], limit: int | None) -> TurnContext | Non
         max_history_tokens=first["max_history_tokens"],
         history=fetched[edge:] if edge else fetched,
         older=fetched[:edge],
-        stored=first["message_count"] or 0,
+        message_count=first["message_count"] or 0,
         next_seq=first["next_seq"],
+        summary=summary,
     )
 
 
 def _read_turn(caller: str, callers: str) -> str:
     """The turn's read for a caller found by `callers` (the FROM item, aliased `c`, with the
-    user id as `c.user_id`; `$1` names the caller) and `caller` (that user id, as a subquery)."""
+    user id as `c.user_id`; `$1` names the caller) and `caller` (that user id, as a subquery).
+    The session's summary (proxy/store/summaries.py) comes in the same statement."""
     return f"""
         WITH touched AS (
             UPDATE chat_sessions SET updated_at = now()
@@ -164,10 +172,15 @@ def _read_turn(caller: str, callers: str) -> str:
         FROM {callers}
         LEFT JOIN chat_sessions s ON s.id = $2 AND s.user_id = c.user_id AND s.is_active
         LEFT JOIN LATERAL (
-            SELECT seq, role, has_tool_calls, tokens, body FROM chat_messages
+            (SELECT seq, role, has_tool_calls, tokens, body FROM chat_messages
+             WHERE session_id = s.id
+             ORDER BY seq DESC
+             LIMIT GREATEST(COALESCE($3::int, s.max_history_messages), $4::int))
+            UNION ALL
+            -- The summary, once and not once per message: a row without a role, whose seq is
+            -- the last one it covers and whose has_tool_calls says its job is backing off.
+            SELECT up_to_seq, NULL, retry_after > now(), tokens, text FROM chat_summaries
             WHERE session_id = s.id
-            ORDER BY seq DESC
-            LIMIT GREATEST(COALESCE($3::int, s.max_history_messages), $4::int)
         ) m ON true
     """
 

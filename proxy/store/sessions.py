@@ -21,7 +21,12 @@ from proxy.timefmt import iso
 
 SESSION_COLUMNS = (
     "id, session_name, model, system_prompt, max_history_messages, max_history_tokens, "
-    "metadata, message_count, total_tokens, is_active, created_at, updated_at, last_message_at"
+    "metadata, message_count, total_tokens, is_active, created_at, updated_at, last_message_at, "
+    # The summary's outline (contract §11), by its primary key; its text only on its own route.
+    "(SELECT jsonb_build_object('up_to_seq', x.up_to_seq, 'tokens', x.tokens, 'updated_at', "
+    """to_char(x.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')) """
+    "FROM chat_summaries x WHERE x.session_id = chat_sessions.id AND x.text IS NOT NULL) "
+    "AS summary"
 )
 
 
@@ -47,6 +52,7 @@ def _session(row: asyncpg.Record) -> dict[str, Any]:
         "created_at": iso(row["created_at"]),
         "updated_at": iso(row["updated_at"]),
         "last_message_at": iso(row["last_message_at"]),
+        "summary": row["summary"],
     }
 
 

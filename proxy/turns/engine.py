@@ -21,15 +21,22 @@ nothing (an error, a cancellation, a Passthrough).
   (`TurnRequest.history`, a `HistorySource`); everything after it sees a `TurnContext`. A turn
   with such a source may have no session: then only the door's `extra_write` stores it.
 - prepare: the upstream body, the budget and the trimming (proxy/turns/prepare.py). The call
-  sends what prepare built, so an overflow retry is prepare (with less history) and call again.
+  sends what prepare built, so an overflow retry is prepare (with less history) and call again:
+  when the upstream refuses a turn that carried history as too long for its context, the turn
+  is prepared once more within fewer tokens and sent once more (proxy/turns/overflow.py), under
+  the same claim, before anything reached the client; a second refusal passes through.
 - claim: an Idempotency-Key, held for the rest of the turn (proxy/turns/claim.py).
 - write: one statement, shielded from the request's cancellation (proxy/turns/write.py), with
   the claim settled and the door's `extra_write` in the same transaction.
+- after: once a stored turn's answer (or stream) is done, a summary job is scheduled when the
+  turn left out messages its session's summary does not cover (proxy/summaries.py); nothing of
+  it is awaited on the turn's path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import AsyncGenerator, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -37,16 +44,16 @@ from typing import Any, Protocol
 import httpx
 import msgspec
 
-from proxy import codec, db, metrics
+from proxy import codec, db, metrics, summaries
 from proxy import upstream as up
 from proxy.errors import ProxyError, SessionNotFound, Unauthorized, UpstreamError
 from proxy.runtime import Runtime
 from proxy.store import messages
 from proxy.store.idempotency import Answer
 from proxy.store.messages import TurnContext
-from proxy.turns import prepare, stream
+from proxy.turns import overflow, prepare, stream
 from proxy.turns.claim import Idempotency, claimed
-from proxy.turns.outcome import Answered, Outcome, Passthrough, Replayed
+from proxy.turns.outcome import Answered, Event, Outcome, Passthrough, Replayed, Streaming
 from proxy.turns.write import (
     ExtraWrite,
     Turn,
@@ -114,15 +121,41 @@ async def run_turn(rt: Runtime, request: TurnRequest) -> Outcome:
         rt, request.body, items, ctx, request.session_id, request.extra_write,
         extra_stores=request.extra_stores,
     )
+    again = _Again(rt, request, items, ctx)
     if request.idempotency is None:
-        return await _answer(rt, request, turn, body, None)
+        return await _answer(rt, request, turn, body, None, again)
     async with AsyncExitStack() as held:
         claim = await held.enter_async_context(claimed(rt, ctx.user_id, request.idempotency))
         if isinstance(claim, Answer):
             metrics.replay()
             return Replayed(claim)
         turn = msgspec.structs.replace(turn, claim=claim)
-        return await _answer(rt, request, turn, body, held)
+        return await _answer(rt, request, turn, body, held, again)
+
+
+@dataclass(frozen=True, slots=True)
+class _Again:
+    """The turn prepared again, within fewer tokens of history, for an overflow retry."""
+
+    rt: Runtime
+    request: TurnRequest
+    items: list[dict[str, Any]]
+    ctx: TurnContext
+
+    async def within(self, tokens: int) -> tuple[Turn, dict[str, Any]]:
+        ctx, request = self.ctx, self.request
+        cap = tokens if ctx.max_history_tokens is None else min(tokens, ctx.max_history_tokens)
+        return await prepare.prepare(
+            self.rt, request.body, self.items, dataclasses.replace(ctx, max_history_tokens=cap),
+            request.session_id, request.extra_write, extra_stores=request.extra_stores,
+        )
+
+    def carried(self, turn: Turn) -> int:
+        """Tokens of history `turn` carries: its stored messages' and its summary's."""
+        tokens = int(turn.headers["x-history-tokens"])
+        if "x-history-summary-seq" in turn.headers and self.ctx.summary is not None:
+            tokens += self.ctx.summary.tokens
+        return tokens
 
 
 async def _read(rt: Runtime, request: TurnRequest) -> TurnContext:
@@ -164,12 +197,60 @@ async def _read_session(rt: Runtime, request: TurnRequest) -> TurnContext | None
 
 async def _answer(
     rt: Runtime, request: TurnRequest, turn: Turn, body: dict[str, Any],
-    held: AsyncExitStack | None,
+    held: AsyncExitStack | None, again: _Again,
 ) -> Outcome:
     response = await _call(rt, request, body)
+    if response.status_code != 200:  # before any byte reached the client, streamed or not
+        retried = await _retry(rt, request, response, turn, again)
+        if isinstance(retried, Passthrough):
+            return retried
+        response, turn = retried
+    outcome: Outcome
     if request.stream:
-        return await stream.open_stream(rt, response, turn, held, request.state)
-    return await _complete(rt, response, turn)
+        outcome = await stream.open_stream(rt, response, turn, held, request.state)
+    else:
+        outcome = await _complete(rt, response, turn)
+    if turn.summary_due is not None and turn.session_id is not None:
+        if isinstance(outcome, Answered):
+            summaries.schedule(rt, turn.session_id, turn.summary_due, turn.model)
+        elif isinstance(outcome, Streaming):
+            outcome = Streaming(outcome.headers, _then_summarise(rt, turn, outcome.events))
+    return outcome
+
+
+async def _retry(
+    rt: Runtime, request: TurnRequest, response: httpx.Response, turn: Turn, again: _Again
+) -> Passthrough | tuple[httpx.Response, Turn]:
+    """An upstream error: the turn sent again with less history when the upstream refused it
+    as too long for its context (contract §11), else the error as it came."""
+    raw = await up.read_body(response)
+    refused = Passthrough(response.status_code, up.response_headers(response.headers), raw)
+    carried = again.carried(turn)
+    found = overflow.refusal(response.status_code, raw) if carried else None
+    if found is None:
+        return refused
+    table = rt.tokens.table.lookup(turn.model).context_window
+    overflow.learn(rt.context_limits, turn.model, found, table)
+    fewer, body = await again.within(max(0, carried - overflow.to_leave_out(found, carried)))
+    if again.carried(fewer) >= carried:
+        return refused  # nothing could be left out (a tool exchange the request answers)
+    headers = {**fewer.headers, "x-history-retried": "1"}
+    fewer = msgspec.structs.replace(fewer, claim=turn.claim, headers=headers)
+    metrics.overflow_retry(turn.model)
+    return await _call(rt, request, body), fewer
+
+
+async def _then_summarise(
+    rt: Runtime, turn: Turn, events: AsyncGenerator[Event, None]
+) -> AsyncGenerator[Event, None]:
+    """The stream's events, then (however it ends) the summary job the turn made due."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        await events.aclose()
+        if turn.summary_due is not None and turn.session_id is not None:
+            summaries.schedule(rt, turn.session_id, turn.summary_due, turn.model)
 
 
 async def _call(rt: Runtime, request: TurnRequest, body: dict[str, Any]) -> httpx.Response:

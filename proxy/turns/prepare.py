@@ -4,7 +4,9 @@ Contract §7, with counts taken once: the request's messages now, stored ones ne
 count was stored with them). Stored history is spliced into the upstream body as its stored JSON
 text, never decoded or re-encoded. `prepare` is pure but for the history metrics, so that a turn
 can be prepared again (with less history) and sent again; it is async only because a request
-with long text is counted in a worker thread (`TokenCounter.counts`).
+with long text is counted in a worker thread (`TokenCounter.counts`). The session's summary, when
+it applies, goes right after the head (proxy/turns/summary.py), and a context window an upstream
+refusal stated replaces the model table's (proxy/turns/overflow.py).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from typing import Any
 import msgspec
 
 from proxy import history, metrics, overlap
+from proxy.document import summary_message
 from proxy.runtime import Runtime
 from proxy.store.messages import NewMessage, TurnContext
 from proxy.tokens import REPLY_PRIMING
+from proxy.turns import overflow, summary
 from proxy.turns.write import ExtraWrite, Turn
 
 HEAD_ROLES = frozenset({"system", "developer"})
@@ -55,32 +59,40 @@ async def prepare(
     new = [NewMessage(m, n) for m, n in zip(rest[resent:], rest_counts, strict=True)
            if m["role"] not in HEAD_ROLES]
     rest_tokens = sum(rest_counts) + sum(m.tokens for m in tail[len(tail) - resent :])
+    window, reserve = overflow.limits(rt.context_limits, model, info)  # a learned window
     budget = history.budget(
-        info.context_window,
-        _reserved_output(body, info.reserve_output_tokens),
-        head_tokens + rest_tokens + REPLY_PRIMING,
+        window, _reserved_output(body, reserve), head_tokens + rest_tokens + REPLY_PRIMING
     )
     # A request that opens with tool results (new, or resent) answers the newest stored tool
     # exchange before them.
     continued = bool(rest) and rest[0].get("role") == "tool"
-    window = ctx.history[: max(0, len(ctx.history) - resent)]
-    trimmed = history.trim(window, budget, ctx.max_history_tokens, continued=continued)
+    sendable = ctx.history[: max(0, len(ctx.history) - resent)]  # the window before the resent
+    fitted = summary.fit(ctx, sendable, budget, continued=continued,
+                         enabled=rt.settings.summary_model is not None)
+    trimmed = fitted.trimmed
     metrics.history(len(trimmed.messages), trimmed.tokens, trimmed.dropped)  # = X-History-*
-    body["messages"] = [*head, *(msgspec.Raw(m.body) for m in trimmed.messages), *rest]
+    held = fitted.summary  # carried right after the head, counted in the budget
+    carried = [summary_message(held.text)] if held is not None and held.text is not None else []
+    body["messages"] = [*head, *carried, *(msgspec.Raw(m.body) for m in trimmed.messages), *rest]
     headers = {
         "x-history-messages": str(len(trimmed.messages)),
         "x-history-tokens": str(trimmed.tokens),
         "x-history-dropped": str(trimmed.dropped),
-        "x-history-stored": str(ctx.stored),
+        "x-history-stored": str(ctx.message_count),
     }
     if resent:
         headers["x-history-overlap"] = str(resent)
+    if held is not None:
+        headers["x-history-summary-seq"] = str(held.up_to_seq)
     if session_id is not None:
         headers = {"x-session-id": session_id, **headers}
     after_seq = ctx.next_seq if resent else None
-    prompt_tokens = head_tokens + trimmed.tokens + rest_tokens + REPLY_PRIMING
+    carried_tokens = trimmed.tokens + (held.tokens if held is not None else 0)
+    prompt_tokens = head_tokens + carried_tokens + rest_tokens + REPLY_PRIMING
     return Turn(session_id, model, new, headers, extra_write=extra_write, after_seq=after_seq,
-                user_id=ctx.user_id, prompt_tokens=prompt_tokens, extra_stores=extra_stores), body
+                summary_due=fitted.due if session_id is not None else None,  # a session's job
+                user_id=ctx.user_id, prompt_tokens=prompt_tokens,
+                extra_stores=extra_stores), body
 
 
 def head_length(items: list[dict[str, Any]]) -> int:

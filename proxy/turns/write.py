@@ -65,6 +65,7 @@ class Turn(msgspec.Struct):
     claim: Claim | None = None
     extra_write: ExtraWrite | None = None
     after_seq: int | None = None
+    summary_due: int | None = None  # a summary job should cover up to this seq (§11)
     user_id: str = ""
     prompt_tokens: int = 0  # head + history + the request's messages + reply priming
     extra_stores: bool = False  # `extra_write` stores the messages in the session itself

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import longconv
 import machine
 import overlap
 import phases
@@ -41,7 +42,7 @@ from report import markdown, render
 
 RESULTS = procs.BENCH / "results"
 PHASES = ("hops", "streams", "latency", "throughput", "streaming", "history", "overlap", "mcp",
-          "responses", "roundtrips", "search")
+          "responses", "roundtrips", "search", "long")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -271,6 +272,9 @@ def _measure(args: argparse.Namespace, run: procs.Procs, db: procs.Database, tmp
         _timed("deep pages", lambda: search.deep_pages(b, big, args.big))
         _timed("search", lambda: search.search(b, run, tmp, args.search_sessions,
                                                args.search_per_session))
+    if "long" in only:
+        _timed("summaries on and off", lambda: longconv.summaries(b, run, tmp))
+        _timed("the overflow path", lambda: longconv.overflow(b))
     if args.workers > 1:
         _timed(f"{args.workers} workers", lambda: scaling.workers(b, run, tmp, args.workers))
     b.raw["proxy_log_tail"] = (tmp / "chatproxy.log").read_text()[-4000:]

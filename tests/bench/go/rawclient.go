@@ -175,7 +175,8 @@ func (c *rawConn) readHead(s *sample) (status int, length int64, chunked, keep b
 			chunked = strings.Contains(strings.ToLower(value), "chunked")
 		case "connection":
 			keep = !strings.EqualFold(value, "close")
-		case "x-history-messages", "x-history-tokens", "x-history-dropped", "x-history-overlap":
+		case "x-history-messages", "x-history-tokens", "x-history-dropped", "x-history-overlap",
+			"x-history-retried", "x-history-summary-seq":
 			if s.headers == nil {
 				s.headers = map[string]string{}
 			}

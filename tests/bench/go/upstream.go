@@ -8,7 +8,10 @@ package main
 //     (stream_options.include_usage) and `data: [DONE]`;
 //   - stream true and a model starting with "bench-slow": one chunk at once, then one every
 //     `slow-interval` for up to ten minutes; GET /bench/open reports how many such streams are
-//     open right now (a stream counts as open until its handler sees the client gone).
+//     open right now (a stream counts as open until its handler sees the client gone);
+//   - a model "bench-ctx-N": a request body over N bytes is refused as too long for the
+//     context (400, llama.cpp's error without numbers, so a proxy cannot learn a window from
+//     it and every such turn takes the overflow path); a smaller one is answered as above.
 
 import (
 	"bufio"
@@ -35,6 +38,14 @@ var completionBody = []byte(`{"id":"chatcmpl-bench","object":"chat.completion","
 
 // A body without it is not a stream request, whatever else it holds.
 var streamKey = []byte(`"stream"`)
+
+// A body with it may be refused for its size (a "bench-ctx-N" model).
+var contextKey = []byte(`"bench-ctx-`)
+
+const contextModel = "bench-ctx-"
+
+var contextError = []byte(`{"error":{"code":400,"message":"the request exceeds the available ` +
+	`context size, try increasing it","type":"exceed_context_size_error"}}`)
 
 var modelsBody = []byte(`{"object":"list","data":[{"id":"bench-model","object":"model",` +
 	`"created":1700000000,"owned_by":"bench"}]}`)
@@ -148,7 +159,8 @@ func (u *upstream) serveFast(c net.Conn, slow *handoff) {
 				c.Close() // the client left mid-body
 				return
 			}
-			simple = !bytes.Contains(req[start:], streamKey)
+			simple = !bytes.Contains(req[start:], streamKey) &&
+				!bytes.Contains(req[start:], contextKey)
 		}
 		if !simple {
 			rest := io.MultiReader(bytes.NewReader(append([]byte(nil), req...)), br)
@@ -199,6 +211,13 @@ func (u *upstream) chat(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(400)
 		_, _ = w.Write([]byte(`{"error":{"message":"invalid json","type":"invalid_request_error"}}`))
+		return
+	}
+	if limit, err := strconv.Atoi(strings.TrimPrefix(req.Model, contextModel)); err == nil &&
+		strings.HasPrefix(req.Model, contextModel) && len(raw) > limit {
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(400)
+		_, _ = w.Write(contextError)
 		return
 	}
 	if !req.Stream {
