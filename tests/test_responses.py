@@ -158,3 +158,23 @@ async def test_without_the_upstreams_usage_the_tokens_are_counted_the_same_way(
     assert unstored["usage"] == usage  # counted by the write, or by the door: alike
     got = await client.get(f"/v1/responses/{stored['id']}", headers=alice.headers)
     assert got.json()["usage"] == usage
+
+
+async def test_a_chain_too_long_for_the_model_is_sent_again_with_less_of_it(
+    client: Client, upstream: respx.Router, alice: User, db: asyncpg.Connection
+) -> None:
+    too_long = httpx.Response(400, json={"error": {
+        "message": "the input length exceeds the context length", "type": "api_error"}})
+    route = upstream.post("/chat/completions").mock(side_effect=[
+        *answers(completion("one"), completion("two")), too_long,
+        httpx.Response(200, json=completion("three"))])
+    first = (await create(client, alice, input="a")).json()
+    second = (await create(client, alice, input="b", previous_response_id=first["id"])).json()
+    r = await create(client, alice, input="c", previous_response_id=second["id"])
+    assert r.status_code == 200, r.text
+    assert r.json()["output"][0]["content"][0]["text"] == "three"
+    assert route.call_count == 4  # the refused turn, and once more (contract §11)
+    refused, retried = sent(route, 2)["messages"], sent(route, 3)["messages"]
+    assert [m["content"] for m in refused] == ["a", "one", "b", "two", "c"]
+    assert len(retried) < len(refused) and retried[-1] == {"role": "user", "content": "c"}
+    assert await db.fetchval("SELECT count(*) FROM responses WHERE id = $1", r.json()["id"]) == 1
