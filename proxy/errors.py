@@ -5,7 +5,8 @@
      ├── Unauthorized               401 invalid_api_key
      ├── Forbidden                  403 insufficient_permissions
      ├── NotFound                   404 not_found
-     │    └── SessionNotFound       404 session_not_found
+     │    ├── SessionNotFound       404 session_not_found
+     │    └── ObjectNotFound        404 not_found (a conversation, a response, an item)
      ├── MethodNotAllowed           405 method_not_allowed
      ├── RequestTimeout             408 request_timeout (no whole request head in time)
      ├── Conflict                   409 conflict / idempotency_key_in_use
@@ -42,7 +43,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
-from proxy.ids import is_session_id
+from proxy.ids import is_object_id, is_session_id
 
 log = logging.getLogger("chatproxy")
 
@@ -90,6 +91,14 @@ class SessionNotFound(NotFound):
         # The id is echoed only when it has the shape of ours, so hostile text is never reflected.
         shown = session_id if is_session_id(session_id) else "(malformed id)"
         super().__init__(f"Session {shown} not found", param=param)
+
+
+class ObjectNotFound(NotFound):
+    """A conversation, a response or an item that is not the caller's (or is no more)."""
+
+    def __init__(self, kind: str, object_id: str, *, param: str | None):
+        shown = object_id if is_object_id(object_id) else "(malformed id)"
+        super().__init__(f"{kind} {shown} not found", param=param)
 
 
 def unknown_route(method: str, path: str) -> NotFound:

@@ -220,7 +220,7 @@ async def store_turn(
     if not messages:
         return 0
     if not unless_stored:
-        count: int = await conn.fetchval(_STORE_TURN, *_turn_args(session_id, messages), after_seq)
+        count: int = await conn.fetchval(_STORE_TURN, *turn_args(session_id, messages), after_seq)
         if count or after_seq is None:
             return count
     async with conn.transaction():
@@ -233,14 +233,18 @@ async def store_turn(
             since = [Stored(r["seq"], r["role"], r["has_tool_calls"], 0, r["body"]) for r in rows]
             skip = overlap.stored_since([m.message for m in messages[:-1]], since)
             messages = messages[skip:]
-        args = _turn_args(session_id, messages)
+        args = turn_args(session_id, messages)
         if unless_stored and await conn.fetchval(_TURN_STORED, session_id, args[4]):
             return 0
         count = await conn.fetchval(_STORE_TURN, *args, None)
         return count
 
 
-def _turn_args(session_id: str, messages: list[NewMessage]) -> tuple[Any, ...]:
+def turn_args(
+    session_id: str | None, messages: list[NewMessage], *, searched: bool = True
+) -> tuple[Any, ...]:
+    """`$1`-`$7` of `turn_ctes`: the session, and the messages' columns as arrays (their
+    search words only when they go into `chat_messages`: `searched`)."""
     return (
         session_id,
         [m.role for m in messages],
@@ -248,20 +252,23 @@ def _turn_args(session_id: str, messages: list[NewMessage]) -> tuple[Any, ...]:
         [m.tokens for m in messages],
         [codec.dumps_text(m.message) for m in messages],
         [m.status for m in messages],
-        [searchtext.message_words(m.message) for m in messages],  # the search column's words
+        [searchtext.message_words(m.message) for m in messages] if searched else [],
     )
 
 
-# $8: the session's next_seq the turn expects (after an overlap), or null for any.
-_STORE_TURN = """
-    WITH s AS (
+def turn_ctes(guard: str = "") -> str:
+    """The CTEs `s` and `ins` that append a turn's messages (`$1`-`$7`, `turn_args`) to a
+    session, for a statement that does more in the same round trip; `guard` (`AND ...`) is a
+    condition the append also needs."""
+    return f"""
+    s AS (
         UPDATE chat_sessions
         SET next_seq = next_seq + cardinality($2::text[]),
             message_count = message_count + cardinality($2::text[]),
             total_tokens = total_tokens + (SELECT COALESCE(sum(t), 0) FROM unnest($4::int[]) t),
             last_message_at = now(),
             updated_at = now()
-        WHERE id = $1 AND ($8::bigint IS NULL OR next_seq = $8::bigint)
+        WHERE id = $1{guard}
         RETURNING next_seq - cardinality($2::text[]) AS base
     ), ins AS (
         INSERT INTO chat_messages
@@ -271,9 +278,12 @@ _STORE_TURN = """
         FROM s, unnest($2::text[], $3::bool[], $4::int[], $5::text[], $6::text[], $7::text[])
                 WITH ORDINALITY AS m(role, tc, tokens, body, status, words, ord)
         RETURNING 1
-    )
-    SELECT count(*) FROM ins
-"""
+    )"""
+
+
+# $8: the session's next_seq the turn expects (after an overlap), or null for any.
+_STORE_TURN = ("WITH " + turn_ctes(" AND ($8::bigint IS NULL OR next_seq = $8::bigint)")
+               + "\n    SELECT count(*) FROM ins\n")
 
 # What was stored from a seq on, oldest first.
 _SINCE = """

@@ -29,12 +29,19 @@ from proxy.turns.claim import Claim
 
 @dataclass(frozen=True, slots=True)
 class StoredTurn:
-    """A turn as stored: its session, its messages (the request's, then the reply), the
-    reply's status."""
+    """A turn as stored: its session (None: a turn only its door's `extra_write` stores), its
+    messages (the request's, then the reply), the reply's status; and for a door that answers
+    in its own words: the caller, the upstream's `usage` and `finish_reason` (None when it gave
+    none), and the tokens of everything sent upstream, counted (`prompt_tokens`)."""
 
-    session_id: str
+    session_id: str | None
     messages: list[NewMessage]
     status: str
+    user_id: str = ""
+    usage: Any = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    in_session: bool = True  # the engine stored the messages in the session (else: the door)
 
 
 # A door's own write in the turn's transaction (e.g. the Responses API's `responses` row); run
@@ -48,9 +55,10 @@ class Turn(msgspec.Struct):
     `headers` are the history's (X-Session-Id, X-History-*); `claim` the request's
     Idempotency-Key, when it sent one; `after_seq` the session's next seq as read, when the
     request resent its newest messages (`store_turn` checks that nothing came between).
+    Without a session only `extra_write` stores anything.
     """
 
-    session_id: str
+    session_id: str | None
     model: Any
     new: list[NewMessage]
     headers: dict[str, str]
@@ -58,6 +66,9 @@ class Turn(msgspec.Struct):
     extra_write: ExtraWrite | None = None
     after_seq: int | None = None
     summary_due: int | None = None  # a summary job should cover up to this seq (§11)
+    user_id: str = ""
+    prompt_tokens: int = 0  # head + history + the request's messages + reply priming
+    extra_stores: bool = False  # `extra_write` stores the messages in the session itself
 
 
 async def persist(
@@ -67,6 +78,8 @@ async def persist(
     usage: Any,
     status: str,
     answer: Answer | None = None,
+    *,
+    finish_reason: str | None = None,
 ) -> None:
     """Store the turn: one statement, retried once on a fresh connection if the first one died.
 
@@ -80,33 +93,34 @@ async def persist(
     transaction; without an answer to replay (an incomplete turn) the key is released instead.
     """
     claim, extra = turn.claim, turn.extra_write
+    if turn.session_id is None and claim is None and extra is None:
+        return  # nothing to store
     if claim is not None:
         claim.take()
 
     async def write() -> None:
         tokens = await reply_tokens(rt, turn.model, reply, usage)
         rows = [*turn.new, NewMessage(reply, tokens, status)]
+        stored = StoredTurn(turn.session_id, rows, status, turn.user_id, usage, finish_reason,
+                            turn.prompt_tokens, _stores(turn))
         in_doubt = False
         for attempt in (1, 2):
             sent = False
             try:
                 async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
                     sent = True
-                    if claim is None and extra is None:
-                        count = await messages.store_turn(
-                            conn, turn.session_id, rows, unless_stored=in_doubt,
-                            after_seq=turn.after_seq,
-                        )
+                    if claim is None and (extra is None or not _stores(turn)):
+                        # one statement: no transaction to open
+                        count = await _store(conn, turn, rows, in_doubt)
+                        if extra is not None and count:
+                            await extra(conn, stored)
                     else:
                         async with conn.transaction():
-                            count = await messages.store_turn(
-                                conn, turn.session_id, rows, unless_stored=in_doubt,
-                                after_seq=turn.after_seq,
-                            )
+                            count = await _store(conn, turn, rows, in_doubt)
                             if claim is not None:
                                 await claim.settle(conn, answer)
                             if extra is not None and count:
-                                await extra(conn, StoredTurn(turn.session_id, rows, status))
+                                await extra(conn, stored)
                 # 0 rows: the session went away meanwhile, or (in doubt) the first try stored it.
                 if count or in_doubt:
                     metrics.turn_stored(status)
@@ -115,10 +129,28 @@ async def persist(
                 if attempt == 2:
                     raise
                 in_doubt = sent
-        await retention.prune_after_turn(rt.pool, rt.settings, turn.session_id)
+        if turn.session_id is not None:
+            await retention.prune_after_turn(rt.pool, rt.settings, turn.session_id)
 
     task = rt.track(asyncio.create_task(write()))
     await asyncio.shield(task)
+
+
+def _stores(turn: Turn) -> bool:
+    """Whether the engine stores the turn's messages in its session itself (else its door's
+    `extra_write` does, and must be safe to run again when the write is retried in doubt). A
+    turn that resent stored messages is always stored here (`store_turn` handles its race)."""
+    return turn.session_id is not None and (not turn.extra_stores or turn.after_seq is not None)
+
+
+async def _store(
+    conn: asyncpg.Connection, turn: Turn, rows: list[NewMessage], in_doubt: bool
+) -> int:
+    """The turn's messages stored in its session (how many), unless the door's write does it."""
+    if turn.session_id is None or not _stores(turn):
+        return len(rows)
+    return await messages.store_turn(conn, turn.session_id, rows, unless_stored=in_doubt,
+                                     after_seq=turn.after_seq)
 
 
 async def reply_tokens(rt: Runtime, model: Any, reply: dict[str, Any], usage: Any) -> int:
@@ -151,6 +183,15 @@ def reply_message(message: dict[str, Any]) -> dict[str, Any]:
     if isinstance(audio, dict) and isinstance(audio.get("id"), str):
         reply["audio"] = {"id": audio["id"]}
     return reply
+
+
+def finish_reason(answer: Any) -> str | None:
+    """A chat completion's `choices[0].finish_reason` (None when it has none)."""
+    try:
+        reason = answer["choices"][0]["finish_reason"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return reason if isinstance(reason, str) else None
 
 
 def first_message(answer: Any) -> dict[str, Any] | None:
