@@ -101,10 +101,12 @@ def create_app(
     from proxy.routes import (
         admin,
         chat,
+        conversations,
         fastpath,
         health,
         passthrough,
         prometheus,
+        responses,
         search,
         session_lifecycle,
         sessions,
@@ -128,6 +130,8 @@ def create_app(
             *search.handlers,
             *ui.handlers,
             *chat.handlers,
+            *responses.handlers,
+            *conversations.handlers,
             *mcphttp.handlers,
             *passthrough.handlers,
             *swagger.handlers,
@@ -146,9 +150,11 @@ def create_app(
         logging_config=None,
         debug=False,
     )
-    # The chat route answered ahead of routing (proxy/routes/fastpath.py); the access log outside
-    # routing and error handling, so unknown routes and errors get a request id and a line.
-    app.asgi_handler = logs.access_log(fastpath.chat_first(app, app.asgi_handler, chat.complete))
+    # The chat and responses routes answered ahead of routing (proxy/routes/fastpath.py); the
+    # access log outside routing and error handling, so unknown routes and errors get a request
+    # id and a line.
+    app.asgi_handler = logs.access_log(fastpath.chat_first(
+        app, app.asgi_handler, chat.complete, responses=responses.create))
     return app
 
 

@@ -5,8 +5,9 @@
      ├── Unauthorized               401 invalid_api_key
      ├── Forbidden                  403 insufficient_permissions
      ├── NotFound                   404 not_found
-     │    └── SessionNotFound       404 session_not_found
-     │         └── SessionGone      404 session_not_found (deleted while a turn ran)
+     │    ├── SessionNotFound       404 session_not_found
+     │    │    └── SessionGone      404 session_not_found (deleted while a turn ran)
+     │    └── ObjectNotFound        404 not_found (a conversation, a response, an item)
      ├── MethodNotAllowed           405 method_not_allowed
      ├── RequestTimeout             408 request_timeout (no whole request head in time)
      ├── Conflict                   409 conflict / idempotency_key_in_use
@@ -44,7 +45,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
-from proxy.ids import is_session_id
+from proxy.ids import is_object_id, is_session_id
 
 log = logging.getLogger("chatproxy")
 
@@ -102,6 +103,14 @@ class SessionGone(SessionNotFound):
         super().__init__(session_id)
         shown = self.message.removeprefix("Session ").removesuffix(" not found")
         self.message = f"Session {shown} was deleted while this turn ran; the turn was not stored"
+
+
+class ObjectNotFound(NotFound):
+    """A conversation, a response or an item that is not the caller's (or is no more)."""
+
+    def __init__(self, kind: str, object_id: str, *, param: str | None):
+        shown = object_id if is_object_id(object_id) else "(malformed id)"
+        super().__init__(f"{kind} {shown} not found", param=param)
 
 
 def unknown_route(method: str, path: str) -> NotFound:

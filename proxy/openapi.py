@@ -1,4 +1,4 @@
-"""What `/schema/openapi.json` says about the routes the proxy owns (contract §3-§6, §8).
+"""What `/schema/openapi.json` says about the routes the proxy owns (contract §3-§6, §8, §10).
 
 The handlers parse their bodies themselves (so that every error is the OpenAI envelope), so
 Litestar cannot see their request or response types; this module tells it. `documented(...)`
@@ -40,6 +40,7 @@ from pydantic import BaseModel
 from proxy import schemas
 from proxy.errors import error_body
 from proxy.reading import BoolQuery, ChoiceQuery, IntQuery, TextQuery
+from proxy.responses.shapes import ResponseCreate, ResponseObject
 
 DESCRIPTION = (
     "An OpenAI-compatible proxy that keeps chat history in sessions. Every error the proxy "
@@ -80,8 +81,8 @@ class Verbatim(BaseSchemaObject):
 
 _ERRORS: dict[int, tuple[str, str, str, str | None]] = {
     # status: (description, example code, example message, example param)
-    400: ("Bad input: `invalid_json`, `invalid_value`, `missing_required_parameter` or "
-          "`unknown_parameter`; `param` names the field.",
+    400: ("Bad input: `invalid_json`, `invalid_value`, `missing_required_parameter`, "
+          "`unknown_parameter` or (Responses) `unsupported_value`; `param` names the field.",
           "unknown_parameter", "Unknown parameter: colour", "colour"),
     401: ("Missing, unknown or revoked key (`invalid_api_key`).",
           "invalid_api_key", "Invalid API key", None),
@@ -110,6 +111,13 @@ NOT_FOUND = {
                 "session_not_found", "Session sess_x not found", "session_id"),
     "admin": ("The user or key does not exist, or no admin key is configured (`not_found`).",
               "not_found", "User user_x not found", "user_id"),
+    "conversation": ("Unknown, deleted or another user's conversation (`not_found`): all "
+                     "alike.", "not_found", "Conversation sess_x not found", "conversation_id"),
+    "item": ("Unknown or another user's conversation, or an item it does not have "
+             "(`not_found`).", "not_found", "Item msg_1 not found", "item_id"),
+    "response": ("Unknown, deleted, unstored (`store: false`) or another user's response, or "
+                 "conversation (`not_found`).", "not_found", "Response resp_x not found",
+                 "response_id"),
     "summary": ("Unknown, deleted or another user's session (`session_not_found`), or a "
                 "session without a summary (`not_found`).",
                 "not_found", "Session sess_x has no summary", "session_id"),
@@ -153,7 +161,7 @@ class _Extra:
     body_description: str | None
     parameters: tuple[Parameter, ...]
     headers: tuple[tuple[str, str, OpenAPIType], ...]
-    streams: bool
+    streams: str | None
 
 
 def _operation_class(extra: _Extra) -> type[Operation]:
@@ -182,10 +190,7 @@ def _operation_class(extra: _Extra) -> type[Operation]:
                     }
                 if extra.streams and response.content is not None:
                     response.content["text/event-stream"] = OpenAPIMediaType(
-                        schema=Schema(type=OpenAPIType.STRING, description=(
-                            "Server-sent events exactly as the upstream sent them, ending "
-                            "with `data: [DONE]` once the turn is stored, or with a final "
-                            "`data: {\"error\": {...}}` event when the upstream broke off.")))
+                        schema=Schema(type=OpenAPIType.STRING, description=extra.streams))
 
     return Described
 
@@ -249,13 +254,14 @@ def documented(
     conflict: str = "admin",
     parameters: tuple[Parameter, ...] = (),
     headers: tuple[tuple[str, str, OpenAPIType], ...] = (),
-    streams: bool = False,
+    streams: str | None = None,
     admin: bool = False,
 ) -> dict[str, Any]:
     """The route decorator's OpenAPI keyword arguments.
 
     `status`/`answer` is the success status and its body model (None: no body); `errors` the
-    error statuses the route can answer. Every route may also answer 500 `internal_error`.
+    error statuses the route can answer; `streams` describes the success answer's
+    `text/event-stream` form, when it has one. Every route may also answer 500 `internal_error`.
     """
     responses: dict[int, ResponseSpec] = {
         status: ResponseSpec(answer, description=description, generate_examples=False)
@@ -334,6 +340,44 @@ CHAT_COMPLETIONS = {
             ("Idempotent-Replayed", "`true` on a response served again for a repeated "
              "Idempotency-Key", OpenAPIType.STRING),
         ),
-        streams=True,
+        streams="Server-sent events exactly as the upstream sent them, ending with "
+        "`data: [DONE]` once the turn is stored, or with a final `data: {\"error\": {...}}` "
+        "event when the upstream broke off.",
+    ),
+}
+
+# --- the Responses route --------------------------------------------------------------------------
+
+RESPONSES_CREATE = {
+    "tags": ["responses"],
+    "summary": "Create a response (OpenAI's Responses API, over chat completions)",
+    "description": (
+        "One chat completions request to the upstream `model` picks: `instructions` as the "
+        "head system message, then the history (the `conversation`'s, trimmed as contract §7 "
+        "says, or the `previous_response_id` chain's), then `input`. The turn is stored "
+        "before the response completes: in the conversation, and, unless `store: false`, as "
+        "a response `GET /v1/responses/{id}` answers. An upstream HTTP error is passed "
+        "through unchanged; the errors below are the proxy's own."
+    ),
+    **documented(
+        200, ResponseObject, "The response, or (with `stream: true`) its events",
+        400, 401, 404, 409, 413, 422, 502, 503, 504,
+        body=ResponseCreate, body_required=True, conflict="idempotency",
+        not_found="response",
+        parameters=(
+            header("Idempotency-Key", "a retry with the same key (scoped to the caller, kept "
+                   "24 hours) gets the stored response again, without a second upstream call",
+                   max_length=255),
+        ),
+        headers=(
+            ("Idempotent-Replayed", "`true` on a response served again for a repeated "
+             "Idempotency-Key", OpenAPIType.STRING),
+        ),
+        streams="OpenAI's Responses events (`event:` and `data:` lines, `sequence_number` "
+        "from 0): `response.created`, `response.in_progress`, `response.output_item.added`, "
+        "`response.content_part.added`, `response.output_text.delta`…, "
+        "`response.function_call_arguments.delta`…, the matching `.done` events, then "
+        "`response.completed` (or `response.incomplete` / `response.failed`), sent once the "
+        "turn is stored.",
     ),
 }

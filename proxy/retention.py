@@ -1,4 +1,5 @@
-"""The retention job: expired sessions deleted with their messages, old messages pruned.
+"""The retention job: expired sessions deleted with their messages, old messages pruned, stored
+responses (the Responses API's) deleted once older than the same period.
 
 A session expires when its last activity (`updated_at`, which every write to it sets) is older
 than the cutoff, or when it was soft-deleted (`deleted_at`) before the cutoff. Each batch is one
@@ -42,7 +43,7 @@ import asyncpg
 from proxy import db, metrics
 from proxy.config import Settings
 from proxy.errors import DatabaseUnavailable
-from proxy.store import database, idempotency, sessions
+from proxy.store import database, idempotency, responses, sessions
 from proxy.store import retention as statements
 from proxy.timefmt import iso
 
@@ -75,13 +76,14 @@ class Report:
     pruned_sessions: int = 0
     pruned_messages: int = 0
     idempotency_keys: int = 0
+    responses: int = 0
     now: datetime | None = field(default=None, compare=False)  # the run's clock
 
     @property
     def removed_anything(self) -> bool:
         return bool(
             self.inactive_sessions or self.deleted_sessions or self.pruned_messages
-            or self.idempotency_keys
+            or self.idempotency_keys or self.responses
         )
 
     def _least_idle(self) -> str:
@@ -101,6 +103,7 @@ class Report:
                 + self._least_idle(),
                 f"deleted {self.inactive_sessions} inactive and {self.deleted_sessions} "
                 f"soft-deleted sessions, with {self.messages} messages",
+                f"deleted {self.responses} stored responses created before then",
             ]
         if self.keep > 0:
             lines.append(
@@ -236,11 +239,13 @@ async def cleanup(
     if not await database.try_lock(conn, RETENTION_LOCK):
         return Report(ran=False, cutoff=cutoff, keep=keep)
     try:
-        inactive = deleted = messages = 0
+        inactive = deleted = messages = stored = 0
         if cutoff is not None:
             inactive, deleted, messages = await purge_expired(
                 conn, cutoff, batch, batch_messages
             )
+            while removed := await responses.purge_batch(conn, cutoff, batch):
+                stored += removed
         pruned_sessions, pruned = await prune_all(conn, keep, batch) if keep > 0 else (0, 0)
         keys = await idempotency.purge_expired(conn)
         await statements.purge_turn_ids(conn)
@@ -249,8 +254,8 @@ async def cleanup(
             await database.unlock(conn, RETENTION_LOCK)
         except db.UNAVAILABLE:
             pass  # a closed connection has released its locks
-    return Report(
-        True, cutoff, keep, inactive, deleted, messages, pruned_sessions, pruned, keys, now)
+    return Report(True, cutoff, keep, inactive, deleted, messages, pruned_sessions, pruned, keys,
+                  stored, now)
 
 
 async def run_once(pool: db.Pool, settings: Settings) -> Report:

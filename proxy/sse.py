@@ -117,13 +117,17 @@ class ReplyAssembler:
             return None
         if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
             return None
+        self.fold(chunk)
+        return chunk
+
+    def fold(self, chunk: dict[str, Any]) -> None:
+        """Fold in a chunk already parsed (one whose `choices` is a list)."""
         self.valid_chunks += 1
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
         for choice in chunk["choices"]:
             if isinstance(choice, dict) and choice.get("index", 0) == 0:
                 self._choice(choice)
-        return chunk
 
     def _choice(self, choice: dict[str, Any]) -> None:
         if isinstance(choice.get("finish_reason"), str):

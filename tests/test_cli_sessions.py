@@ -187,6 +187,7 @@ async def test_cleanup_prints_what_it_removed(job_db, job_conn) -> None:
     assert CUTOFF_LINE.fullmatch(lines[0]), lines[0]
     assert lines[1:] == [
         f"deleted 1 inactive and 1 soft-deleted sessions, with {2 * len(CONVO)} messages",
+        "deleted 0 stored responses created before then",
         "pruning: off",
         "deleted 0 expired idempotency keys",
     ]
@@ -202,6 +203,7 @@ async def test_cleanup_prints_what_it_removed(job_db, job_conn) -> None:
     # CONVO ends "assistant, user, assistant": the newest whole units within 2 are its last two.
     assert lines[1:] == [
         f"deleted 1 inactive and 0 soft-deleted sessions, with {len(CONVO)} messages",
+        "deleted 0 stored responses created before then",
         f"pruned {len(CONVO) - 2} messages from 1 sessions (keeping the newest 2 per session)",
         "deleted 0 expired idempotency keys",
     ]

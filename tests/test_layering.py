@@ -23,7 +23,7 @@ LAYERS = [
     ("proxy.__main__", "proxy.app", "proxy.doctor", "proxy.server"),
     ("proxy.routes", "proxy.mcp"),
     ("proxy.access", "proxy.reading", "proxy.rawrequest", "proxy.chatbody", "proxy.openapi",
-     "proxy.listing"),
+     "proxy.listing", "proxy.responses"),
     ("proxy.turns",),
     ("proxy.store", "proxy.upstream", "proxy.transport", "proxy.http1", "proxy.streamresponse",
      "proxy.history", "proxy.overlap", "proxy.tokens", "proxy.sse", "proxy.searchtext",

@@ -13,6 +13,7 @@ import pytest
 import respx
 import schemathesis
 
+from proxy.responses.shapes import ResponseCreate
 from tests.conftest import User
 from tests.turns import Client, completion, u
 
@@ -58,6 +59,7 @@ def session_rows(prefix: str) -> list[Row]:
 
 
 ADMIN = {401, 403, 404, 503}
+CONVERSATION = "/v1/conversations/{conversation_id}"
 ROWS: list[Row] = [
     *session_rows("/v1/chat/sessions"),
     *session_rows("/chat/sessions"),
@@ -71,6 +73,27 @@ ROWS: list[Row] = [
     ("post", "/v1/chat/completions", "required",
      frozenset({"model", "messages", "stream", "session_id", "max_history_messages"}), 200, None,
      frozenset({400, 401, 404, 409, 413, 422, 502, 503, 504})),
+    ("post", "/v1/responses", "required", frozenset(ResponseCreate.model_fields), 200,
+     "ResponseObject", frozenset({400, 401, 404, 409, 413, 422, 502, 503, 504})),
+    ("get", "/v1/responses/{response_id}", None, NONE, 200, "ResponseObject",
+     frozenset({400, 401, 404, 503})),
+    ("get", "/v1/responses/{response_id}/input_items", None, NONE, 200, "ItemList",
+     frozenset({400, 401, 404, 503})),
+    ("delete", "/v1/responses/{response_id}", None, NONE, 200, "DeletedResponse",
+     frozenset({401, 404, 503})),
+    ("post", "/v1/conversations", "optional", frozenset({"items", "metadata"}), 200,
+     "Conversation", frozenset({400, 401, 413, 503})),
+    ("get", CONVERSATION, None, NONE, 200, "Conversation", frozenset({401, 404, 503})),
+    ("post", CONVERSATION, "required", frozenset({"metadata"}), 200, "Conversation",
+     frozenset({400, 401, 404, 413, 503})),
+    ("delete", CONVERSATION, None, NONE, 200, "DeletedConversation", frozenset({401, 404, 503})),
+    ("get", CONVERSATION + "/items", None, NONE, 200, "ItemList",
+     frozenset({400, 401, 404, 503})),
+    ("post", CONVERSATION + "/items", "required", frozenset({"items"}), 200, "ItemList",
+     frozenset({400, 401, 404, 413, 503})),
+    ("get", CONVERSATION + "/items/{item_id}", None, NONE, 200, None, frozenset({401, 404, 503})),
+    ("delete", CONVERSATION + "/items/{item_id}", None, NONE, 200, "Conversation",
+     frozenset({401, 404, 503})),
 ]
 OPERATIONS = {"get", "put", "post", "delete", "patch"}
 
@@ -280,6 +303,54 @@ async def test_answers_and_requests_agree_with_the_schema(
     check(schema, "ApiKeyList", keys.json())
     users = await client.get("/admin/users", headers=admin_headers)
     check(schema, "UserList", users.json())
+
+
+async def test_responses_and_conversations_agree_with_the_schema(
+    client: Client, schema: Json, upstream: respx.Router, alice: User
+) -> None:
+    upstream.post("/chat/completions").mock(return_value=httpx.Response(
+        200, json=completion("hello")))
+    create = {"items": [{"type": "message", "role": "user", "content": "hi"}],
+              "metadata": {"k": "v"}}
+    assert body_validator(schema, "/v1/conversations").is_valid(create)
+    made = await client.post("/v1/conversations", headers=alice.headers, json=create)
+    check(schema, "Conversation", made.json())
+    cid = made.json()["id"]
+    path = f"/v1/conversations/{cid}"
+    update = {"metadata": {"k": "w"}}
+    assert body_validator(schema, CONVERSATION).is_valid(update)
+    check(schema, "Conversation",
+          (await client.post(path, headers=alice.headers, json=update)).json())
+    added = {"items": [{"role": "user", "content": "more"}]}
+    assert body_validator(schema, CONVERSATION + "/items").is_valid(added)
+    created = await client.post(path + "/items", headers=alice.headers, json=added)
+    check(schema, "ItemList", created.json())
+    check(schema, "ItemList", (await client.get(path + "/items", headers=alice.headers)).json())
+
+    request = {"model": "gpt-4o", "input": "hi", "conversation": cid, "instructions": "x",
+               "tools": [{"type": "function", "name": "f", "parameters": {}, "strict": False}],
+               "text": {"format": {"type": "text"}}, "store": True, "temperature": 0.5}
+    assert body_validator(schema, "/v1/responses").is_valid(request)
+    answered = await client.post("/v1/responses", headers=alice.headers, json=request)
+    check(schema, "ResponseObject", answered.json())
+    rid = answered.json()["id"]
+    check(schema, "ResponseObject",
+          (await client.get(f"/v1/responses/{rid}", headers=alice.headers)).json())
+    check(schema, "ItemList", (await client.get(f"/v1/responses/{rid}/input_items",
+                                                headers=alice.headers)).json())
+    check(schema, "DeletedResponse",
+          (await client.delete(f"/v1/responses/{rid}", headers=alice.headers)).json())
+    item = created.json()["data"][0]["id"]
+    check(schema, "Conversation", (await client.delete(
+        f"{path}/items/{item}", headers=alice.headers)).json())
+    check(schema, "DeletedConversation",
+          (await client.delete(path, headers=alice.headers)).json())
+    for refused in ({"model": "gpt-4o", "input": "x", "colour": "red"},
+                    {"model": "gpt-4o", "input": "x", "truncation": "sometimes"}):
+        assert not body_validator(schema, "/v1/responses").is_valid(refused)
+        r = await client.post("/v1/responses", headers=alice.headers, json=refused)
+        assert r.status_code == 400
+        check(schema, "ErrorResponse", r.json())
 
 
 async def test_what_the_schema_refuses_the_server_refuses_with_the_envelope(

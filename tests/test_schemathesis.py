@@ -42,7 +42,8 @@ pytestmark = pytest.mark.e2e
 SECRET = "alice-private-text-7f3a"
 KEYS = ["session_name", "model", "system_prompt", "max_history_messages", "max_history_tokens",
         "metadata", "up_to_seq", "source_session_id", "format", "session", "messages", "role",
-        "content", "stream", "session_id"]
+        "content", "stream", "session_id", "input", "items", "conversation", "type", "call_id",
+        "output", "instructions", "tools", "previous_response_id"]
 SCALARS = (st.none() | st.booleans() | st.integers(-(2**63), 2**63)
            | st.floats(allow_nan=False) | st.text(max_size=12))
 JSON = st.recursive(
@@ -94,10 +95,12 @@ def test_fuzzing_the_schema_finds_no_500_and_no_cross_user_read(
             aim = target if target != "own" else caller
             if caller == "alice" and aim == "alice-private":
                 aim = "alice"  # alice's own fuzzing leaves the private session alone
-            if aim is not None and "session_id" in (case.path_parameters or {}):
-                case.path_parameters["session_id"] = targets[aim]
-            if aim is not None and isinstance(body, dict) and "source_session_id" in body:
-                body["source_session_id"] = targets[aim]
+            for name in ("session_id", "conversation_id"):  # a conversation is a session
+                if aim is not None and name in (case.path_parameters or {}):
+                    case.path_parameters[name] = targets[aim]
+            for name in ("source_session_id", "conversation"):
+                if aim is not None and isinstance(body, dict) and name in body:
+                    body[name] = targets[aim]
             kwargs: dict[str, Any] = {"params": query, "headers": user.headers}
             if case.method in ("POST", "PUT", "PATCH") and body is not None:
                 kwargs["content"] = json.dumps(body)
@@ -109,7 +112,10 @@ def test_fuzzing_the_schema_finds_no_500_and_no_cross_user_read(
                 "upstream_error", "upstream_timeout", "database_unavailable")
             if caller == "bob":
                 assert SECRET not in r.text, (case.method, case.formatted_path, body)
-                if aim == "alice-private" and "{session_id}" in case.path:
+                if aim == "alice-private" and (
+                    "{session_id}" in case.path or "{conversation_id}" in case.path
+                    or (isinstance(body, dict) and "conversation" in body)
+                ):
                     assert not 200 <= r.status_code < 300, (case.method, case.formatted_path)
 
         call()

@@ -110,7 +110,10 @@ async def test_a_write_cut_mid_statement_stores_a_turn_repeating_the_last_one_on
         return httpx.Response(200, json=completion("same"))
 
     upstream.post("/chat/completions").mock(side_effect=answer)
-    async with app_client(configured(settings, database_url=relay.url()), upstream) as client:
+    # One pooled connection: the write's statement, prepared there by the first turn, goes out
+    # whole (a deafened statement still to be prepared would wait for its Parse forever).
+    one = configured(settings, database_url=relay.url(), db_pool_size=1)
+    async with app_client(one, upstream) as client:
         sid = await new_session(client, alice)
         r = await client.post("/v1/chat/completions", json=turn(sid), headers=alice.headers)
         assert r.status_code == 200, r.text
@@ -389,9 +392,10 @@ async def test_a_claim_whose_connection_died_is_given_back(
     route = upstream.post("/chat/completions").mock(
         return_value=httpx.Response(200, json=completion("ran")))
     key = {**alice.headers, "Idempotency-Key": "claim-cut"}
-    async with app_client(configured(settings, database_url=relay.url()), upstream) as client:
+    one = configured(settings, database_url=relay.url(), db_pool_size=1)  # as above
+    async with app_client(one, upstream) as client:
         sid = await new_session(client, alice)
-        cut.clear()  # a first claim, untouched, prepares the statement on the pooled connection
+        cut.clear()  # a first claim, untouched, prepares the statement on the connection
         warm = await client.post("/v1/chat/completions", json=turn(sid, "warm"),
                                  headers={**alice.headers, "Idempotency-Key": "warm"})
         assert warm.status_code == 200, warm.text

@@ -1,11 +1,13 @@
-"""`POST /v1/chat/completions` answered straight from ASGI, ahead of Litestar's router.
+"""`POST /v1/chat/completions` and `POST /v1/responses` answered straight from ASGI, ahead of
+Litestar's router.
 
-The route every turn takes pays for no router, signature model, exception middleware or
-response object conversion: a request with exactly that method and path goes to the chat
-route's own function (`complete`, proxy/routes/chat.py, handed in by create_app) here, and its
-`Response` or `Stream` is sent as ASGI messages. Litestar keeps the route for everything else
-(its OpenAPI entry, another method's 405, a trailing slash), and both answer through the same
-function, with errors rendered by the same functions (proxy/errors.py).
+The routes every turn takes pay for no router, signature model, exception middleware or
+response object conversion: a request with exactly that method and path goes to the route's own
+function (`complete`, proxy/routes/chat.py, and `create`, proxy/routes/responses.py, handed in
+by create_app) here, and its `Response` or `Stream` is sent as ASGI messages. Litestar keeps
+the routes for everything else (their OpenAPI entries, another method's 405, a trailing slash),
+and both answer through the same function, with errors rendered by the same functions
+(proxy/errors.py).
 
 A streamed body is pumped by the request's own task, so its first event goes out without
 waiting for a loop cycle; a watcher task waits for `http.disconnect`, and a client that leaves
@@ -39,18 +41,26 @@ from proxy.runtime import Runtime
 log = logging.getLogger("chatproxy")
 
 PATH = "/v1/chat/completions"
+RESPONSES = "/v1/responses"
 _NO_BODY = frozenset({204, 304})
 
 
 Complete = Callable[[Runtime, Incoming], Awaitable[Response[Any]]]
 
 
-def chat_first(app: Litestar, rest: ASGIApp, complete: Complete) -> ASGIApp:
-    """`complete` answers `POST /v1/chat/completions`; `rest` (Litestar's handler) the others."""
+def chat_first(
+    app: Litestar, rest: ASGIApp, complete: Complete, *, responses: Complete | None = None
+) -> ASGIApp:
+    """`complete` answers `POST /v1/chat/completions`, `responses` `POST /v1/responses`; `rest`
+    (Litestar's handler) the others."""
+    routes = {PATH: complete}
+    if responses is not None:
+        routes[RESPONSES] = responses
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == ScopeType.HTTP and scope["path"] == PATH and scope["method"] == "POST":
-            await _answer(app, complete, scope, receive, send)
+        if (scope["type"] == ScopeType.HTTP and scope["method"] == "POST"
+                and (handler := routes.get(scope["path"])) is not None):
+            await _answer(app, handler, scope, receive, send)
         else:
             await rest(scope, receive, send)
 
@@ -60,7 +70,7 @@ def chat_first(app: Litestar, rest: ASGIApp, complete: Complete) -> ASGIApp:
 async def _answer(
     app: Litestar, complete: Complete, scope: Scope, receive: Receive, send: Send
 ) -> None:
-    scope["path_template"] = PATH  # the route's label in the access log and the metrics
+    scope["path_template"] = scope["path"]  # the route's label in the access log and metrics
     rt = app.state.rt
     try:
         response = await complete(rt, Incoming(scope, receive, rt.settings.max_body_bytes))
@@ -109,7 +119,7 @@ def _body(chunk: bytes, *, more: bool) -> HTTPResponseBodyEvent:
 async def _whole(response: Response[Any], send: Send) -> None:
     body = response.content if response.status_code not in _NO_BODY else b""
     if not isinstance(body, bytes):
-        raise TypeError("the chat route answers with bytes")
+        raise TypeError("a fast route answers with bytes")
     await send(_start(response, len(body)))
     await send(_body(body, more=False))
 

@@ -78,12 +78,15 @@ async def recorded(conn: asyncpg.Connection, user_id: str, key: str) -> Recorded
 
 
 async def settle(
-    conn: asyncpg.Connection, user_id: str, key: str, token: uuid.UUID, answer: Answer
+    conn: asyncpg.Connection, user_id: str, key: str, answer: Answer,
+    *, token: uuid.UUID | None = None,
 ) -> None:
-    """Record the answer the claim's request sent (call in the turn's own transaction)."""
+    """Record the answer the claim's request sent (call in the turn's own transaction): the
+    claim with `token`, or (None) the one the turn's transaction has settled already, whose
+    answer a door replaces with its own."""
     await conn.execute(
         "UPDATE idempotency_keys SET state = 'done', status_code = $4, headers = $5, body = $6 "
-        "WHERE user_id = $1 AND key = $2 AND claim = $3",
+        "WHERE user_id = $1 AND key = $2 AND ($3::uuid IS NULL OR claim = $3)",
         user_id,
         key,
         token,

@@ -237,7 +237,7 @@ async def store_turn(
     turn_id = turn_id or new_turn_id()
     try:
         count: int = await conn.fetchval(
-            _STORE_TURN, *_turn_args(session_id, messages), after_seq, turn_id)
+            _STORE_TURN, *turn_args(session_id, messages), after_seq, turn_id)
         if count or after_seq is None:
             return count
         async with conn.transaction():
@@ -253,7 +253,7 @@ async def store_turn(
                 skip = overlap.stored_since([m.message for m in messages[:-1]], since)
                 messages = messages[skip:]
             count = await conn.fetchval(
-                _STORE_TURN, *_turn_args(session_id, messages), None, turn_id)
+                _STORE_TURN, *turn_args(session_id, messages), None, turn_id)
             return count
     except asyncpg.UniqueViolationError as exc:
         if exc.table_name != "chat_turns":
@@ -261,7 +261,11 @@ async def store_turn(
         raise StoredEarlier() from None
 
 
-def _turn_args(session_id: str, messages: list[NewMessage]) -> tuple[Any, ...]:
+def turn_args(
+    session_id: str | None, messages: list[NewMessage], *, searched: bool = True
+) -> tuple[Any, ...]:
+    """`$1`-`$7` of `turn_ctes`: the session, and the messages' columns as arrays (their
+    search words only when they go into `chat_messages`: `searched`)."""
     return (
         session_id,
         [m.role for m in messages],
@@ -269,24 +273,24 @@ def _turn_args(session_id: str, messages: list[NewMessage]) -> tuple[Any, ...]:
         [m.tokens for m in messages],
         [codec.dumps_text(m.message) for m in messages],
         [m.status for m in messages],
-        [searchtext.message_words(m.message) for m in messages],  # the search column's words
+        [searchtext.message_words(m.message) for m in messages] if searched else [],
     )
 
 
-# $8: the session's next_seq the turn expects (after an overlap), or null for any; $9 the
-# turn's id.
-_STORE_TURN = """
-    WITH s AS (
+def turn_ctes(guard: str = "") -> str:
+    """The CTEs `s` and `ins` that append a turn's messages (`$1`-`$7`, `turn_args`) to a
+    session, for a statement that does more in the same round trip; `guard` (`AND ...`) is a
+    condition the append also needs. Only an active session takes a turn."""
+    return f"""
+    s AS (
         UPDATE chat_sessions
         SET next_seq = next_seq + cardinality($2::text[]),
             message_count = message_count + cardinality($2::text[]),
             total_tokens = total_tokens + (SELECT COALESCE(sum(t), 0) FROM unnest($4::int[]) t),
             last_message_at = now(),
             updated_at = now()
-        WHERE id = $1 AND is_active AND ($8::bigint IS NULL OR next_seq = $8::bigint)
+        WHERE id = $1 AND is_active{guard}
         RETURNING next_seq - cardinality($2::text[]) AS base
-    ), turn AS (
-        INSERT INTO chat_turns (turn_id) SELECT $9 FROM s
     ), ins AS (
         INSERT INTO chat_messages
             (session_id, seq, role, has_tool_calls, tokens, body, status, search)
@@ -295,9 +299,14 @@ _STORE_TURN = """
         FROM s, unnest($2::text[], $3::bool[], $4::int[], $5::text[], $6::text[], $7::text[])
                 WITH ORDINALITY AS m(role, tc, tokens, body, status, words, ord)
         RETURNING 1
-    )
-    SELECT count(*) FROM ins
-"""
+    )"""
+
+
+# $8: the session's next_seq the turn expects (after an overlap), or null for any; $9 the
+# turn's id (sql/006_turn_ids.sql), stored when the turn is.
+_STORE_TURN = ("WITH " + turn_ctes(" AND ($8::bigint IS NULL OR next_seq = $8::bigint)")
+               + ", turn AS (INSERT INTO chat_turns (turn_id) SELECT $9 FROM s)"
+               + "\n    SELECT count(*) FROM ins\n")
 
 # What was stored from a seq on, oldest first.
 _SINCE = """

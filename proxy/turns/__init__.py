@@ -4,15 +4,16 @@ A door imports what it needs from here; the modules below are the engine's own.
 """
 
 from proxy.turns.claim import Idempotency, check_key, request_hash
-from proxy.turns.engine import Caller, TurnRequest, run_turn
+from proxy.turns.engine import Caller, HistorySource, TurnRequest, run_turn
 from proxy.turns.outcome import Answered, Event, Outcome, Passthrough, Replayed, Streaming
-from proxy.turns.write import ExtraWrite, StoredTurn
+from proxy.turns.write import ExtraWrite, StoredTurn, finish_reason
 
 __all__ = [
     "Answered",
     "Caller",
     "Event",
     "ExtraWrite",
+    "HistorySource",
     "Idempotency",
     "Outcome",
     "Passthrough",
@@ -21,6 +22,7 @@ __all__ = [
     "Streaming",
     "TurnRequest",
     "check_key",
+    "finish_reason",
     "request_hash",
     "run_turn",
 ]

@@ -95,7 +95,7 @@ class Claim:
         if answer is None:
             await idempotency.release(conn, self.user_id, self.key, self.token)
         else:
-            await idempotency.settle(conn, self.user_id, self.key, self.token, answer)
+            await idempotency.settle(conn, self.user_id, self.key, answer, token=self.token)
 
 
 async def claim(conn: asyncpg.Connection, held: Claim, fingerprint: bytes) -> Claim | Answer:

@@ -17,8 +17,9 @@ nothing (an error, a cancellation, a Passthrough).
 
 - read: the caller (a key, or a user id), the session and its newest messages, in one round
   trip (proxy/store/messages.py). This is the one step that knows where history comes from: a
-  door with another source (the Responses API's chain of earlier responses) gives its own read
-  here; everything after it sees a `TurnContext`.
+  door with another source (the Responses API's chain of earlier responses) gives its own
+  (`TurnRequest.history`, a `HistorySource`); everything after it sees a `TurnContext`. A turn
+  with such a source may have no session: then only the door's `extra_write` stores it.
 - prepare: the upstream body, the budget and the trimming (proxy/turns/prepare.py). The call
   sends what prepare built, so an overflow retry is prepare (with less history) and call again:
   when the upstream refuses a turn that carried history as too long for its context, the turn
@@ -38,14 +39,14 @@ import dataclasses
 from collections.abc import AsyncGenerator, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import msgspec
 
 from proxy import codec, db, metrics, summaries
 from proxy import upstream as up
-from proxy.errors import SessionNotFound, Unauthorized, UpstreamError
+from proxy.errors import ProxyError, SessionNotFound, Unauthorized, UpstreamError
 from proxy.runtime import Runtime
 from proxy.store import messages
 from proxy.store.idempotency import Answer
@@ -53,7 +54,14 @@ from proxy.store.messages import TurnContext
 from proxy.turns import overflow, prepare, stream
 from proxy.turns.claim import Idempotency, claimed
 from proxy.turns.outcome import Answered, Event, Outcome, Passthrough, Replayed, Streaming
-from proxy.turns.write import ExtraWrite, Turn, first_message, persist, reply_message
+from proxy.turns.write import (
+    ExtraWrite,
+    Turn,
+    finish_reason,
+    first_message,
+    persist,
+    reply_message,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +73,17 @@ class Caller:
     user_id: str | None = None
 
 
+class HistorySource(Protocol):
+    """Where a turn's history comes from when it is not a session's (the Responses API's chain
+    of earlier responses): `read` is the turn's read (None: the caller is unknown; a context
+    whose `session_found` is false: what it names is not the caller's, and `missing()` is the
+    error to raise)."""
+
+    async def read(self, rt: Runtime, caller: Caller, limit: int | None) -> TurnContext | None: ...
+
+    def missing(self) -> ProxyError: ...
+
+
 @dataclass(slots=True)
 class TurnRequest:
     """One turn as a door hands it over.
@@ -73,10 +92,13 @@ class TurnRequest:
     request's), the proxy's own fields removed; every other field goes upstream as it is.
     `stream` must agree with the body's `stream`. `headers` are the client's, forwarded upstream
     (proxy/upstream.py drops what must not go). `state` receives the access log's fields.
+    `history` replaces the session's read; with it, `session_id` may be None (nothing is
+    stored in a session). `extra_stores`: `extra_write` stores the turn's messages in the
+    session itself, in the one statement it runs (so that the turn needs one round trip).
     """
 
     caller: Caller
-    session_id: str
+    session_id: str | None
     body: dict[str, Any]
     headers: Iterable[tuple[str, str]] = ()
     stream: bool = False
@@ -84,6 +106,8 @@ class TurnRequest:
     idempotency: Idempotency | None = None
     state: dict[str, Any] = field(default_factory=dict)
     extra_write: ExtraWrite | None = None
+    history: HistorySource | None = None
+    extra_stores: bool = False
 
 
 async def run_turn(rt: Runtime, request: TurnRequest) -> Outcome:
@@ -94,7 +118,8 @@ async def run_turn(rt: Runtime, request: TurnRequest) -> Outcome:
     ctx = await _read(rt, request)
     items = request.body["messages"]
     turn, body = await prepare.prepare(
-        rt, request.body, items, ctx, request.session_id, request.extra_write
+        rt, request.body, items, ctx, request.session_id, request.extra_write,
+        extra_stores=request.extra_stores,
     )
     again = _Again(rt, request, items, ctx)
     if request.idempotency is None:
@@ -122,7 +147,7 @@ class _Again:
         cap = tokens if ctx.max_history_tokens is None else min(tokens, ctx.max_history_tokens)
         return await prepare.prepare(
             self.rt, request.body, self.items, dataclasses.replace(ctx, max_history_tokens=cap),
-            request.session_id, request.extra_write,
+            request.session_id, request.extra_write, extra_stores=request.extra_stores,
         )
 
     def carried(self, turn: Turn) -> int:
@@ -135,6 +160,26 @@ class _Again:
 
 async def _read(rt: Runtime, request: TurnRequest) -> TurnContext:
     caller = request.caller
+    if request.history is not None:
+        ctx = await request.history.read(rt, caller, request.history_limit)
+    else:
+        ctx = await _read_session(rt, request)
+    if ctx is None:
+        raise Unauthorized("Invalid API key" if caller.key_hash is not None else "Unknown user")
+    state = request.state  # the access log's fields (proxy/logs.py)
+    state["user_id"] = ctx.user_id
+    if not ctx.session_found:
+        if request.history is not None:
+            raise request.history.missing()
+        raise SessionNotFound(str(request.session_id))
+    if request.session_id is not None:
+        state["session_id"] = request.session_id
+    return ctx
+
+
+async def _read_session(rt: Runtime, request: TurnRequest) -> TurnContext | None:
+    caller = request.caller
+    assert request.session_id is not None, "a turn without a history source has a session"
     items = request.body["messages"]
     resent = len(items) - prepare.head_length(items)  # what may repeat stored messages
     async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
@@ -147,13 +192,6 @@ async def _read(rt: Runtime, request: TurnRequest) -> TurnContext:
             ctx = await messages.read_turn_as(
                 conn, caller.user_id, request.session_id, request.history_limit, resent
             )
-    if ctx is None:
-        raise Unauthorized("Invalid API key" if caller.key_hash is not None else "Unknown user")
-    state = request.state  # the access log's fields (proxy/logs.py)
-    state["user_id"] = ctx.user_id
-    if not ctx.session_found:
-        raise SessionNotFound(request.session_id)
-    state["session_id"] = request.session_id
     return ctx
 
 
@@ -172,7 +210,7 @@ async def _answer(
         outcome = await stream.open_stream(rt, response, turn, held, request.state)
     else:
         outcome = await _complete(rt, response, turn)
-    if turn.summary_due is not None:
+    if turn.summary_due is not None and turn.session_id is not None:
         if isinstance(outcome, Answered):
             summaries.schedule(rt, turn.session_id, turn.summary_due, turn.model)
         elif isinstance(outcome, Streaming):
@@ -212,7 +250,7 @@ async def _then_summarise(
             yield event
     finally:
         await events.aclose()
-        if turn.summary_due is not None:
+        if turn.summary_due is not None and turn.session_id is not None:
             summaries.schedule(rt, turn.session_id, turn.summary_due, turn.model)
 
 
@@ -240,5 +278,6 @@ async def _complete(rt: Runtime, response: httpx.Response, turn: Turn) -> Outcom
     reply = reply_message(message)
     headers = {**headers, **turn.headers}
     sent = Answer(200, headers, raw) if turn.claim is not None else None
-    await persist(rt, turn, reply, answer.get("usage"), "complete", sent)
+    await persist(rt, turn, reply, answer.get("usage"), "complete", sent,
+                  finish_reason=finish_reason(answer))
     return Answered(raw, answer, reply, headers)

@@ -36,7 +36,8 @@ def _reserved_output(body: dict[str, Any], default: int) -> int:
 
 async def prepare(
     rt: Runtime, body: dict[str, Any], items: list[dict[str, Any]],
-    ctx: TurnContext, session_id: str, extra_write: ExtraWrite | None = None,
+    ctx: TurnContext, session_id: str | None, extra_write: ExtraWrite | None = None,
+    *, extra_stores: bool = False,
 ) -> tuple[Turn, dict[str, Any]]:
     """The upstream body (head + history + rest) and the turn to store once answered.
 
@@ -74,7 +75,6 @@ async def prepare(
     carried = [summary_message(held.text)] if held is not None and held.text is not None else []
     body["messages"] = [*head, *carried, *(msgspec.Raw(m.body) for m in trimmed.messages), *rest]
     headers = {
-        "x-session-id": session_id,
         "x-history-messages": str(len(trimmed.messages)),
         "x-history-tokens": str(trimmed.tokens),
         "x-history-dropped": str(trimmed.dropped),
@@ -84,9 +84,15 @@ async def prepare(
         headers["x-history-overlap"] = str(resent)
     if held is not None:
         headers["x-history-summary-seq"] = str(held.up_to_seq)
+    if session_id is not None:
+        headers = {"x-session-id": session_id, **headers}
     after_seq = ctx.next_seq if resent else None
+    carried_tokens = trimmed.tokens + (held.tokens if held is not None else 0)
+    prompt_tokens = head_tokens + carried_tokens + rest_tokens + REPLY_PRIMING
     return Turn(session_id, model, new, headers, extra_write=extra_write, after_seq=after_seq,
-                summary_due=fitted.due), body
+                summary_due=fitted.due if session_id is not None else None,  # a session's job
+                user_id=ctx.user_id, prompt_tokens=prompt_tokens,
+                extra_stores=extra_stores), body
 
 
 def head_length(items: list[dict[str, Any]]) -> int:

@@ -128,7 +128,8 @@ async def relay(
         answer = None
         if sent is not None and status == "complete" and done_event is not None:
             answer = Answer(200, headers or {}, b"".join(sent) + done_event)
-        return persist(rt, current, reply, assembler.usage, status, answer)
+        return persist(rt, current, reply, assembler.usage, status, answer,
+                       finish_reason=assembler.finish_reason)
 
     chunks = response.aiter_bytes()
     try:

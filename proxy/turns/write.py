@@ -11,6 +11,7 @@ and a door's `extra_write`. Also what is stored of the upstream's reply, and its
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -32,12 +33,19 @@ from proxy.turns.claim import Claim, release
 
 @dataclass(frozen=True, slots=True)
 class StoredTurn:
-    """A turn as stored: its session, its messages (the request's, then the reply), the
-    reply's status."""
+    """A turn as stored: its session (None: a turn only its door's `extra_write` stores), its
+    messages (the request's, then the reply), the reply's status; and for a door that answers
+    in its own words: the caller, the upstream's `usage` and `finish_reason` (None when it gave
+    none), and the tokens of everything sent upstream, counted (`prompt_tokens`)."""
 
-    session_id: str
+    session_id: str | None
     messages: list[NewMessage]
     status: str
+    user_id: str = ""
+    usage: Any = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    in_session: bool = True  # the engine stored the messages in the session (else: the door)
 
 
 # A door's own write in the turn's transaction (e.g. the Responses API's `responses` row); run
@@ -51,9 +59,10 @@ class Turn(msgspec.Struct):
     `headers` are the history's (X-Session-Id, X-History-*); `claim` the request's
     Idempotency-Key, when it sent one; `after_seq` the session's next seq as read, when the
     request resent its newest messages (`store_turn` checks that nothing came between).
+    Without a session only `extra_write` stores anything.
     """
 
-    session_id: str
+    session_id: str | None
     model: Any
     new: list[NewMessage]
     headers: dict[str, str]
@@ -61,6 +70,9 @@ class Turn(msgspec.Struct):
     extra_write: ExtraWrite | None = None
     after_seq: int | None = None
     summary_due: int | None = None  # a summary job should cover up to this seq (§11)
+    user_id: str = ""
+    prompt_tokens: int = 0  # head + history + the request's messages + reply priming
+    extra_stores: bool = False  # `extra_write` stores the messages in the session itself
 
 
 async def persist(
@@ -70,6 +82,8 @@ async def persist(
     usage: Any,
     status: str,
     answer: Answer | None = None,
+    *,
+    finish_reason: str | None = None,
 ) -> None:
     """Store the turn: one statement, retried once on a fresh connection if the first one died.
 
@@ -85,33 +99,39 @@ async def persist(
     and so it is whenever the write fails.
     """
     claim, extra = turn.claim, turn.extra_write
+    if turn.session_id is None and claim is None and extra is None:
+        return  # nothing to store
     if claim is not None:
         claim.take()
     turn_id = messages.new_turn_id()
 
-    async def attempt(rows: list[NewMessage]) -> None:
-        """One try, on a connection of its own."""
+    async def attempt(rows: list[NewMessage], stored: StoredTurn) -> None:
+        """One try, on a connection of its own: one statement needs no transaction; the
+        claim's answer, or a door's write beside the engine's, go in the turn's."""
         async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-            together = claim is not None or extra is not None
+            together = claim is not None or (extra is not None and _stores(turn))
             async with conn.transaction() if together else nullcontext():
-                if not await messages.store_turn(conn, turn.session_id, rows, turn_id=turn_id,
-                                                 after_seq=turn.after_seq):
-                    raise SessionGone(turn.session_id)  # rolled back: the key is not settled
+                if not await _store(conn, turn, rows, turn_id):
+                    # Rolled back: the key is not settled. (A turn without a session never
+                    # gets here: it has nothing of its own to store.)
+                    raise SessionGone(turn.session_id or "")
                 if claim is not None:
                     await claim.settle(conn, answer)
                 if extra is not None:
-                    await extra(conn, StoredTurn(turn.session_id, rows, status))
+                    await extra(conn, stored)
 
     async def write() -> None:
         try:
             tokens = await reply_tokens(rt, turn.model, reply, usage)
             rows = [*turn.new, NewMessage(reply, tokens, status)]
+            stored = StoredTurn(turn.session_id, rows, status, turn.user_id, usage,
+                                finish_reason, turn.prompt_tokens, _stores(turn))
             try:
-                await attempt(rows)
+                await attempt(rows, stored)
             except DatabaseUnavailable:
                 # The connection died; the statement may have committed before it did.
                 try:
-                    await attempt(rows)
+                    await attempt(rows, stored)
                 except messages.StoredEarlier:
                     pass  # it had: stored once, settled in the same transaction
         except BaseException:
@@ -120,10 +140,29 @@ async def persist(
                 await release(rt, claim)
             raise
         metrics.turn_stored(status)
-        await retention.prune_after_turn(rt.pool, rt.settings, turn.session_id)
+        if turn.session_id is not None:
+            await retention.prune_after_turn(rt.pool, rt.settings, turn.session_id)
 
     task = rt.track(asyncio.create_task(write()))
     await asyncio.shield(task)
+
+
+def _stores(turn: Turn) -> bool:
+    """Whether the engine stores the turn's messages in its session itself (else its door's
+    `extra_write` does, and must be safe to run again when the write is retried in doubt). A
+    turn that resent stored messages is always stored here (`store_turn` handles its race)."""
+    return turn.session_id is not None and (not turn.extra_stores or turn.after_seq is not None)
+
+
+async def _store(
+    conn: asyncpg.Connection, turn: Turn, rows: list[NewMessage], turn_id: uuid.UUID
+) -> int:
+    """The turn's messages stored in its session (how many: 0 when the session went away),
+    unless the door's write does it."""
+    if turn.session_id is None or not _stores(turn):
+        return len(rows)
+    return await messages.store_turn(conn, turn.session_id, rows, turn_id=turn_id,
+                                     after_seq=turn.after_seq)
 
 
 async def reply_tokens(rt: Runtime, model: Any, reply: dict[str, Any], usage: Any) -> int:
@@ -157,6 +196,15 @@ def reply_message(message: dict[str, Any]) -> dict[str, Any]:
     if isinstance(audio, dict) and isinstance(audio.get("id"), str):
         reply["audio"] = {"id": audio["id"]}
     return reply
+
+
+def finish_reason(answer: Any) -> str | None:
+    """A chat completion's `choices[0].finish_reason` (None when it has none)."""
+    try:
+        reason = answer["choices"][0]["finish_reason"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return reason if isinstance(reason, str) else None
 
 
 def first_message(answer: Any) -> dict[str, Any] | None:

@@ -32,6 +32,7 @@ import machine
 import overlap
 import phases
 import procs
+import responsesapi
 import roundtrips
 import scaling
 import search
@@ -41,7 +42,7 @@ from report import markdown, render
 
 RESULTS = procs.BENCH / "results"
 PHASES = ("hops", "streams", "latency", "throughput", "streaming", "history", "overlap", "mcp",
-          "roundtrips", "search", "long")
+          "responses", "roundtrips", "search", "long")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -262,6 +263,8 @@ def _measure(args: argparse.Namespace, run: procs.Procs, db: procs.Database, tmp
         _timed("a resent conversation against the new message", lambda: overlap.overlap(b))
     if "mcp" in only:
         _timed("MCP against REST", lambda: phases.mcp(b))
+    if "responses" in only:
+        _timed("Responses against chat completions", lambda: responsesapi.responses_api(b))
     if "roundtrips" in only:
         _timed("database round trips", lambda: roundtrips.round_trips(b, run, tmp))
     if "search" in only:
