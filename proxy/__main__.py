@@ -189,23 +189,23 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         signal.signal(signum, _exit_on_signal)
     # Several workers share their metrics through a private directory (see proxy/metrics.py).
     with metrics.multiprocess_dir(args.workers):
-        uvicorn.run(
+        server.run(uvicorn.Config(
             "proxy.app:app_from_env",
             factory=True,
             host=host,
             port=port,
-            workers=args.workers if args.workers > 1 else None,
+            workers=args.workers,
             loop="uvloop",
             # httptools under guards: head timeout, head size, connections (proxy/server.py)
             **server.uvicorn_options(settings),
             log_config=logs.config(settings.log_level),
             log_level=settings.log_level,
             access_log=False,  # proxy/logs.py writes one line per request
-            # In-flight requests get this long after SIGTERM, then are cancelled (their streams
-            # stored as incomplete); rounded up to whole seconds, and 0 means none at all.
+            # In-flight requests get this long after SIGTERM, then are cut (their streams stored
+            # as incomplete; proxy/server.py); rounded up to whole seconds, 0 means none at all.
             timeout_graceful_shutdown=math.ceil(settings.shutdown_grace),
             lifespan="on",
-        )
+        ))
     return 0
 
 

@@ -200,7 +200,16 @@ FIELDS: tuple[Field, ...] = (
     Field("db_bulk_timeout", 300.0, _float(0.01),
           "the same for one statement of import, export, fork, merge, clear, pruning and the "
           "retention job"),
-    Field("shutdown_grace", 30.0, _float(0), "seconds in-flight streams get after SIGTERM"),
+    Field("export_connections", 2, _int(1),
+          "pool connections exports may hold at once, each only while it reads its session "
+          "(the others wait their turn)"),
+    Field("exports_per_user", 2, _int(1),
+          "exports of one user read or sent at once by a process; one more gets 429"),
+    Field("send_timeout", 60.0, _float(0.1),
+          "seconds a response may wait on a client that reads nothing; then the connection "
+          "is closed"),
+    Field("shutdown_grace", 30.0, _float(0),
+          "seconds in-flight requests get after SIGTERM or Ctrl-C; then they are cut"),
     Field("head_timeout", 10, _int(1),
           "seconds a connection has to send a whole request head, after opening or after its "
           "previous response; then it is closed (408 if part of a head came)"),
@@ -264,6 +273,9 @@ class Settings:
     db_acquire_timeout: float = 1.5
     db_statement_timeout: float = 2.0
     db_bulk_timeout: float = 300.0
+    export_connections: int = 2
+    exports_per_user: int = 2
+    send_timeout: float = 60.0
     shutdown_grace: float = 30.0
     head_timeout: int = 10
     max_head_bytes: int = 65_536

@@ -186,11 +186,11 @@ _REASONS = {
     "status": "expected complete or incomplete",
     "seq": "expected an integer",
     "tokens": f"expected an integer between 0 and {MAX_TOKENS}",
-    "created_at": "expected an ISO 8601 timestamp",
+    "created_at": "expected an ISO 8601 timestamp (in UTC, from year 1 to 9999)",
     "summary": "expected an object or null",
     "text": "expected a string",
     "up_to_seq": "expected an integer >= 0",
-    "updated_at": "expected an ISO 8601 timestamp",
+    "updated_at": "expected an ISO 8601 timestamp (in UTC, from year 1 to 9999)",
 }
 _TOO_LONG = {"session_name": "characters", "model": "characters", "metadata": "entries"}
 # Required fields for which null counts as left out.

@@ -6,12 +6,14 @@
      ├── Forbidden                  403 insufficient_permissions
      ├── NotFound                   404 not_found
      │    ├── SessionNotFound       404 session_not_found
+     │    │    └── SessionGone      404 session_not_found (deleted while a turn ran)
      │    └── ObjectNotFound        404 not_found (a conversation, a response, an item)
      ├── MethodNotAllowed           405 method_not_allowed
      ├── RequestTimeout             408 request_timeout (no whole request head in time)
      ├── Conflict                   409 conflict / idempotency_key_in_use
      ├── PayloadTooLarge            413 request_too_large
      ├── Unprocessable              422 idempotency_key_reused
+     ├── TooManyRequests            429 rate_limit_exceeded (a user's exports, proxy/exports.py)
      ├── HeaderTooLarge             431 request_header_too_large
      ├── UpstreamError              502 upstream_error
      │    └── EventTooLarge         502 upstream_error (proxy/sse.py)
@@ -93,6 +95,16 @@ class SessionNotFound(NotFound):
         super().__init__(f"Session {shown} not found", param=param)
 
 
+class SessionGone(SessionNotFound):
+    """The session was deleted (or merged into another) while a turn on it ran: the turn's
+    write found it inactive and stored nothing."""
+
+    def __init__(self, session_id: str):
+        super().__init__(session_id)
+        shown = self.message.removeprefix("Session ").removesuffix(" not found")
+        self.message = f"Session {shown} was deleted while this turn ran; the turn was not stored"
+
+
 class ObjectNotFound(NotFound):
     """A conversation, a response or an item that is not the caller's (or is no more)."""
 
@@ -122,6 +134,10 @@ class Unprocessable(ProxyError):
     status, type, code = 422, "invalid_request_error", "idempotency_key_reused"
 
 
+class TooManyRequests(ProxyError):
+    status, type, code = 429, "invalid_request_error", "rate_limit_exceeded"
+
+
 class UpstreamError(ProxyError):
     status, type, code = 502, "server_error", "upstream_error"
 
@@ -139,6 +155,10 @@ class UpstreamBusy(ProxyError):
 
     def __init__(self, message: str = "The upstream is busy, try again shortly"):
         super().__init__(message)
+
+
+# The message a request task is cancelled with when the shutdown grace runs out (proxy/server.py).
+SHUTDOWN_CUT = "cut at the shutdown deadline"
 
 
 class ShuttingDown(ProxyError):

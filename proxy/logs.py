@@ -84,8 +84,9 @@ class JsonFormatter(logging.Formatter):
 
 
 class ShutdownCut(logging.Filter):
-    """uvicorn's "Exception in ASGI application" for a response it cancelled at the shutdown
-    deadline (a stream still running) becomes one warning line instead of a traceback."""
+    """uvicorn's "Exception in ASGI application" for a response cancelled at the shutdown
+    deadline (a stream still running; proxy/server.py) becomes one warning line instead of a
+    traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         kind = record.exc_info[0] if record.exc_info else None

@@ -93,6 +93,10 @@ _ERRORS: dict[int, tuple[str, str, str, str | None]] = {
     422: ("The same `Idempotency-Key` with a different body (`idempotency_key_reused`).",
           "idempotency_key_reused", "This Idempotency-Key was used with a different request",
           None),
+    429: ("Too many of this user's exports are under way (`rate_limit_exceeded`, "
+          "`CHATPROXY_EXPORTS_PER_USER`); retry when one has finished.",
+          "rate_limit_exceeded", "Too many exports under way for this user (at most 2); try "
+          "again when one has finished", None),
     502: ("The upstream could not be reached or answered garbage (`upstream_error`).",
           "upstream_error", "The upstream could not be reached", None),
     503: ("The database cannot be reached (`database_unavailable`), every connection the "
@@ -130,7 +134,8 @@ CONFLICT = {
 }
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
           404: "invalid_request_error", 409: "invalid_request_error",
-          413: "invalid_request_error", 422: "invalid_request_error"}
+          413: "invalid_request_error", 422: "invalid_request_error",
+          429: "invalid_request_error"}
 
 
 def _error(status: int, description: str, code: str, message: str,

@@ -10,6 +10,14 @@ row a turn is writing (`store_turn`'s UPDATE holds its lock) is skipped, never w
 the cutoff test is repeated under the lock (PostgreSQL re-evaluates it on the newest row
 version), so a session that got a turn after the batch's snapshot was taken is kept too.
 
+A session that is receiving a turn is never deleted, whatever the cutoff (`chatproxy cleanup
+--older-than 1s` included): an active session is kept until it has been idle for LEAST_IDLE
+(two hours) as well. A turn touches its session when it reads it only when the session has been
+idle for an hour, since a touch is a logged update of the session row (a WAL flush) that every
+turn would otherwise pay for; so a turn running now has a session active within the last
+two hours, unless it has run for more than an hour. Such a turn, if its session is deleted
+under it, is answered an error, never a success that stored nothing (proxy/turns/write.py).
+
 Pruning (`max_stored_messages` > 0) keeps, per session, the newest whole units — a message that
 is not a `tool` message plus the `tool` messages after it, as in `proxy.history` — that fit in
 the limit: the cut is moved forward to the next non-tool message, so what is left never begins
@@ -26,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -47,6 +55,12 @@ BATCH_MESSAGES = 20_000  # messages per delete statement, unless one session alo
 INTERVAL = 3600.0  # seconds between runs inside `serve`
 FIRST_DELAY = 60.0  # seconds after startup before the first run
 MAX_DURATION = timedelta(days=36500)
+# A turn's read touches a session idle for TURN_TOUCH (proxy/store/messages.py); an active
+# session idle for less than LEAST_IDLE is kept whatever the cutoff, so that no turn up to
+# LONGEST_TURN long loses its session.
+TURN_TOUCH = timedelta(hours=1)
+LONGEST_TURN = timedelta(hours=1)
+LEAST_IDLE = TURN_TOUCH + LONGEST_TURN
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,7 @@ class Report:
     pruned_messages: int = 0
     idempotency_keys: int = 0
     responses: int = 0
+    now: datetime | None = field(default=None, compare=False)  # the run's clock
 
     @property
     def removed_anything(self) -> bool:
@@ -71,6 +86,12 @@ class Report:
             or self.idempotency_keys or self.responses
         )
 
+    def _least_idle(self) -> str:
+        if self.now is None or self.cutoff is None or self.cutoff <= self.now - LEAST_IDLE:
+            return ""
+        hours = LEAST_IDLE // timedelta(hours=1)
+        return f" (active sessions: idle for {hours} hours at least, as one may be in a turn)"
+
     def lines(self) -> list[str]:
         if not self.ran:
             return ["another process is running the retention job; nothing removed"]
@@ -78,7 +99,8 @@ class Report:
             lines = ["retention: off (sessions are kept however old)"]
         else:
             lines = [
-                f"retention: sessions inactive or deleted before {iso(self.cutoff)}",
+                f"retention: sessions inactive or deleted before {iso(self.cutoff)}"
+                + self._least_idle(),
                 f"deleted {self.inactive_sessions} inactive and {self.deleted_sessions} "
                 f"soft-deleted sessions, with {self.messages} messages",
                 f"deleted {self.responses} stored responses created before then",
@@ -127,7 +149,8 @@ async def purge_expired(
     soft-deleted, messages). `conn` must not be in a transaction: each batch commits alone."""
     inactive = deleted = removed = 0
     while True:
-        rows = await statements.purge_batch(conn, cutoff, batch, batch_messages, user_id)
+        rows = await statements.purge_batch(
+            conn, cutoff, LEAST_IDLE, batch, batch_messages, user_id)
         if not rows:
             return inactive, deleted, removed
         for active, message_count in rows:
@@ -225,13 +248,14 @@ async def cleanup(
                 stored += removed
         pruned_sessions, pruned = await prune_all(conn, keep, batch) if keep > 0 else (0, 0)
         keys = await idempotency.purge_expired(conn)
+        await statements.purge_turn_ids(conn)
     finally:
         try:
             await database.unlock(conn, RETENTION_LOCK)
         except db.UNAVAILABLE:
             pass  # a closed connection has released its locks
     return Report(True, cutoff, keep, inactive, deleted, messages, pruned_sessions, pruned, keys,
-                  stored)
+                  stored, now)
 
 
 async def run_once(pool: db.Pool, settings: Settings) -> Report:

@@ -16,6 +16,7 @@ import httpx
 
 from proxy import db, keylease
 from proxy.config import Settings
+from proxy.exports import ExportBudget
 from proxy.tokens import TokenCounter
 
 if TYPE_CHECKING:
@@ -40,6 +41,12 @@ class Runtime:
     summary_jobs: dict[str, asyncio.Task[Any]] | None = field(default_factory=dict)
     # Context windows upstream refusals stated, by model (proxy/turns/overflow.py).
     context_limits: dict[str, int] = field(default_factory=dict)
+    # Exports reading the database, and each user's under way (proxy/exports.py).
+    exports: ExportBudget = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.exports = ExportBudget(self.settings.export_connections,
+                                    self.settings.exports_per_user)
 
     def connection(self, *, bulk: bool = False) -> AbstractAsyncContextManager[asyncpg.Connection]:
         """A pooled connection (`db.connection`); `bulk` for statements that grow with a

@@ -36,12 +36,18 @@ Metadata = Annotated[dict[str, str], Field(max_length=MAX_METADATA)]
 
 
 def _timestamp(value: Any) -> Any:
-    """An ISO 8601 string as an aware datetime (UTC when it names no zone); anything else is
-    left to fail the datetime check."""
+    """An ISO 8601 string as a datetime in UTC (taken as UTC when it names no zone); anything
+    else is left to fail the datetime check. A moment whose UTC date falls outside years 1 to
+    9999 (`9999-12-31T23:59:59-14:00`) is refused like a malformed one."""
     if not isinstance(value, str):
         return value
     moment = datetime.fromisoformat(value)  # a ValueError is pydantic's `value_error`
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("out of range") from None
 
 
 Timestamp = Annotated[datetime, BeforeValidator(_timestamp)]

@@ -41,37 +41,63 @@ def validated(model: type[T], data: Any) -> T:
             raise
     # pydantic cannot hold a lone surrogate, which a client may send and must get back as sent:
     # validate a stand-in of the same length, then put the original characters back.
-    parsed = model.model_validate(_swap(data), strict=True)
-    _restore(parsed)
+    there, back = _stand_ins(data)
+    parsed = model.model_validate(_translated(data, there), strict=True)
+    _restore(parsed, back)
     return parsed
 
 
-# Lone surrogates <-> the first 2048 code points of Supplementary Private Use Area-A. The swap
-# is its own inverse, so text that already holds such characters comes back unchanged too.
-_SWAP = {c: c - 0xD800 + 0xF0000 for c in range(0xD800, 0xE000)}
-_SWAP |= {v: k for k, v in _SWAP.items()}
+# Stand-ins for lone surrogates: code points the data does not hold anywhere, private-use ones
+# first. Chosen for each document, so that putting the surrogates back (the inverse table,
+# over every string) can never change a character the client sent: no string collides.
+_CANDIDATES = (range(0xF0000, 0xFFFFE), range(0x100000, 0x10FFFE), range(0xE000, 0xF900),
+               range(0x80, 0xD800), range(0xF900, 0x10000), range(0x10000, 0xF0000))
 
 
-def _swap(value: Any) -> Any:
+def _stand_ins(data: Any) -> tuple[dict[int, int], dict[int, int]]:
+    """(surrogate -> stand-in, stand-in -> surrogate) for the lone surrogates in `data`."""
+    used: set[str] = set()
+    _alphabet(data, used)
+    surrogates = sorted(c for c in used if 0xD800 <= ord(c) < 0xE000)
+    free = (p for block in _CANDIDATES for p in block if chr(p) not in used)
+    there = {ord(c): p for c, p in zip(surrogates, free, strict=False)}
+    if len(there) < len(surrogates):  # every code point but a few is in the body: no stand-in
+        raise BadRequest("The request holds too many distinct characters to be checked")
+    return there, {p: c for c, p in there.items()}
+
+
+def _alphabet(value: Any, used: set[str]) -> None:
     if isinstance(value, str):
-        return value if value.isascii() else value.translate(_SWAP)
+        used.update(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _alphabet(key, used)
+            _alphabet(item, used)
+    elif isinstance(value, list):
+        for item in value:
+            _alphabet(item, used)
+
+
+def _translated(value: Any, table: dict[int, int]) -> Any:
+    if isinstance(value, str):
+        return value if value.isascii() else value.translate(table)
     if isinstance(value, dict):
-        return {_swap(k): _swap(v) for k, v in value.items()}
+        return {_translated(k, table): _translated(v, table) for k, v in value.items()}
     if isinstance(value, list):
-        return [_swap(v) for v in value]
+        return [_translated(v, table) for v in value]
     if isinstance(value, BaseModel):
-        _restore(value)
+        _restore(value, table)
     return value
 
 
-def _restore(model: BaseModel) -> None:
+def _restore(model: BaseModel, back: dict[int, int]) -> None:
     for name in type(model).model_fields:
         if name in model.__dict__:
-            model.__dict__[name] = _swap(model.__dict__[name])
+            model.__dict__[name] = _translated(model.__dict__[name], back)
     extra = model.__pydantic_extra__
     if extra:
         for name in list(extra):
-            extra[_swap(name)] = _swap(extra.pop(name))
+            extra[_translated(name, back)] = _translated(extra.pop(name), back)
 
 
 def _refuse(exc: ValidationError) -> NoReturn:

@@ -369,7 +369,8 @@ class Relay:
     """A TCP relay in front of PostgreSQL, on its own thread and event loop.
 
     The app under test runs on the test client's thread; the relay must keep serving while the
-    test's own loop is blocked in a request, hence the thread.
+    test's own loop is blocked in a request, hence the thread. `held` counts the chunks a stall
+    is holding back (a statement sent into the stall), `dropped` the answers `deafen` threw away.
     """
 
     def __init__(self, url: str) -> None:
@@ -383,10 +384,13 @@ class Relay:
         self._parts = parts
         self._flowing = threading.Event()
         self._flowing.set()
+        self._deaf = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._writers: set[asyncio.StreamWriter] = set()
         self.port = 0
+        self.held = 0
+        self.dropped = 0
 
     def url(self) -> str:
         user = self._parts.username or "postgres"
@@ -409,11 +413,19 @@ class Relay:
 
     def stall(self) -> None:
         """Keep every connection open, pass nothing: a hung database."""
+        self.held = 0
         self._flowing.clear()
+
+    def deafen(self) -> None:
+        """Pass what clients send, drop what the server answers: a statement runs (and commits)
+        but its client never hears of it."""
+        self.dropped = 0
+        self._deaf = True
 
     def resume(self) -> None:
         """Cut the stalled connections (as a restarted server would) and pass bytes again."""
         self._call(self._drop_connections())
+        self._deaf = False
         self._flowing.set()
 
     def _call(self, coro: Any) -> Any:
@@ -425,16 +437,22 @@ class Relay:
         else:
             up_reader, up_writer = await asyncio.open_connection(*self._target)
         self._writers |= {writer, up_writer}
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer),
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer, True),
                              return_exceptions=True)
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    answers: bool = False) -> None:
         try:
             while data := await reader.read(65536):
+                if not self._flowing.is_set():
+                    self.held += 1
                 while not self._flowing.is_set():
                     await asyncio.sleep(0.01)
                     if writer.is_closing():
                         return
+                if answers and self._deaf:
+                    self.dropped += 1
+                    continue
                 writer.write(data)
                 await writer.drain()
         finally:

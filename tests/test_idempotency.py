@@ -9,7 +9,8 @@ import asyncpg
 import httpx
 import respx
 
-from proxy.store.idempotency import STALE_MINUTES
+from proxy import db as proxy_db
+from proxy.store.idempotency import STALE_MINUTES, Answer
 from proxy.turns import claim as idempotency
 from tests.conftest import User
 from tests.turns import Client, completion, new_session, stored, u
@@ -98,7 +99,7 @@ async def test_a_retry_while_the_first_runs_is_409(
     request = body(sid)
     # The first request holds the key (here: as another proxy process would, mid-request).
     fingerprint = idempotency.request_hash(sid, json.dumps(request).encode())
-    claimed = await idempotency.claim(db, alice.id, "k-3", fingerprint)
+    claimed = await idempotency.claim(db, idempotency.Claim(alice.id, "k-3"), fingerprint)
     assert isinstance(claimed, idempotency.Claim)
     r = await client.post("/v1/chat/completions", content=json.dumps(request),
                           headers={**with_key(alice, "k-3"), "content-type": "application/json"})
@@ -116,6 +117,15 @@ async def test_a_retry_while_the_first_runs_is_409(
                           headers={**with_key(alice, "k-3"), "content-type": "application/json"})
     assert r.status_code == 200
     assert route.call_count == 1
+    # The request that lost its claim, late, can neither settle nor release the new one's.
+    await proxy_db._init_connection(db)  # the pool's jsonb codec
+    async with db.transaction():
+        await claimed.settle(db, Answer(200, {}, b"stale"))
+        await claimed.settle(db, None)
+    r = await client.post("/v1/chat/completions", content=json.dumps(request),
+                          headers={**with_key(alice, "k-3"), "content-type": "application/json"})
+    assert (r.status_code, r.headers["idempotent-replayed"]) == (200, "true")
+    assert r.json() == completion("late")
 
 
 async def test_keys_are_scoped_to_the_caller(

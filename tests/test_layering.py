@@ -29,7 +29,7 @@ LAYERS = [
      "proxy.history", "proxy.overlap", "proxy.tokens", "proxy.sse", "proxy.searchtext",
      "proxy.searchindex",
      "proxy.db", "proxy.pool", "proxy.migrate", "proxy.retention", "proxy.keylease", "proxy.auth",
-     "proxy.metrics", "proxy.logs", "proxy.runtime", "proxy.summaries"),
+     "proxy.metrics", "proxy.logs", "proxy.runtime", "proxy.summaries", "proxy.exports"),
     ("proxy.errors", "proxy.codec", "proxy.config", "proxy.proxyenv", "proxy.schemas",
      "proxy.validation", "proxy.document", "proxy.ids", "proxy.timefmt", "proxy.cursor"),
 ]

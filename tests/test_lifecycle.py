@@ -331,6 +331,7 @@ async def test_import_of_an_empty_session(client, alice) -> None:
 
 
 MISSING = "missing_required_parameter"
+TIMESTAMP = "expected an ISO 8601 timestamp (in UTC, from year 1 to 9999)"
 GOOD_MESSAGE = {"role": "user", "content": "x"}
 BAD_DOCUMENTS: list[tuple[Any, str, str | None, str]] = [
     ([], "The export document must be a JSON object", None, "invalid_value"),
@@ -379,8 +380,24 @@ BAD_DOCUMENTS: list[tuple[Any, str, str | None, str]] = [
      "Invalid value for messages[1].seq: messages must be in increasing seq order",
      "messages[1].seq", "invalid_value"),
     ({"format": F, "session": {}, "messages": [{**GOOD_MESSAGE, "created_at": "yesterday"}]},
-     "Invalid value for messages[0].created_at: expected an ISO 8601 timestamp",
+     "Invalid value for messages[0].created_at: " + TIMESTAMP,
      "messages[0].created_at", "invalid_value"),
+    # Issue 13, item 13: a moment beyond years 1-9999 once in UTC, and a status that is not
+    # even a string, were 500s.
+    ({"format": F, "session": {}, "messages": [
+        GOOD_MESSAGE, {**GOOD_MESSAGE, "created_at": "9999-12-31T23:59:59-14:00"}]},
+     "Invalid value for messages[1].created_at: " + TIMESTAMP,
+     "messages[1].created_at", "invalid_value"),
+    ({"format": F, "session": {}, "messages": [
+        {**GOOD_MESSAGE, "created_at": "0001-01-01T00:00:00+14:00"}]},
+     "Invalid value for messages[0].created_at: " + TIMESTAMP,
+     "messages[0].created_at", "invalid_value"),
+    ({"format": F, "session": {}, "messages": [{**GOOD_MESSAGE, "status": {"a": 1}}]},
+     "Invalid value for messages[0].status: expected complete or incomplete",
+     "messages[0].status", "invalid_value"),
+    ({"format": F, "session": {}, "messages": [{**GOOD_MESSAGE, "status": ["complete"]}]},
+     "Invalid value for messages[0].status: expected complete or incomplete",
+     "messages[0].status", "invalid_value"),
 ]
 
 

@@ -75,6 +75,9 @@ def test_the_connection_cap_stays_within_the_open_files_limit(
     assert "CHATPROXY_MAX_CONNECTIONS lowered from 4096 to 500" in caplog.text
     assert server.max_connections(Settings(max_connections=300)) == 300
     options = server.uvicorn_options(Settings(head_timeout=7, max_head_bytes=2048,
-                                              max_connections=300))
-    assert options == {"http": server.GuardedProtocol, "timeout_keep_alive": 7,
-                       "h11_max_incomplete_event_size": 2048, "limit_concurrency": 300}
+                                              max_connections=300, send_timeout=9.5))
+    protocol = options.pop("http")
+    assert (protocol.func, protocol.args, protocol.keywords) == (
+        server.GuardedProtocol, (), {"send_timeout": 9.5})
+    assert options == {"timeout_keep_alive": 7, "h11_max_incomplete_event_size": 2048,
+                       "limit_concurrency": 300}

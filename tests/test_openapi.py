@@ -41,7 +41,7 @@ def session_rows(prefix: str) -> list[Row]:
         ("get", s + "/messages", None, NONE, 200, "MessageList", {400, 401, 404, 503}),
         ("post", s + "/restore", None, NONE, 200, "Session", {401, 404, 503}),
         ("delete", s + "/messages", None, NONE, 204, None, {401, 404, 503}),
-        ("get", s + "/export", None, NONE, 200, "ExportDocument", {401, 404, 503}),
+        ("get", s + "/export", None, NONE, 200, "ExportDocument", {401, 404, 429, 503}),
         ("post", prefix + "/import", "required",
          frozenset({"format", "session", "summary", "messages"}), 201, "Session",
          {400, 401, 413, 503}),

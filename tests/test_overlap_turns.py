@@ -250,13 +250,16 @@ async def test_an_in_doubt_retry_of_a_resending_turn_stores_it_once(
 ) -> None:
     sid = await session_of(db, alice)
     await messages.store_turn(db, sid, new(u("weather?"), CALLS))
-    turn = new(RESULT, a("sunny!"))
-    assert await messages.store_turn(db, sid, turn, after_seq=3) == 2  # committed, then lost
-    assert await messages.store_turn(db, sid, turn, after_seq=3, unless_stored=True) == 0
+    turn, turn_id = new(RESULT, a("sunny!")), messages.new_turn_id()
+    # Committed, then its answer lost: the retry, with the turn's id, stores nothing again.
+    assert await messages.store_turn(db, sid, turn, after_seq=3, turn_id=turn_id) == 2
+    with pytest.raises(messages.StoredEarlier):
+        await messages.store_turn(db, sid, turn, after_seq=3, turn_id=turn_id)
     assert len(await contents(db, sid)) == 4
     other = await session_of(db, alice)  # the first attempt never committed: stored by the retry
     await messages.store_turn(db, other, new(u("weather?"), CALLS))
-    assert await messages.store_turn(db, other, turn, after_seq=3, unless_stored=True) == 2
+    assert await messages.store_turn(
+        db, other, turn, after_seq=3, turn_id=messages.new_turn_id()) == 2
     assert len(await contents(db, other)) == 4
 
 

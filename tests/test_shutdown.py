@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +19,12 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+import respx
 
+from proxy.config import Settings
 from tests.conftest import UPSTREAM_KEY, User
-from tests.fault_helpers import FakeUpstream, Serve, serve_env
+from tests.fault_helpers import FakeUpstream, Serve, app_client, serve_env
+from tests.turns import new_session
 
 pytestmark = pytest.mark.e2e
 
@@ -175,3 +180,96 @@ async def test_a_request_waiting_on_the_upstream_at_the_deadline_gets_a_503(
     records = log_records(server)
     assert not [r for r in records if "exc" in r]
     assert [r["level"] for r in records if r["msg"].endswith("was answered 503")] == ["warning"]
+
+
+def cut_cleanly(server: Serve) -> None:
+    """The log of a shutdown that cut one stream: the one warning, no traceback, no error."""
+    records = log_records(server)
+    assert "Traceback" not in server.log()
+    assert [r for r in records if "exc" in r or r["level"] in ("error", "critical")] == []
+    assert [r["level"] for r in records
+            if r["msg"] == "a response still running at the shutdown deadline was cut"] == [
+        "warning"]
+
+
+@pytest.mark.parametrize(("how", "workers"), [
+    ("ctrl_c_twice", 1), ("ctrl_c_twice", 2), ("sigterm_then_deadline", 1),
+    ("sigterm_then_deadline", 2)])
+async def test_a_forced_shutdown_stores_the_stream_as_incomplete_and_logs_one_warning(
+    fake: FakeUpstream, database_url: str, alice: User, db: asyncpg.Connection, tmp_path: Path,
+    how: str, workers: int,
+) -> None:
+    """Ctrl-C twice (the second forces the exit at once) or SIGTERM with a grace that runs out:
+    what had arrived of the stream is stored as incomplete, the process exits 0, and the log has
+    the one warning, no traceback (issue 14, item 2). Ctrl-C in a terminal signals the whole
+    process group (with `--workers 2`: the supervisor and its workers), hence a group here."""
+    grace = "30" if how == "ctrl_c_twice" else "1"
+    env = serve_env(database_url, fake.base_url, tmp_path, CHATPROXY_SHUTDOWN_GRACE=grace,
+                    CHATPROXY_UPSTREAM_API_KEY=UPSTREAM_KEY)
+    server = Serve(env, tmp_path / "serve.log", preexec=os.setsid,
+                   args=("--workers", str(workers))).start()
+    assert server.process is not None
+    group = server.process.pid
+    loop = asyncio.get_running_loop()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            r = await client.post("/v1/chat/sessions", json={}, headers=alice.headers)
+            sid = r.json()["id"]
+            body = {"model": "slow:200:0.25", "session_id": sid, "stream": True,
+                    "messages": [{"role": "user", "content": "count"}]}
+            events: list[bytes] = []
+            async with client.stream("POST", "/v1/chat/completions", json=body,
+                                     headers=alice.headers) as response:
+                try:
+                    async for line in response.aiter_lines():
+                        if line:
+                            events.append(line.encode())
+                        if len(events) == 3:  # the role chunk and two parts
+                            if how == "ctrl_c_twice":
+                                os.killpg(group, signal.SIGINT)
+                                await asyncio.sleep(0.5)
+                                os.killpg(group, signal.SIGINT)
+                            else:
+                                server.terminate()
+                            signalled = loop.time()
+                except httpx.RemoteProtocolError:
+                    pass  # cut
+            assert await asyncio.to_thread(server.wait, 60) == 0
+            if how == "ctrl_c_twice":  # at once, not after the 30 s grace
+                assert loop.time() - signalled < 15
+    finally:
+        server.stop()
+    assert b"data: [DONE]" not in events
+    rows = await stored(db, sid)
+    assert [(role, status) for role, _, status in rows] == [
+        ("user", "complete"), ("assistant", "incomplete")]
+    received = "".join(json.loads(e[6:])["choices"][0]["delta"]["content"] for e in events)
+    assert rows[1][1].startswith(received) and len(rows[1][1].split()) < 200
+    cut_cleanly(server)
+
+
+async def test_a_request_cancelled_without_a_shutdown_is_not_answered_as_one(
+    settings: Settings, alice: User, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only the server's shutdown cancels with SHUTDOWN_CUT; any other cancellation (here, the
+    caller's) goes through, and nothing claims the server was shutting down."""
+    waiting = asyncio.Event()
+
+    async def hang(request: httpx.Request) -> httpx.Response:
+        waiting.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    upstream = respx.Router(base_url=settings.upstream_base_url, assert_all_called=False)
+    upstream.post("/chat/completions").mock(side_effect=hang)
+    async with app_client(settings, upstream) as client:
+        sid = await new_session(client, alice)
+        task = asyncio.ensure_future(client.post("/v1/chat/completions", headers=alice.headers,
+                                                 json={"model": "gpt-4o", "session_id": sid,
+                                                       "messages": [{"role": "user",
+                                                                     "content": "x"}]}))
+        await asyncio.wait_for(waiting.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert "shutdown" not in caplog.text

@@ -473,44 +473,46 @@ async def test_a_retry_after_a_write_of_unknown_outcome_does_not_store_twice(
 ) -> None:
     """The connection died after the statement was sent: it may have committed, or not."""
     real = messages.store_turn
-    calls: list[bool] = []
+    ids: list[Any] = []
 
     def dying(commit_first: bool) -> Any:
-        async def store(*args: Any, unless_stored: bool = False, **more: Any) -> int:
-            calls.append(unless_stored)
-            if len(calls) == 1:
+        async def store(*args: Any, turn_id: Any, **more: Any) -> int:
+            ids.append(turn_id)
+            if len(ids) == 1:
                 if commit_first:
-                    await real(*args, **more)
+                    await real(*args, turn_id=turn_id, **more)
                 raise DatabaseUnavailable()
-            return await real(*args, unless_stored=unless_stored, **more)
+            return await real(*args, turn_id=turn_id, **more)
         return store
 
     for commit_first in (True, False):
         sid = await session_of(db, alice)
-        calls.clear()
+        ids.clear()
         monkeypatch.setattr(messages, "store_turn", dying(commit_first))
         await persist(rt, turn_of(sid), {"role": "assistant", "content": "x"}, None, "complete")
-        assert calls == [False, True]
+        assert len(ids) == 2 and ids[0] == ids[1]  # the retry carries the turn's own id
         assert await rows(db, sid) == [("user", "hi", "complete"), ("assistant", "x", "complete")]
         count = await db.fetchval("SELECT message_count FROM chat_sessions WHERE id = $1", sid)
         assert count == 2
 
 
-async def test_the_retry_guard_still_stores_a_turn_that_repeats_an_older_one(
+async def test_a_turn_is_recognised_by_its_id_never_by_its_content(
     alice: User, db: asyncpg.Connection
 ) -> None:
     sid = await session_of(db, alice)
     turn = [NewMessage(u("hi"), 5), NewMessage({"role": "assistant", "content": "x"}, 4)]
-    assert await messages.store_turn(db, sid, turn) == 2
-    assert await messages.store_turn(db, sid, turn, unless_stored=True) == 0
-    other = [NewMessage(u("hi"), 5), NewMessage({"role": "assistant", "content": "y"}, 4)]
-    assert await messages.store_turn(db, sid, other, unless_stored=True) == 2
-    await db.execute("UPDATE chat_messages SET created_at = created_at - interval '1 hour' "
-                     "WHERE session_id = $1", sid)
-    assert await messages.store_turn(db, sid, turn, unless_stored=True) == 2
+    first, second = messages.new_turn_id(), messages.new_turn_id()
+    assert first != second
+    assert await messages.store_turn(db, sid, turn, turn_id=first) == 2
+    assert await messages.store_turn(db, sid, turn, turn_id=second) == 2  # the same words again
+    with pytest.raises(messages.StoredEarlier):
+        await messages.store_turn(db, sid, turn, turn_id=first)
     found = await db.fetch(
         "SELECT seq FROM chat_messages WHERE session_id = $1 ORDER BY seq", sid)
-    assert [r["seq"] for r in found] == [1, 2, 3, 4, 5, 6]
+    assert [r["seq"] for r in found] == [1, 2, 3, 4]
+    session = await db.fetchrow(
+        "SELECT message_count, total_tokens, next_seq FROM chat_sessions WHERE id = $1", sid)
+    assert tuple(session) == (4, 18, 5)  # the refused retry changed nothing
 
 
 @pytest.mark.parametrize(("cut", "closing"), [

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import asyncpg
 
-from proxy import codec, document, history, metrics, retention, searchtext
+from proxy import codec, document, exports, history, metrics, retention, searchtext
 from proxy.errors import BadRequest, SessionNotFound, UpstreamError
 from proxy.ids import is_session_id
 from proxy.runtime import Runtime
@@ -178,11 +178,14 @@ def refusal(outcome: Passthrough) -> UpstreamError:
 async def export_session(rt: Runtime, user_id: str, session_id: str) -> dict[str, Any]:
     """The export document of contract §5, whole (an MCP result is one message)."""
     _checked(session_id)
-    async with rt.connection(bulk=True) as conn:
-        async with aclosing(
-            lifecycle.export_document(conn, session_id, user_id=user_id)
-        ) as chunks:
-            raw = b"".join([chunk async for chunk in chunks])
+    admission = rt.exports.admit(user_id)  # the REST export's budget (proxy/exports.py)
+    try:
+        body = await exports.spool(rt.exports, partial(rt.connection, bulk=True), session_id,
+                                   user_id)
+        with body:
+            raw = body.read()
+    finally:
+        admission.leave()
     doc: dict[str, Any] = codec.loads(raw)
     return doc
 

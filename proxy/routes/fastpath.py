@@ -34,7 +34,7 @@ from litestar.types import (
     Send,
 )
 
-from proxy.errors import ProxyError, ShuttingDown, internal_error, render_error
+from proxy.errors import SHUTDOWN_CUT, ProxyError, ShuttingDown, internal_error, render_error
 from proxy.rawrequest import Incoming
 from proxy.runtime import Runtime
 
@@ -78,8 +78,10 @@ async def _answer(
         response = render_error(exc)
     except Exception as exc:  # a 500 in the envelope; the traceback is logged
         response = internal_error(scope, exc)
-    except asyncio.CancelledError:
-        # Only uvicorn cancels a request here, when the shutdown grace runs out: answer it
+    except asyncio.CancelledError as exc:
+        if exc.args != (SHUTDOWN_CUT,):
+            raise  # not the server's shutdown (proxy/server.py): not ours to answer
+        # The shutdown grace ran out while this waited (for the upstream, say): answer it
         # (nothing was stored, unless its write had begun) instead of dying mid-request.
         task = asyncio.current_task()
         if task is not None:
@@ -124,7 +126,6 @@ async def _whole(response: Response[Any], send: Send) -> None:
 
 async def _stream(response: Stream, send: Send, receive: Receive) -> None:
     iterator: AsyncIterator[Any] = response.iterator  # type: ignore[assignment]
-    await send(_start(response, None))
     # The body is pumped in this task, at once; a watcher task cancels the pump if the client
     # leaves (even while the upstream is silent), and the iterator is closed however it ends.
     this = asyncio.current_task()
@@ -140,6 +141,7 @@ async def _stream(response: Stream, send: Send, receive: Receive) -> None:
     watch = asyncio.ensure_future(_disconnected(receive))
     watch.add_done_callback(leave)
     try:
+        await send(_start(response, None))
         await _pump(iterator, send)
     except asyncio.CancelledError:
         if not left:

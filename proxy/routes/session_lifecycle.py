@@ -8,23 +8,22 @@ document's shape and validation in `proxy.document`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import aclosing
+from functools import partial
 from typing import Any
 
 from litestar import Request, Response, delete, get, post
 from pydantic import BaseModel, ConfigDict, Field
 
-from proxy import codec, db, document, retention, schemas
+from proxy import codec, db, document, exports, retention, schemas
 from proxy.access import addressed, authenticate
 from proxy.errors import SessionNotFound
 from proxy.ids import is_session_id
 from proxy.openapi import documented
 from proxy.reading import read_json
 from proxy.routes import paths
-from proxy.runtime import Runtime, runtime
+from proxy.runtime import runtime
 from proxy.schemas import ExactText, SessionName
-from proxy.store import lifecycle, sessions
+from proxy.store import lifecycle
 from proxy.streamresponse import ClosingStream
 from proxy.validation import parse_model
 
@@ -66,29 +65,24 @@ async def clear_messages(request: Request[Any, Any, Any], session_id: str) -> Re
     return Response(None, status_code=204)
 
 
-async def _export_chunks(rt: Runtime, user_id: str, session_id: str) -> AsyncIterator[bytes]:
-    # Its own connection, held while the body streams and released however the stream ends.
-    async with rt.connection(bulk=True) as conn:
-        async with aclosing(
-            lifecycle.export_document(conn, session_id, user_id=user_id)
-        ) as chunks:
-            async for chunk in chunks:
-                yield chunk
-
-
 @get(paths("/{session_id:str}/export"), tags=TAGS, summary="Export a session",
+     description="The document is read from one consistent snapshot, then sent; a user has at "
+     "most `CHATPROXY_EXPORTS_PER_USER` exports under way at once (429 beyond).",
      **documented(200, schemas.ExportDocument, "The export document: the session and every "
-                  "message, in order", 401, 404, 503))
+                  "message, in order", 401, 404, 429, 503))
 async def export_session(request: Request[Any, Any, Any], session_id: str) -> Response[Any]:
     user_id = await authenticate(request)
     rt = runtime(request)
-    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        found = await sessions.get_session(conn, user_id, session_id)
-    if found is None:  # checked here so that a 404 is an answer, not a broken stream
-        raise SessionNotFound(session_id)
+    admission = rt.exports.admit(user_id)
+    try:  # read whole before the first byte is sent: a 404 is an answer, not a broken stream
+        body = await exports.spool(rt.exports, partial(rt.connection, bulk=True), session_id,
+                                   user_id)
+    except BaseException:
+        admission.leave()
+        raise
     addressed(request, session_id)
     return ClosingStream(
-        _export_chunks(rt, user_id, session_id),
+        exports.Sending(body, admission),
         media_type="application/json",
         headers={"content-disposition": f'attachment; filename="{session_id}.json"'},
     )

@@ -6,6 +6,9 @@ next to the few columns the trimming rules need (`role`, `has_tool_calls`, `toke
 
 from __future__ import annotations
 
+import secrets
+import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,50 +197,68 @@ _READ_BY_USER = _read_turn(
 )
 
 
+class StoredEarlier(Exception):
+    """The turn's id is already stored: an earlier attempt of this write committed."""
+
+
+def new_turn_id() -> uuid.UUID:
+    """A turn's id: a millisecond clock, then random bits (time-ordered, as `chat_turns`'s
+    index likes them; the random part keeps two ids of one millisecond apart)."""
+    return uuid.UUID(int=(time.time_ns() // 1_000_000) << 80 | secrets.randbits(80))
+
+
 async def store_turn(
     conn: asyncpg.Connection,
     session_id: str,
     messages: list[NewMessage],
     *,
-    unless_stored: bool = False,
+    turn_id: uuid.UUID | None = None,
     after_seq: int | None = None,
 ) -> int:
     """Append `messages` with consecutive seqs in one statement; returns how many were stored.
 
     The UPDATE takes the session row's lock, so concurrent turns on one session (from any
-    process) queue there and each gets its own adjacent run of seqs.
+    process) queue there and each gets its own adjacent run of seqs. Only an active session
+    takes a turn: 0 means it was deleted (or merged away) since the turn read it, and nothing
+    was stored.
+
+    `turn_id` (sql/006_turn_ids.sql) is stored with the turn; a write retried with the same id
+    after its first attempt committed raises StoredEarlier and stores nothing again (a first
+    attempt still running is waited for, on the id's index entry).
 
     `after_seq` is for a turn whose request resent the session's newest messages (an overlap,
     proxy/overlap.py): the session's `next_seq` when the turn read them. Stored right after
     them as long as nothing came between (the statement checks `next_seq`); otherwise, under
     the session's lock, the first messages (all but the last, the reply) that a concurrent turn
     with the same request has stored since are not stored again. Rare, so four round trips.
-
-    `unless_stored` is for a retry after a write whose outcome is unknown (its connection died
-    after the statement was sent): under the session's lock, the turn is stored only if the
-    same messages are not already the newest run of a recent write. Rare, so three round trips.
     """
     if not messages:
         return 0
-    if not unless_stored:
-        count: int = await conn.fetchval(_STORE_TURN, *turn_args(session_id, messages), after_seq)
+    turn_id = turn_id or new_turn_id()
+    try:
+        count: int = await conn.fetchval(
+            _STORE_TURN, *turn_args(session_id, messages), after_seq, turn_id)
         if count or after_seq is None:
             return count
-    async with conn.transaction():
-        next_seq = await conn.fetchval(
-            "SELECT next_seq FROM chat_sessions WHERE id = $1 FOR UPDATE", session_id)
-        if next_seq is None:
-            return 0
-        if after_seq is not None and next_seq != after_seq:
-            rows = await conn.fetch(_SINCE, session_id, after_seq, len(messages) - 1)
-            since = [Stored(r["seq"], r["role"], r["has_tool_calls"], 0, r["body"]) for r in rows]
-            skip = overlap.stored_since([m.message for m in messages[:-1]], since)
-            messages = messages[skip:]
-        args = turn_args(session_id, messages)
-        if unless_stored and await conn.fetchval(_TURN_STORED, session_id, args[4]):
-            return 0
-        count = await conn.fetchval(_STORE_TURN, *args, None)
-        return count
+        async with conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT next_seq, is_active FROM chat_sessions WHERE id = $1 FOR UPDATE",
+                session_id)
+            if row is None or not row["is_active"]:
+                return 0
+            if row["next_seq"] != after_seq:
+                rows = await conn.fetch(_SINCE, session_id, after_seq, len(messages) - 1)
+                since = [Stored(r["seq"], r["role"], r["has_tool_calls"], 0, r["body"])
+                         for r in rows]
+                skip = overlap.stored_since([m.message for m in messages[:-1]], since)
+                messages = messages[skip:]
+            count = await conn.fetchval(
+                _STORE_TURN, *turn_args(session_id, messages), None, turn_id)
+            return count
+    except asyncpg.UniqueViolationError as exc:
+        if exc.table_name != "chat_turns":
+            raise
+        raise StoredEarlier() from None
 
 
 def turn_args(
@@ -259,7 +280,7 @@ def turn_args(
 def turn_ctes(guard: str = "") -> str:
     """The CTEs `s` and `ins` that append a turn's messages (`$1`-`$7`, `turn_args`) to a
     session, for a statement that does more in the same round trip; `guard` (`AND ...`) is a
-    condition the append also needs."""
+    condition the append also needs. Only an active session takes a turn."""
     return f"""
     s AS (
         UPDATE chat_sessions
@@ -268,7 +289,7 @@ def turn_ctes(guard: str = "") -> str:
             total_tokens = total_tokens + (SELECT COALESCE(sum(t), 0) FROM unnest($4::int[]) t),
             last_message_at = now(),
             updated_at = now()
-        WHERE id = $1{guard}
+        WHERE id = $1 AND is_active{guard}
         RETURNING next_seq - cardinality($2::text[]) AS base
     ), ins AS (
         INSERT INTO chat_messages
@@ -281,26 +302,16 @@ def turn_ctes(guard: str = "") -> str:
     )"""
 
 
-# $8: the session's next_seq the turn expects (after an overlap), or null for any.
+# $8: the session's next_seq the turn expects (after an overlap), or null for any; $9 the
+# turn's id (sql/006_turn_ids.sql), stored when the turn is.
 _STORE_TURN = ("WITH " + turn_ctes(" AND ($8::bigint IS NULL OR next_seq = $8::bigint)")
+               + ", turn AS (INSERT INTO chat_turns (turn_id) SELECT $9 FROM s)"
                + "\n    SELECT count(*) FROM ins\n")
 
 # What was stored from a seq on, oldest first.
 _SINCE = """
     SELECT seq, role, has_tool_calls, body FROM chat_messages
     WHERE session_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3
-"""
-
-# A run of consecutive seqs, written in the last minutes, whose bodies are exactly the turn's.
-_TURN_STORED = """
-    SELECT EXISTS (
-        SELECT 1 FROM chat_messages m
-        WHERE m.session_id = $1 AND m.body = ($2::text[])[1]
-          AND m.created_at > now() - interval '2 minutes'
-          AND (SELECT array_agg(x.body ORDER BY x.seq) FROM chat_messages x
-               WHERE x.session_id = $1 AND x.seq >= m.seq
-                 AND x.seq < m.seq + cardinality($2::text[])) = $2::text[]
-    )
 """
 
 

@@ -5,14 +5,17 @@ The rules they apply, and why each is one statement, are proxy/retention.py's do
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import asyncpg
 
+# An active session also needs `updated_at` older than `now() - $4` (the job's least idle
+# time): proxy/retention.py's docstring says why.
 _PURGE = """
     WITH candidates AS (
         SELECT id, message_count FROM chat_sessions
-        WHERE (updated_at < $1 OR deleted_at < $1){owner}
+        WHERE (updated_at < $1 OR deleted_at < $1)
+          AND (NOT is_active OR updated_at < now() - $4::interval){owner}
         LIMIT $2
         FOR UPDATE SKIP LOCKED
     ), doomed AS (
@@ -25,24 +28,27 @@ _PURGE = """
     )
     DELETE FROM chat_sessions s USING doomed
     WHERE s.id = doomed.id AND (s.updated_at < $1 OR s.deleted_at < $1)
+      AND (NOT s.is_active OR s.updated_at < now() - $4::interval)
     RETURNING s.is_active, s.message_count
 """
 # Everyone's (the retention job), or one user's (MCP's `cleanup_sessions`): two statements, so
 # each keeps a plan of its own.
 _PURGE_ALL = _PURGE.format(owner="")
-_PURGE_OWN = _PURGE.format(owner=" AND user_id = $4")
+_PURGE_OWN = _PURGE.format(owner=" AND user_id = $5")
 
 
 async def purge_batch(
-    conn: asyncpg.Connection, cutoff: datetime, batch: int, batch_messages: int,
-    user_id: str | None = None,
+    conn: asyncpg.Connection, cutoff: datetime, least_idle: timedelta, batch: int,
+    batch_messages: int, user_id: str | None = None,
 ) -> list[tuple[bool, int]]:
     """One batch of expired sessions deleted (only `user_id`'s, when given): (was it active,
-    its message count) for each."""
+    its message count) for each. An active session idle for less than `least_idle` is kept,
+    whatever `cutoff` says."""
+    args = (cutoff, batch, batch_messages, least_idle)
     if user_id is None:
-        rows = await conn.fetch(_PURGE_ALL, cutoff, batch, batch_messages)
+        rows = await conn.fetch(_PURGE_ALL, *args)
     else:
-        rows = await conn.fetch(_PURGE_OWN, cutoff, batch, batch_messages, user_id)
+        rows = await conn.fetch(_PURGE_OWN, *args, user_id)
     return [(row["is_active"], row["message_count"]) for row in rows]
 
 
@@ -92,3 +98,9 @@ async def sessions_over(
         batch,
     )
     return [row["id"] for row in rows]
+
+
+async def purge_turn_ids(conn: asyncpg.Connection) -> None:
+    """Forget the ids of turns stored over an hour ago: a write's retry, the only reader of
+    `chat_turns` (sql/006_turn_ids.sql), comes seconds after its first attempt."""
+    await conn.execute("DELETE FROM chat_turns WHERE stored_at < now() - interval '1 hour'")

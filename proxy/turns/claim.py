@@ -7,12 +7,16 @@ finished response to replay byte for byte without calling the upstream.
 `claimed` is the whole life of a claim, as one async context manager:
 
     claimed(...) ──> Answer            replay it; nothing runs, nothing to give back
-         └─────────> Claim (held) ──> taken by the write-back: settled in the turn's own
-                           │          transaction (or left running while the write's outcome
-                           │          is unknown, until it goes stale)
-                           └───────> the block ends any other way (an upstream error, a 200
-                                     that is not a completion, an exception, a cancellation):
-                                     released, in a task of its own, so a retry runs again
+         ├─────────> Claim (held) ──> taken by the write-back: settled in the turn's own
+         │                 │          transaction, or released when the write fails (a
+         │                 │          committed write settled it, so that changes nothing)
+         │                 └───────> the block ends any other way (an upstream error, a 200
+         │                           that is not a completion, an exception, a cancellation):
+         │                           released, in a task of its own, so a retry runs again
+         └─────────> the database went away while claiming: released all the same (the claim
+                     may have gone in), then 503
+
+A claim is settled or released only by its own token, so giving one back is always safe.
 
 A streamed turn hands the open context on to its relay (`AsyncExitStack.pop_all`), which ends
 it once the stream is stored or abandoned.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -65,14 +70,15 @@ def request_hash(session_id: str | None, raw_body: bytes) -> bytes:
 
 
 class Claim:
-    """A key this turn holds, until the write-back `take`s it (and `settle`s it) or it is
-    released when `claimed` ends."""
+    """A key this turn holds (under a `token` of its own), until the write-back `take`s it (and
+    `settle`s it) or it is released when `claimed` ends."""
 
-    __slots__ = ("_taken", "key", "user_id")
+    __slots__ = ("_taken", "key", "token", "user_id")
 
-    def __init__(self, user_id: str, key: str) -> None:
+    def __init__(self, user_id: str, key: str, token: uuid.UUID | None = None) -> None:
         self.user_id = user_id
         self.key = key
+        self.token = token or uuid.uuid4()
         self._taken = False
 
     def take(self) -> None:
@@ -87,20 +93,19 @@ class Claim:
         """In the turn's transaction: record `answer`, or give the key back without one (an
         incomplete turn has nothing to replay)."""
         if answer is None:
-            await idempotency.release(conn, self.user_id, self.key)
+            await idempotency.release(conn, self.user_id, self.key, self.token)
         else:
-            await idempotency.settle(conn, self.user_id, self.key, answer)
+            await idempotency.settle(conn, self.user_id, self.key, answer, token=self.token)
 
 
-async def claim(
-    conn: asyncpg.Connection, user_id: str, key: str, fingerprint: bytes
-) -> Claim | Answer:
-    """Win the key, or raise 409/422, or return the stored response to replay."""
-    if await idempotency.try_claim(conn, user_id, key, fingerprint):
-        return Claim(user_id, key)
+async def claim(conn: asyncpg.Connection, held: Claim, fingerprint: bytes) -> Claim | Answer:
+    """Win the key for `held`, or raise 409/422, or return the stored response to replay."""
+    user_id, key = held.user_id, held.key
+    if await idempotency.try_claim(conn, user_id, key, fingerprint, held.token):
+        return held
     earlier = await idempotency.recorded(conn, user_id, key)
     if earlier is None:  # expired and purged between the two statements: try once more
-        return await claim(conn, user_id, key, fingerprint)
+        return await claim(conn, held, fingerprint)
     if earlier.request_hash != fingerprint:
         raise Unprocessable(
             "This Idempotency-Key was used with a different request", param="Idempotency-Key"
@@ -117,8 +122,16 @@ async def claim(
 @asynccontextmanager
 async def claimed(rt: Runtime, user_id: str, request: Idempotency) -> AsyncIterator[Claim | Answer]:
     """The key claimed for the block (or the answer to replay); released unless taken."""
-    async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-        outcome = await claim(conn, user_id, request.key, request.fingerprint)
+    held = Claim(user_id, request.key)
+    sent = False
+    try:
+        async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+            sent = True
+            outcome = await claim(conn, held, request.fingerprint)
+    except DatabaseUnavailable:
+        if sent:  # the claim may have gone in before the connection died: give it back, or
+            await release(rt, held)  # a retry would find the key in use until it went stale
+        raise
     if isinstance(outcome, Answer):
         yield outcome
         return
@@ -135,7 +148,7 @@ async def release(rt: Runtime, held: Claim) -> None:
     async def give_back() -> None:
         try:
             async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-                await idempotency.release(conn, held.user_id, held.key)
+                await idempotency.release(conn, held.user_id, held.key, held.token)
         except DatabaseUnavailable:
             log.warning("an idempotency key could not be released: database unavailable")
 

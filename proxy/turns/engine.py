@@ -214,7 +214,8 @@ async def _answer(
         if isinstance(outcome, Answered):
             summaries.schedule(rt, turn.session_id, turn.summary_due, turn.model)
         elif isinstance(outcome, Streaming):
-            outcome = Streaming(outcome.headers, _then_summarise(rt, turn, outcome.events))
+            events = _then_summarise(rt, turn, outcome.events)
+            outcome = Streaming(outcome.headers, stream.around(rt, events, outcome.events))
     return outcome
 
 

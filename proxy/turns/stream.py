@@ -21,7 +21,7 @@ import httpx
 
 from proxy import codec, metrics
 from proxy import upstream as up
-from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
+from proxy.errors import InternalError, ProxyError, UpstreamError, UpstreamTimeout
 from proxy.runtime import Runtime
 from proxy.sse import DONE, EventSplitter, EventTooLarge, ReplyAssembler, event_data
 from proxy.store.idempotency import Answer
@@ -61,7 +61,50 @@ async def open_stream(
     if state is not None and isinstance(state.get("request_started"), float):
         ttfb = (state["request_started"], str(state.get("upstream", "default")))
     owned = held.pop_all() if held is not None else None  # from here on the relay's to end
-    return Streaming(headers, relay(rt, response, current, owned, headers, ttfb))
+
+    def abandon() -> None:
+        rt.track(asyncio.create_task(_abandon(response, None, owned)))
+
+    return Streaming(headers, Events(relay(rt, response, current, owned, headers, ttfb), abandon))
+
+
+def around(
+    rt: Runtime, events: AsyncGenerator[Event, None], inner: AsyncGenerator[Event, None]
+) -> Events:
+    """`events`, a generator over `inner`'s (a door's or the engine's own, run after the
+    stream), that still ends `inner`'s turn when it is closed before it began."""
+
+    def close_inner() -> None:
+        rt.track(asyncio.create_task(inner.aclose()))
+
+    return Events(events, close_inner)
+
+
+class Events(AsyncGenerator[Event, None]):
+    """A relay's events. Once started, the relay ends the turn however it stops (its own
+    `finally`); closed before it ever started (a request cancelled before its body began), it
+    still closes the upstream response and gives the Idempotency-Key back, by `abandon`."""
+
+    def __init__(self, events: AsyncGenerator[Event, None], abandon: Callable[[], None]) -> None:
+        self._events = events
+        self._abandon: Callable[[], None] | None = abandon
+
+    async def asend(self, value: None) -> Event:
+        self._abandon = None
+        return await self._events.asend(value)
+
+    async def athrow(self, *args: Any) -> Event:
+        self._unstarted()
+        return await self._events.athrow(*args)
+
+    async def aclose(self) -> None:
+        self._unstarted()
+        await self._events.aclose()
+
+    def _unstarted(self) -> None:
+        if self._abandon is not None:
+            abandon, self._abandon = self._abandon, None
+            abandon()
 
 
 async def relay(
@@ -124,8 +167,11 @@ async def relay(
             stored = True
             try:
                 await write("complete" if failure is None else "incomplete")
-            except ProxyError as exc:
+            except ProxyError as exc:  # the database, or the session gone meanwhile
                 failure = exc
+            except Exception:  # a bug: still an error event, never a stream cut short
+                log.exception("a streamed turn could not be stored")
+                failure = InternalError()
         if failure is None and done_event is not None:
             yield Event(done_event, done=True)
         else:
@@ -172,8 +218,10 @@ async def _abandon(
         if write is not None:
             try:
                 await write()
-            except ProxyError:
-                log.warning("an incomplete streamed turn could not be stored: database unavailable")
+            except ProxyError as exc:
+                log.warning("an incomplete streamed turn could not be stored: %s", exc.code)
+            except Exception:
+                log.exception("an incomplete streamed turn could not be stored")
     finally:
         if held is not None:
             await held.aclose()

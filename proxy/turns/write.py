@@ -1,16 +1,19 @@
 """A turn's write-back: the request's messages and the reply, stored in one statement.
 
 The write runs as a task of its own, so that a cancelled request cannot cut it short, and is
-retried once on a fresh connection when its connection died; a retry after a statement whose
-outcome is unknown stores only if the turn is not there yet. In the same transaction: the
-`Idempotency-Key`'s answer (proxy/turns/claim.py) and a door's `extra_write`. Also what is stored
-of the upstream's reply, and its tokens.
+retried once on a fresh connection when its connection died; both attempts carry the turn's own
+id, so a retry after a statement whose outcome is unknown stores only if the turn is not there
+yet. A session deleted or merged away while the turn ran takes nothing, and the write says so
+(SessionGone). In the same transaction: the `Idempotency-Key`'s answer (proxy/turns/claim.py)
+and a door's `extra_write`. Also what is stored of the upstream's reply, and its tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,13 +21,14 @@ import asyncpg
 import msgspec
 
 from proxy import db, metrics, retention
-from proxy.errors import DatabaseUnavailable
+from proxy.errors import DatabaseUnavailable, SessionGone
 from proxy.runtime import Runtime
+from proxy.schemas import MAX_TOKENS
 from proxy.store import messages
 from proxy.store.idempotency import Answer
 from proxy.store.messages import NewMessage
 from proxy.tokens import TOKENS_PER_MESSAGE
-from proxy.turns.claim import Claim
+from proxy.turns.claim import Claim, release
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,49 +90,56 @@ async def persist(
     The reply's tokens come from the upstream's `usage` (`reply_tokens`), counted inside the
     write's own task when there is none, so that a cancelled request cannot cut the count short.
 
-    Never stores a turn twice: when the first attempt failed after its statement was sent (it
-    may have committed before the connection died), the retry stores only if the turn is not
-    there yet. Runs as its own task so that a request cancelled mid-write cannot cut it short.
-    With an Idempotency-Key, `answer` (the response as sent) is recorded in the same
-    transaction; without an answer to replay (an incomplete turn) the key is released instead.
+    Never stores a turn twice: both attempts carry the turn's own id, and a retry whose first
+    attempt committed stores nothing (proxy/store/messages.py `store_turn`). Raises SessionGone
+    when the session was deleted or merged away while the turn ran (nothing is stored: the
+    client must be told). Runs as its own task so that a request cancelled mid-write cannot cut
+    it short. With an Idempotency-Key, `answer` (the response as sent) is recorded in the same
+    transaction; without an answer to replay (an incomplete turn) the key is released instead,
+    and so it is whenever the write fails.
     """
     claim, extra = turn.claim, turn.extra_write
     if turn.session_id is None and claim is None and extra is None:
         return  # nothing to store
     if claim is not None:
         claim.take()
+    turn_id = messages.new_turn_id()
+
+    async def attempt(rows: list[NewMessage], stored: StoredTurn) -> None:
+        """One try, on a connection of its own: one statement needs no transaction; the
+        claim's answer, or a door's write beside the engine's, go in the turn's."""
+        async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
+            together = claim is not None or (extra is not None and _stores(turn))
+            async with conn.transaction() if together else nullcontext():
+                if not await _store(conn, turn, rows, turn_id):
+                    # Rolled back: the key is not settled. (A turn without a session never
+                    # gets here: it has nothing of its own to store.)
+                    raise SessionGone(turn.session_id or "")
+                if claim is not None:
+                    await claim.settle(conn, answer)
+                if extra is not None:
+                    await extra(conn, stored)
 
     async def write() -> None:
-        tokens = await reply_tokens(rt, turn.model, reply, usage)
-        rows = [*turn.new, NewMessage(reply, tokens, status)]
-        stored = StoredTurn(turn.session_id, rows, status, turn.user_id, usage, finish_reason,
-                            turn.prompt_tokens, _stores(turn))
-        in_doubt = False
-        for attempt in (1, 2):
-            sent = False
+        try:
+            tokens = await reply_tokens(rt, turn.model, reply, usage)
+            rows = [*turn.new, NewMessage(reply, tokens, status)]
+            stored = StoredTurn(turn.session_id, rows, status, turn.user_id, usage,
+                                finish_reason, turn.prompt_tokens, _stores(turn))
             try:
-                async with db.connection(rt.pool, rt.settings.db_acquire_timeout) as conn:
-                    sent = True
-                    if claim is None and (extra is None or not _stores(turn)):
-                        # one statement: no transaction to open
-                        count = await _store(conn, turn, rows, in_doubt)
-                        if extra is not None and count:
-                            await extra(conn, stored)
-                    else:
-                        async with conn.transaction():
-                            count = await _store(conn, turn, rows, in_doubt)
-                            if claim is not None:
-                                await claim.settle(conn, answer)
-                            if extra is not None and count:
-                                await extra(conn, stored)
-                # 0 rows: the session went away meanwhile, or (in doubt) the first try stored it.
-                if count or in_doubt:
-                    metrics.turn_stored(status)
-                break
+                await attempt(rows, stored)
             except DatabaseUnavailable:
-                if attempt == 2:
-                    raise
-                in_doubt = sent
+                # The connection died; the statement may have committed before it did.
+                try:
+                    await attempt(rows, stored)
+                except messages.StoredEarlier:
+                    pass  # it had: stored once, settled in the same transaction
+        except BaseException:
+            if claim is not None:
+                # Still running unless a committed write settled it: then this changes nothing.
+                await release(rt, claim)
+            raise
+        metrics.turn_stored(status)
         if turn.session_id is not None:
             await retention.prune_after_turn(rt.pool, rt.settings, turn.session_id)
 
@@ -144,12 +155,13 @@ def _stores(turn: Turn) -> bool:
 
 
 async def _store(
-    conn: asyncpg.Connection, turn: Turn, rows: list[NewMessage], in_doubt: bool
+    conn: asyncpg.Connection, turn: Turn, rows: list[NewMessage], turn_id: uuid.UUID
 ) -> int:
-    """The turn's messages stored in its session (how many), unless the door's write does it."""
+    """The turn's messages stored in its session (how many: 0 when the session went away),
+    unless the door's write does it."""
     if turn.session_id is None or not _stores(turn):
         return len(rows)
-    return await messages.store_turn(conn, turn.session_id, rows, unless_stored=in_doubt,
+    return await messages.store_turn(conn, turn.session_id, rows, turn_id=turn_id,
                                      after_seq=turn.after_seq)
 
 
@@ -166,7 +178,8 @@ async def reply_tokens(rt: Runtime, model: Any, reply: dict[str, Any], usage: An
     reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
     if isinstance(reasoning, int) and not isinstance(reasoning, bool) and 0 < reasoning:
         completion = max(0, completion - reasoning)
-    return completion + TOKENS_PER_MESSAGE
+    # An upstream may say anything (2**40, say): a stored count is a 32-bit integer.
+    return min(completion + TOKENS_PER_MESSAGE, MAX_TOKENS)
 
 
 def reply_message(message: dict[str, Any]) -> dict[str, Any]:

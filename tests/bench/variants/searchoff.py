@@ -23,9 +23,11 @@ _STORE_TURN = """
             total_tokens = total_tokens + (SELECT COALESCE(sum(t), 0) FROM unnest($4::int[]) t),
             last_message_at = now(),
             updated_at = now()
-        WHERE id = $1 AND cardinality($7::text[]) >= 0
+        WHERE id = $1 AND is_active AND cardinality($7::text[]) >= 0
           AND ($8::bigint IS NULL OR next_seq = $8::bigint)
         RETURNING next_seq - cardinality($2::text[]) AS base
+    ), turn AS (
+        INSERT INTO chat_turns (turn_id) SELECT $9 FROM s
     ), ins AS (
         INSERT INTO chat_messages (session_id, seq, role, has_tool_calls, tokens, body, status)
         SELECT $1, s.base + m.ord - 1, m.role, m.tc, m.tokens, m.body, m.status
