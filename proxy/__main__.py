@@ -24,7 +24,8 @@ from typing import Any
 import asyncpg
 
 from proxy import auth, db, keylease
-from proxy.config import ConfigError, Settings, keyless_upstreams, load_settings, unknown_variables
+from proxy.config import ConfigError, Settings, load_settings
+from proxy.configreport import keyless_upstreams, unknown_variables
 from proxy.migrate import MigrationError, migrate
 from proxy.store import users
 

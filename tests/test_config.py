@@ -279,7 +279,7 @@ def test_a_bad_models_table_names_the_entry(tmp_path: Path) -> None:
 
 
 def test_unknown_chatproxy_variables_are_named_with_the_closest_known_one() -> None:
-    from proxy.config import unknown_variables
+    from proxy.configreport import unknown_variables
 
     environ = {
         "CHATPROXY_PROT": "8080", "CHATPROXY_DATADIR": "/srv", "CHATPROXY_XYZZY": "1",
@@ -296,7 +296,7 @@ def test_unknown_chatproxy_variables_are_named_with_the_closest_known_one() -> N
 
 
 def test_upstreams_meant_to_have_a_key_and_without_one_are_named(tmp_path: Path) -> None:
-    from proxy.config import keyless_upstreams
+    from proxy.configreport import keyless_upstreams
 
     path = write(tmp_path, """
 [[upstreams]]

@@ -30,8 +30,9 @@ LAYERS = [
      "proxy.searchindex",
      "proxy.db", "proxy.pool", "proxy.migrate", "proxy.retention", "proxy.keylease", "proxy.auth",
      "proxy.metrics", "proxy.logs", "proxy.runtime", "proxy.summaries", "proxy.exports"),
-    ("proxy.errors", "proxy.codec", "proxy.config", "proxy.proxyenv", "proxy.schemas",
-     "proxy.validation", "proxy.document", "proxy.ids", "proxy.timefmt", "proxy.cursor"),
+    ("proxy.errors", "proxy.codec", "proxy.config", "proxy.configreport", "proxy.proxyenv",
+     "proxy.schemas", "proxy.validation", "proxy.document", "proxy.ids", "proxy.timefmt",
+     "proxy.cursor"),
 ]
 HTTP_SIDE = ("proxy.app", "proxy.routes", "proxy.access", "proxy.reading", "proxy.rawrequest",
              "proxy.streamresponse", "proxy.openapi", "proxy.validation", "proxy.chatbody")

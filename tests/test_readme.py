@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-from proxy.config import FIELDS, reference_table
+from proxy.config import FIELDS
+from proxy.configreport import reference_table
 from tests.conftest import ROOT
 
 
