@@ -113,6 +113,17 @@ class ObjectNotFound(NotFound):
         super().__init__(f"{kind} {shown} not found", param=param)
 
 
+class ConversationGone(ObjectNotFound):
+    """A conversation deleted (or merged away) while a response in it ran: neither the response
+    nor its turn was stored."""
+
+    def __init__(self, conversation_id: str):
+        super().__init__("Conversation", conversation_id, param="conversation")
+        shown = self.message.removeprefix("Conversation ").removesuffix(" not found")
+        self.message = (f"Conversation {shown} was deleted while this response ran; "
+                        "the response was not stored")
+
+
 def unknown_route(method: str, path: str) -> NotFound:
     """The one 404 for a path the proxy does not serve (a disabled admin API included)."""
     return NotFound(f"Unknown route: {method} {path}")

@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from proxy import auth, retention
+from proxy.errors import SessionGone
 from proxy.store import responses
 from proxy.store.messages import NewMessage
 from tests.conftest import User, fresh_database, make_user
@@ -117,9 +118,15 @@ async def test_a_response_in_a_conversation_and_its_turn_are_one_write_never_two
                                   "FROM chat_sessions WHERE id = $1", sid)
     assert tuple(session) == (2, 9, 3)
     assert await conn.fetchval("SELECT session_id FROM responses WHERE id = 'resp_t1'") == sid
-    # a session purged meanwhile: the response is kept, without it
-    await conn.execute("DELETE FROM chat_sessions WHERE id = $1", sid)
+    # a conversation deleted (soft, then purged) meanwhile: neither the response nor the turn
     gone = responses.NewResponse("resp_t2", user.id, None, sid, "complete", "stop", None,
                                  10, {"model": "m"}, 1)
-    assert await responses.insert_response(conn, gone, turn, with_turn=True)
-    assert await conn.fetchval("SELECT session_id FROM responses WHERE id = 'resp_t2'") is None
+    for deletion in ("UPDATE chat_sessions SET is_active = false WHERE id = $1",
+                     "DELETE FROM chat_sessions WHERE id = $1"):
+        await conn.execute(deletion, sid)
+        with pytest.raises(SessionGone):
+            await responses.insert_response(conn, gone, turn, with_turn=True)
+        assert await conn.fetchval("SELECT count(*) FROM responses WHERE id = 'resp_t2'") == 0
+        assert await conn.fetchval(
+            "SELECT count(*) FROM chat_messages WHERE session_id = $1", sid) == (
+            0 if deletion.startswith("DELETE") else 2)

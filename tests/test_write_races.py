@@ -25,7 +25,7 @@ import respx
 
 from proxy.auth import hash_key
 from proxy.config import Settings
-from proxy.errors import InternalError, SessionGone
+from proxy.errors import ConversationGone, InternalError, SessionGone
 from proxy.schemas import MAX_TOKENS
 from proxy.store import idempotency, messages
 from proxy.turns.claim import Idempotency, request_hash
@@ -236,6 +236,44 @@ async def test_a_turn_on_a_session_deleted_meanwhile_is_refused_and_its_key_rele
         assert r.status_code == 200, r.text
         assert "idempotent-replayed" not in r.headers
     assert await contents(db, sid) == [("user", "lost?"), ("assistant", "late")]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_a_response_in_a_conversation_deleted_meanwhile_is_refused_and_stores_nothing(
+    settings: Settings, alice: User, db: asyncpg.Connection, stream: bool
+) -> None:
+    """The Responses door writes the turn with its response row (one statement): a
+    conversation deleted while the turn waited takes neither, and the client is told."""
+    paused = Paused(settings, stream=stream)
+    async with app_client(settings, paused.router) as client:
+        sid = await new_session(client, alice)
+        body = {"model": "gpt-4o", "input": "lost?", "conversation": sid, "stream": stream}
+        pending = asyncio.ensure_future(
+            client.post("/v1/responses", json=body, headers=alice.headers))
+        await asyncio.wait_for(paused.entered.wait(), 10)
+        r = await client.delete(f"/v1/chat/sessions/{sid}", headers=alice.headers)
+        assert r.status_code == 204
+        paused.go.set()
+        r = await asyncio.wait_for(pending, 30)
+        gone = ConversationGone(sid).message
+        if stream:
+            assert r.status_code == 200
+            last = json.loads(last_event(r.content).split(b"data: ", 1)[1])
+            assert last["type"] == "response.failed", last
+            assert last["response"]["error"]["message"] == gone
+        else:
+            assert r.status_code == 404, r.text
+            assert r.json()["error"]["message"] == gone
+        assert await contents(db, sid) == []
+        assert await db.fetchval("SELECT count(*) FROM responses WHERE session_id = $1", sid) == 0
+        # Restored, the same conversation takes the next response, once.
+        r = await client.post(f"/v1/chat/sessions/{sid}/restore", headers=alice.headers)
+        assert r.status_code == 200
+        r = await client.post("/v1/responses", json=body, headers=alice.headers)
+        assert r.status_code == 200, r.text
+        assert (b"response.completed" in r.content) if stream else r.json()["status"] == "completed"
+    assert await contents(db, sid) == [("user", "lost?"), ("assistant", "late")]
+    assert await db.fetchval("SELECT count(*) FROM responses WHERE session_id = $1", sid) == 1
 
 
 # --- item 4: retention with a tiny cutoff while a turn runs ------------------------------------

@@ -21,7 +21,13 @@ from typing import Any
 import asyncpg
 
 from proxy import codec
-from proxy.errors import ObjectNotFound, SessionNotFound, UpstreamError
+from proxy.errors import (
+    ConversationGone,
+    ObjectNotFound,
+    SessionGone,
+    SessionNotFound,
+    UpstreamError,
+)
 from proxy.ids import is_session_id
 from proxy.responses import answer, request
 from proxy.responses.answer import Reply, response_object
@@ -131,6 +137,8 @@ async def respond(
     )
     try:
         outcome = await run_turn(rt, turn)
+    except SessionGone:
+        raise ConversationGone(str(conversation)) from None
     except SessionNotFound:
         raise ObjectNotFound("Conversation", str(conversation), param="conversation") from None
     if isinstance(outcome, Replayed):
@@ -174,7 +182,10 @@ async def _events(
                 final = record.render(await _counted(rt, record.plan, sent, outcome.headers, Reply(
                     assembled.message(), status, assembled.finish_reason, assembled.usage, 0, 0)))
             if final is None:  # nothing arrived, or the turn could not be stored
-                message = event.error.message if event.error is not None else "The turn failed"
+                error = event.error
+                if isinstance(error, SessionGone):
+                    error = ConversationGone(str(record.plan.conversation))
+                message = error.message if error is not None else "The turn failed"
                 final = record.render(None, {"code": "server_error", "message": message})
             yield stream.finish(final)
             break

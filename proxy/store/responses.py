@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from proxy import codec
+from proxy.errors import SessionGone
 from proxy.store.messages import NewMessage, TurnContext, stored, turn_args, turn_ctes
 
 
@@ -60,14 +61,17 @@ class StoredResponse:
 
 # The response row ($8-$16) and its copy of the turn's messages (the arrays of `turn_args`,
 # $2-$6, its session $1), inserted unless a response with its id is there already (a write
-# retried after its outcome was unknown): the CTEs `r` and `rm`.
-_RESPONSE_CTES = """
+# retried after its outcome was unknown): the CTEs `r` and `rm`. `source` is what the row is
+# inserted from (one row: it is; none: it is not).
+def _response_ctes(source: str) -> str:
+    return f"""
     r AS (
         INSERT INTO responses (id, user_id, previous_response_id, session_id, status,
                                finish_reason, usage, prompt_tokens, settings, message_count,
                                created_at)
-        VALUES ($8, $9, $10, (SELECT id FROM chat_sessions WHERE id = $1), $11, $12, $13, $14,
-                $15, cardinality($2::text[]), to_timestamp($16))
+        SELECT $8, $9, $10, (SELECT id FROM chat_sessions WHERE id = $1), $11, $12, $13, $14,
+               $15, cardinality($2::text[]), to_timestamp($16)
+        FROM {source}
         ON CONFLICT (id) DO NOTHING
         RETURNING id
     ), rm AS (
@@ -77,11 +81,20 @@ _RESPONSE_CTES = """
         FROM r, unnest($2::text[], $3::bool[], $4::int[], $5::text[], $6::text[])
                 WITH ORDINALITY AS m(role, tc, tokens, body, status, ord)
     )"""
+
+
 # The response alone ($7, the messages' search words, is left empty).
-_INSERT = "WITH " + _RESPONSE_CTES + ", words AS (SELECT $7::text[]) SELECT count(*) FROM r"
-# The response and its conversation's turn, in one statement.
-_INSERT_WITH_TURN = ("WITH " + _RESPONSE_CTES + "," + turn_ctes(" AND EXISTS (SELECT 1 FROM r)")
-                     + " SELECT count(*) FROM r")
+_INSERT = ("WITH " + _response_ctes("(VALUES (1)) AS one(x)")
+           + ", words AS (SELECT $7::text[]) SELECT count(*) FROM r")
+# The response and its conversation's turn, in one statement, or neither: the session's UPDATE
+# (`s`, which takes only an active session, under its row lock) comes first, and only a response
+# not stored yet appends the turn. `earlier` (read in the statement's snapshot) tells a retry
+# whose first attempt committed from a conversation that went away.
+_INSERT_WITH_TURN = (
+    "WITH " + turn_ctes(" AND NOT EXISTS (SELECT 1 FROM responses WHERE id = $8)") + ","
+    + _response_ctes("s")
+    + " SELECT (SELECT count(*) FROM r) AS stored,"
+    + " EXISTS (SELECT 1 FROM responses WHERE id = $8) AS earlier")
 
 
 async def insert_response(
@@ -90,7 +103,8 @@ async def insert_response(
 ) -> bool:
     """Store `response` and its messages in one statement; `with_turn`, the turn in its
     conversation's session too. False when a response with its id is there already (a retried
-    write that had stored it): nothing is stored again."""
+    write that had stored it): nothing is stored again. SessionGone (with_turn) when the
+    conversation was deleted or merged away since the turn read it: nothing is stored."""
     args = (
         *turn_args(response.session_id, messages, searched=with_turn),
         response.id,
@@ -103,9 +117,12 @@ async def insert_response(
         codec.dumps_text(response.settings),
         response.created_at,
     )
-    statement = _INSERT_WITH_TURN if with_turn else _INSERT
-    stored: int = await conn.fetchval(statement, *args)
-    return bool(stored)
+    if not with_turn:
+        return bool(await conn.fetchval(_INSERT, *args))
+    row = await conn.fetchrow(_INSERT_WITH_TURN, *args)
+    if not row["stored"] and not row["earlier"]:
+        raise SessionGone(response.session_id or "")
+    return bool(row["stored"])
 
 
 # The chain: the named response (the caller's), then each previous one, until the chain ends or
