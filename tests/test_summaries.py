@@ -15,6 +15,8 @@ import pytest
 
 from proxy import metrics
 from proxy.config import Settings
+from proxy.mcp import text as mcptext
+from proxy.mcp import tools as mcptools
 from proxy.store import messages
 from proxy.store.messages import NewMessage
 from proxy.summaries import lock_key
@@ -261,3 +263,32 @@ async def test_a_streamed_turn_starts_its_job_once_its_stream_is_done(
                                  sid) == 4
         assert material(fake.summary_bodies[0]).endswith("user: m0\nassistant: m1\nuser: m2\n"
                                                          "assistant: m3")
+
+
+@pytest.mark.parametrize("summaries", ["on", "off"])
+async def test_mcp_resume_session_shows_the_summary_a_turn_would_carry(
+    settings: Settings, on: Settings, alice: User, db: asyncpg.Connection, fake: Upstream,
+    summaries: str,
+) -> None:
+    """resume_session answers what a turn would be sent, by the turn's own rules: with
+    summaries on, the session's summary of what the window leaves out, and the same history a
+    turn on the session gets (its upstream body, side by side)."""
+    chosen = on if summaries == "on" else settings
+    async with app_client(chosen, fake.router) as client:
+        sid = await new_session(client, alice, max_history_messages=4)
+        await seed(db, sid, 10)
+        await put_summary(db, sid, "they talked of m0 to m5", 6, 50)
+        resumed = await mcptools.resume_session(client.app.state.rt, alice.id, sid)
+        await turn(client, alice, sid, "next")
+    sent = fake.chat_bodies[-1]
+    carried = summary_in(sent)
+    assert [m["seq"] for m in resumed["messages"]] == [7, 8, 9, 10]
+    assert [m["content"] for m in resumed["messages"]] == [
+        m["content"] for m in sent["messages"] if m["role"] != "system"][:4]
+    if summaries == "on":
+        assert resumed["summary"] == {"text": "they talked of m0 to m5", "up_to_seq": 6,
+                                      "tokens": 50}
+        assert carried == ["Summary of the earlier conversation:\nthey talked of m0 to m5"]
+        assert "they talked of m0 to m5" in mcptext.resumed(resumed)
+    else:
+        assert resumed["summary"] is None and carried == []

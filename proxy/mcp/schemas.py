@@ -32,10 +32,19 @@ class SessionPage(BaseModel):
     has_more: bool = Field(description="whether a later page (a higher offset) holds more")
 
 
+class CarriedSummary(BaseModel):
+    text: str = Field(description="the summary of the earlier conversation")
+    up_to_seq: int = Field(description="the newest message it covers")
+    tokens: int
+
+
 class Resumed(BaseModel):
     session: Session
     messages: list[Message] = Field(
         description="the history a turn on this session would be sent now, oldest first")
+    summary: CarriedSummary | None = Field(
+        description="the summary of older messages a turn would carry before that history, "
+        "as one system message (null: none; summaries are off, or nothing is left out)")
 
 
 class MessagePage(BaseModel):

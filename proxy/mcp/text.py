@@ -109,9 +109,13 @@ def messages(session_id: str, result: dict[str, Any], offset: int) -> str:
 
 def resumed(result: dict[str, Any]) -> str:
     found = result["messages"]
-    lines = [f"Session {session_line(result['session'])}",
-             f"History a turn would be sent now: {len(found)} messages, oldest first"
-             + (":" if found else ".")]
+    lines = [f"Session {session_line(result['session'])}"]
+    held = result.get("summary")
+    if held is not None:
+        lines.append(f"Summary of the earlier conversation (up to message {held['up_to_seq']}), "
+                     f"sent first: {_cut(held['text'])}")
+    lines.append(f"History a turn would be sent now: {len(found)} messages, oldest first"
+                 + (":" if found else "."))
     return "\n".join(lines + [message_line(m) for m in found])
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -26,7 +25,7 @@ from proxy.ids import is_session_id
 from proxy.runtime import Runtime
 from proxy.store import lifecycle, messages, sessions
 from proxy.tokens import REPLY_PRIMING
-from proxy.turns import Answered, Caller, Passthrough, TurnRequest, run_turn
+from proxy.turns import Answered, Caller, Passthrough, TurnRequest, run_turn, summary
 
 MAX_UPSTREAM_MESSAGE = 1000  # characters of an upstream's error message a tool result repeats
 
@@ -72,38 +71,21 @@ async def get_messages(
     return {"messages": data, "total": total, "has_more": offset + len(data) < total}
 
 
-@dataclass(frozen=True, slots=True)
-class _Windowed:
-    """A stored message object as the history rules see it (`proxy.history.Message`)."""
-
-    role: str
-    tokens: int
-    calls: tuple[str | None, ...]
-    answers: str | None
-    message: dict[str, Any]
-
-
-def _windowed(message: dict[str, Any]) -> _Windowed:
-    role, calls, answers = message["role"], message.get("tool_calls"), message.get("tool_call_id")
-    ids = tuple(
-        c.get("id") if isinstance(c, dict) and isinstance(c.get("id"), str) else None
-        for c in calls
-    ) if role == "assistant" and isinstance(calls, list) else ()
-    return _Windowed(role, message["tokens"], ids,
-                     answers if role == "tool" and isinstance(answers, str) else None, message)
-
-
 async def resume_session(rt: Runtime, user_id: str, session_id: str) -> dict[str, Any]:
     """Restore the session (if it was deleted) and the history a turn on it would be sent now.
 
-    That is contract §7 for a turn on the session's own model that brings no messages and no
-    `max_tokens`: the newest `max_history_messages`, tool exchanges whole, within the model's
-    context window less its reply reserve and the system prompt, and `max_history_tokens`.
+    That is contract §7 (and §11) for a turn on the session's own model that brings no
+    messages and no `max_tokens`, by the turn's own rules (`summary.fit`): the newest
+    `max_history_messages`, tool exchanges whole, within the model's context window less its
+    reply reserve and the system prompt, and `max_history_tokens`; with summaries on, the
+    session's summary when the turn would carry it (`summary`), counted in that budget.
     """
     _checked(session_id)
     async with rt.connection() as conn:
         session = await lifecycle.restore_session(conn, user_id, session_id)
-        if session is None:
+        ctx = None if session is None else await messages.read_turn_as(
+            conn, user_id, session_id, None)
+        if session is None or ctx is None:
             raise SessionNotFound(session_id)
         newest = await messages.list_messages(
             conn, session_id, session["max_history_messages"], 0, True)
@@ -112,9 +94,14 @@ async def resume_session(rt: Runtime, user_id: str, session_id: str) -> dict[str
     head = rt.tokens.message(model, {"role": "system", "content": prompt}) if prompt else 0
     budget = history.budget(info.context_window, info.reserve_output_tokens,
                             head + REPLY_PRIMING)
-    window = [_windowed(m) for m in reversed(newest)]
-    trimmed = history.trim(window, budget, session["max_history_tokens"])
-    return {"session": session, "messages": [m.message for m in trimmed.messages]}
+    fitted = summary.fit(ctx, ctx.history, budget, continued=False,
+                         enabled=rt.settings.summary_model is not None)
+    by_seq = {m["seq"]: m for m in newest}
+    held = fitted.summary
+    carried = None if held is None else {
+        "text": held.text, "up_to_seq": held.up_to_seq, "tokens": held.tokens}
+    return {"session": session, "messages": [by_seq[m.seq] for m in fitted.trimmed.messages],
+            "summary": carried}
 
 
 async def create_session(rt: Runtime, user_id: str, fields: dict[str, Any]) -> dict[str, Any]:
