@@ -60,6 +60,13 @@ async def stored_count(db: asyncpg.Connection, sid: str) -> int:
     return count
 
 
+def injected_metric() -> tuple[float, float]:
+    """The history-messages histogram's count and sum."""
+    text = metrics.render().decode()
+    return (metric(text, "chatproxy_history_messages_injected_count"),
+            metric(text, "chatproxy_history_messages_injected_sum"))
+
+
 def retries(model: str) -> float:
     return metric(metrics.render().decode(), "chatproxy_overflow_retries_total", model=model)
 
@@ -71,9 +78,12 @@ async def test_a_refused_turn_is_sent_again_without_the_excess_and_stored_once(
         side_effect=[refusal(8192, 8500), httpx.Response(200, json=completion("fits"))])
     sid = await seeded(client, db, alice)
     before = retries("gpt-4o")
+    injected = injected_metric()
     r = await chat(client, alice, sid, u("next"))
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == "fits"
+    # The history metrics count the turn once, with the history it was answered with.
+    assert injected_metric() == (injected[0] + 1, injected[1] + 6)
     assert route.call_count == 2
     first, second = history_of(sent(route, 0)), history_of(sent(route, 1))
     assert first == [f"m{i}" for i in range(10)]

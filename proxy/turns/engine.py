@@ -199,12 +199,16 @@ async def _answer(
     rt: Runtime, request: TurnRequest, turn: Turn, body: dict[str, Any],
     held: AsyncExitStack | None, again: _Again,
 ) -> Outcome:
-    response = await _call(rt, request, body)
-    if response.status_code != 200:  # before any byte reached the client, streamed or not
-        retried = await _retry(rt, request, response, turn, again)
-        if isinstance(retried, Passthrough):
-            return retried
-        response, turn = retried
+    try:
+        response = await _call(rt, request, body)
+        if response.status_code != 200:  # before any byte reached the client, streamed or not
+            retried = await _retry(rt, response, turn, again)
+            if isinstance(retried, Passthrough):
+                return retried
+            turn, body = retried
+            response = await _call(rt, request, body)
+    finally:
+        _count_history(turn)  # once, for the history the turn was last sent with
     outcome: Outcome
     if request.stream:
         outcome = await stream.open_stream(rt, response, turn, held, request.state)
@@ -219,11 +223,19 @@ async def _answer(
     return outcome
 
 
+def _count_history(turn: Turn) -> None:
+    """The history metrics (X-History-*) of one turn."""
+    headers = turn.headers
+    metrics.history(int(headers["x-history-messages"]), int(headers["x-history-tokens"]),
+                    int(headers["x-history-dropped"]))
+
+
 async def _retry(
-    rt: Runtime, request: TurnRequest, response: httpx.Response, turn: Turn, again: _Again
-) -> Passthrough | tuple[httpx.Response, Turn]:
-    """An upstream error: the turn sent again with less history when the upstream refused it
-    as too long for its context (contract §11), else the error as it came."""
+    rt: Runtime, response: httpx.Response, turn: Turn, again: _Again
+) -> Passthrough | tuple[Turn, dict[str, Any]]:
+    """An upstream error: the turn prepared again with less history, to be sent again, when
+    the upstream refused it as too long for its context (contract §11), else the error as it
+    came."""
     raw = await up.read_body(response)
     refused = Passthrough(response.status_code, up.response_headers(response.headers), raw)
     carried = again.carried(turn)
@@ -238,7 +250,7 @@ async def _retry(
     headers = {**fewer.headers, "x-history-retried": "1"}
     fewer = msgspec.structs.replace(fewer, claim=turn.claim, headers=headers)
     metrics.overflow_retry(turn.model)
-    return await _call(rt, request, body), fewer
+    return fewer, body
 
 
 async def _then_summarise(

@@ -2,9 +2,10 @@
 
 Contract §7, with counts taken once: the request's messages now, stored ones never again (their
 count was stored with them). Stored history is spliced into the upstream body as its stored JSON
-text, never decoded or re-encoded. `prepare` is pure but for the history metrics, so that a turn
-can be prepared again (with less history) and sent again; it is async only because a request
-with long text is counted in a worker thread (`TokenCounter.counts`). The session's summary, when
+text, never decoded or re-encoded. `prepare` is pure, so that a turn can be prepared again (with
+less history) and sent again (the engine counts the history metrics once, for the turn as
+sent); it is async only because a request with long text is counted in a worker thread
+(`TokenCounter.counts`). The session's summary, when
 it applies, goes right after the head (proxy/turns/summary.py), and a context window an upstream
 refusal stated replaces the model table's (proxy/turns/overflow.py).
 """
@@ -15,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from proxy import history, metrics, overlap
+from proxy import history, overlap
 from proxy.document import summary_message
 from proxy.runtime import Runtime
 from proxy.store.messages import NewMessage, TurnContext
@@ -70,7 +71,6 @@ async def prepare(
     fitted = summary.fit(ctx, sendable, budget, continued=continued,
                          enabled=rt.settings.summary_model is not None)
     trimmed = fitted.trimmed
-    metrics.history(len(trimmed.messages), trimmed.tokens, trimmed.dropped)  # = X-History-*
     held = fitted.summary  # carried right after the head, counted in the budget
     carried = [summary_message(held.text)] if held is not None and held.text is not None else []
     body["messages"] = [*head, *carried, *(msgspec.Raw(m.body) for m in trimmed.messages), *rest]
