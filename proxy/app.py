@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
+from litestar.routes import HTTPRoute
 
 from proxy import db, errors, keylease, logs, metrics, openapi, retention, searchindex
 from proxy import summaries as summary_jobs
@@ -150,12 +151,30 @@ def create_app(
         logging_config=None,
         debug=False,
     )
+    _answer_options_for_whole_paths(app)
     # The chat and responses routes answered ahead of routing (proxy/routes/fastpath.py); the
     # access log outside routing and error handling, so unknown routes and errors get a request
     # id and a line.
     app.asgi_handler = logs.access_log(fastpath.chat_first(
         app, app.asgi_handler, chat.complete, responses=responses.create))
     return app
+
+
+def _answer_options_for_whole_paths(app: Litestar) -> None:
+    """`OPTIONS` on a path answers `Allow` with every method of the path.
+
+    Litestar makes a path's OPTIONS handler with its first route handler, and that handler
+    reads the methods of the route as it was then (`GET` alone, say), not of the route the
+    path's other handlers were merged into. Each such handler is pointed at its final route.
+    """
+    for route in app.routes:
+        if not isinstance(route, HTTPRoute):
+            continue
+        for handler in route.route_handlers:
+            fn = getattr(handler.fn, "__closure__", None)
+            if (handler.http_methods == {"OPTIONS"} and fn is not None and len(fn) == 1
+                    and isinstance(fn[0].cell_contents, HTTPRoute)):
+                fn[0].cell_contents = route
 
 
 def app_from_env() -> Litestar:

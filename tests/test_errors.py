@@ -122,6 +122,21 @@ async def test_unknown_routes_outside_v1(client, alice: User, path: str) -> None
         assert_json_error(r, 404, invalid("not_found", f"Unknown route: {method} {path}"))
 
 
+@pytest.mark.parametrize(("path", "methods"), [
+    ("/v1/chat/sessions", {"GET", "POST"}),
+    ("/chat/sessions/sess_x", {"GET", "PATCH", "PUT", "DELETE"}),
+    ("/v1/chat/sessions/sess_x/messages", {"GET", "DELETE"}),
+    ("/v1/conversations/conv_x", {"GET", "POST", "DELETE"}),
+    ("/health", {"GET"}),
+])
+async def test_options_allows_every_method_of_the_path(
+    client, path: str, methods: set[str]
+) -> None:
+    r = await client.options(path)
+    assert r.status_code == 204
+    assert set(r.headers["allow"].replace(" ", "").split(",")) == methods | {"OPTIONS"}
+
+
 async def test_a_method_a_route_does_not_take(client, alice: User) -> None:
     r = await client.delete("/health")
     assert_json_error(r, 405, invalid("method_not_allowed", "Method DELETE not allowed on /health"))

@@ -8,11 +8,10 @@ Two tests:
   fuzzing phase, with a valid key and a share of real session ids (issue 13, item 13). Its
   checks: no server error, and every answer's status, content type, headers and body as the
   document says (but the chat route's body, below), schema-invalid input refused, auth not
-  ignored. Two of its checks are off:
+  ignored. One of its checks is off:
   `positive_data_acceptance` (the document's JSON Schema takes `203.0` as an integer and says
   nothing of the rules between fields, such as `after_seq` with `before_seq`, which are 400s
-  by design) and `allow_header_conformance` (an OPTIONS answer lists the methods of one route
-  handler, not of the path). Deterministic (a fixed seed, deterministic generation, no example
+  by design). Deterministic (a fixed seed, deterministic generation, no example
   database) and bounded (25 fuzzed cases per operation; about 2,500 requests, half a minute).
 - hypothesis over the schema's operations with two users' keys (issue 5): what the schema does
   not describe (JSON bodies, the list query parameters), and a share of bob's calls aimed at
@@ -182,8 +181,6 @@ max-examples = 25
 [cache]
 enabled = false
 [checks.positive_data_acceptance]
-enabled = false
-[checks.allow_header_conformance]
 enabled = false
 [dictionaries.sessions]
 values = {sessions}
