@@ -13,7 +13,9 @@ It records every request it receives (path, headers, JSON body) and answers by `
 | `fake-gated` | streams `"first"`, then waits for `gate` before `" second"` |
 
 Any model answers as a stream when the request says `"stream": true` (with a usage chunk when
-`stream_options.include_usage` is set), and as one chat completion otherwise.
+`stream_options.include_usage` is set), and as one chat completion otherwise. With `"logprobs":
+true`, each word of a text reply comes with its log probability (-0.5; `top_logprobs` of them,
+the word itself first), in the choice's `logprobs.content` or in its chunk's.
 """
 
 from __future__ import annotations
@@ -90,7 +92,12 @@ class FakeUpstream:
             return
         if model == "fake-echo":
             await asyncio.sleep(random.uniform(0, 0.05))
-        await _json(send, 200, _completion(model, _reply(model, body)))
+        reply = _reply(model, body)
+        answer = _completion(model, reply)
+        if body.get("logprobs") and reply.get("content"):
+            answer["choices"][0]["logprobs"] = {"content": [
+                _logprob(d["content"], body) for d in _deltas(reply)], "refusal": None}
+        await _json(send, 200, answer)
 
     async def _stream(
         self, number: int, model: str, body: dict[str, Any], receive: Any, send: Any
@@ -134,7 +141,11 @@ class FakeUpstream:
                 await event(_chunk(model, {"content": " second"}))
             else:
                 for delta in _deltas(reply):
-                    await event(_chunk(model, delta))
+                    chunk = _chunk(model, delta)
+                    if body.get("logprobs") and "content" in delta:
+                        chunk["choices"][0]["logprobs"] = {
+                            "content": [_logprob(delta["content"], body)], "refusal": None}
+                    await event(chunk)
             await event(_chunk(model, {}, "tool_calls" if model == "fake-tools" else "stop"))
             if (body.get("stream_options") or {}).get("include_usage"):
                 usage = _chunk(model, {})
@@ -174,6 +185,12 @@ def _deltas(message: dict[str, Any]) -> list[dict[str, Any]]:
         return deltas
     words = message["content"].split(" ")
     return [{"content": w if i == 0 else " " + w} for i, w in enumerate(words)]
+
+
+def _logprob(token: str, body: dict[str, Any]) -> dict[str, Any]:
+    entry = {"token": token, "logprob": -0.5, "bytes": list(token.encode())}
+    others = [entry, {"token": "?", "logprob": -3.0, "bytes": [63]}]
+    return {**entry, "top_logprobs": others[: body.get("top_logprobs") or 0]}
 
 
 def _chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:

@@ -83,6 +83,43 @@ async def test_a_streamed_response_has_every_event_in_order_and_is_stored_first(
                      "response.output_item.done", "response.completed"]
 
 
+async def test_top_logprobs_come_back_on_the_output_text_whole_and_streamed(
+    sdk: openai.AsyncOpenAI, fake: FakeUpstream
+) -> None:
+    include: Any = ["message.output_text.logprobs"]
+    whole = await sdk.responses.create(model="fake-echo", input="two words", top_logprobs=2,
+                                       include=include)
+    assert (last(fake)["logprobs"], last(fake)["top_logprobs"]) == (True, 2)
+    (part,) = whole.output[0].content  # type: ignore[union-attr]
+    assert part.type == "output_text" and part.logprobs is not None
+    assert [p.token for p in part.logprobs] == ["echo:", " two", " words"]
+    assert [t.token for t in part.logprobs[1].top_logprobs] == [" two", "?"]
+    assert part.logprobs[1].logprob == -0.5 and part.logprobs[1].bytes == list(b" two")
+
+    deltas = []
+    async with sdk.responses.stream(model="fake-echo", input="two words", top_logprobs=1,
+                                    include=include) as stream:
+        async for event in stream:
+            if event.type == "response.output_text.delta":
+                deltas.append([p.token for p in event.logprobs])
+            elif event.type == "response.output_text.done":
+                done = [p.token for p in event.logprobs]
+        final = await stream.get_final_response()
+    assert deltas == [["echo:"], [" two"], [" words"]]
+    assert done == ["echo:", " two", " words"]
+    (streamed,) = final.output[0].content  # type: ignore[union-attr]
+    assert [p.token for p in streamed.logprobs or []] == done
+    # `include` alone: the chosen tokens' own; neither: none.
+    alone = await sdk.responses.create(model="fake-echo", input="two words", include=include)
+    assert last(fake)["logprobs"] is True and "top_logprobs" not in last(fake)
+    (part,) = alone.output[0].content  # type: ignore[union-attr]
+    assert [(p.token, p.top_logprobs) for p in part.logprobs or []] == [
+        ("echo:", []), (" two", []), (" words", [])]
+    plain = await sdk.responses.create(model="fake-echo", input="two words")
+    assert "logprobs" not in last(fake)
+    assert not plain.output[0].content[0].logprobs  # type: ignore[union-attr]
+
+
 async def test_streamed_function_calls_have_their_argument_events(
     sdk: openai.AsyncOpenAI, fake: FakeUpstream
 ) -> None:

@@ -77,6 +77,31 @@ def response_object(
     }
 
 
+def logprobs_of(choice: Any) -> list[Any]:
+    """A chat choice's (or a chunk's choice's) token log probabilities: `logprobs.content`, the
+    same objects a Responses `output_text` part carries (`token`, `logprob`, `bytes`,
+    `top_logprobs`); [] when it has none."""
+    found = choice.get("logprobs") if isinstance(choice, dict) else None
+    content = found.get("content") if isinstance(found, dict) else None
+    return [p for p in content if isinstance(p, dict)] if isinstance(content, list) else []
+
+
+def with_logprobs(response: dict[str, Any], logprobs: list[Any]) -> dict[str, Any]:
+    """`response` with the reply's log probabilities on its message's `output_text` part (the
+    upstream gave them: the request asked for `top_logprobs`). They are part of the answer, not
+    of the history: a stored response is shown without them."""
+    if not logprobs:
+        return response
+    output = []
+    for item in response.get("output") or ():
+        if item.get("type") == "message":
+            item = {**item, "content": [
+                {**part, "logprobs": logprobs} if part.get("type") == "output_text" else part
+                for part in item["content"]]}
+        output.append(item)
+    return {**response, "output": output}
+
+
 def _status(reply: Reply | None, error: dict[str, Any] | None) -> tuple[str, Any]:
     if error is not None:
         return "failed", None

@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy import codec
+from proxy.responses.answer import logprobs_of, with_logprobs
 from proxy.responses.items import ItemIds
 
 TERMINAL = {"completed": "response.completed", "incomplete": "response.incomplete",
@@ -44,6 +45,7 @@ class EventStream:
         self._parts: dict[str, list[str]] = {}  # a message's part types, by content_index
         self._calls: dict[int, str] = {}  # a chat tool call index -> its item id
         self.chunks = 0  # valid chunks fed
+        self._logprobs: list[Any] = []  # the reply's token log probabilities, as they came
 
     def _event(self, kind: str, **fields: Any) -> bytes:
         data = {"type": kind, "sequence_number": self._seq, **fields}
@@ -64,16 +66,18 @@ class EventStream:
             delta = choice.get("delta")
             if not isinstance(delta, dict):
                 continue
+            logprobs = logprobs_of(choice)
+            self._logprobs += logprobs
             for kind, value in (("output_text", delta.get("content")),
                                 ("refusal", delta.get("refusal"))):
                 if isinstance(value, str) and value:
-                    out.append(self._text_delta(kind, value))
+                    out.append(self._text_delta(kind, value, logprobs))
             for call in delta.get("tool_calls") or ():
                 if isinstance(call, dict) and isinstance(call.get("index", 0), int):
                     out.append(self._call_delta(call))
         return b"".join(out)
 
-    def _text_delta(self, kind: str, text: str) -> bytes:
+    def _text_delta(self, kind: str, text: str, logprobs: list[Any]) -> bytes:
         item_id = self._ids.message
         out = b""
         if item_id not in self._parts:
@@ -90,7 +94,7 @@ class EventStream:
                                   "output_index": self._opened.index(item_id),
                                   "content_index": parts.index(kind), "delta": text}
         if kind == "output_text":
-            fields["logprobs"] = []
+            fields["logprobs"] = logprobs
             return out + self._event("response.output_text.delta", **fields)
         return out + self._event("response.refusal.delta", **fields)
 
@@ -117,6 +121,7 @@ class EventStream:
 
     def finish(self, response: dict[str, Any]) -> bytes:
         """Every output item done, from the final `response`, then its terminal event."""
+        response = with_logprobs(response, self._logprobs)
         out = []
         for item in response.get("output") or ():
             item_id = item["id"]
@@ -158,7 +163,7 @@ class EventStream:
         out = b""
         if kind == "output_text":
             out = self._event("response.output_text.done", **where, text=part["text"],
-                              logprobs=[])
+                              logprobs=part.get("logprobs", []))
         elif kind == "refusal":
             out = self._event("response.refusal.done", **where, refusal=part["refusal"])
         return out + self._event("response.content_part.done", **where, part=part)

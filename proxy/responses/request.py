@@ -97,6 +97,9 @@ def plan(request: Any) -> Plan:
         if not 0 <= top <= 20:
             raise BadRequest("top_logprobs must be between 0 and 20", param="top_logprobs")
         body["logprobs"], body["top_logprobs"] = True, top
+    include = request.get("include")
+    if isinstance(include, list) and "message.output_text.logprobs" in include:
+        body["logprobs"] = True  # the chosen tokens' own, with or without `top_logprobs`
     store = _optional(request, "store", bool)
     truncation = request.get("truncation")
     if truncation not in (None, "auto", "disabled"):

@@ -155,9 +155,15 @@ async def respond(
                 outcome.reply, "complete", finish_reason(outcome.answer),
                 outcome.answer.get("usage"), 0, 0))
             final = record.render(reply)
+        final = answer.with_logprobs(final, answer.logprobs_of(_first_choice(outcome.answer)))
         return Whole(200, JSON, codec.dumps(final))
     assert isinstance(outcome, Streaming)
     return Streamed(EVENTS, _events(rt, outcome, record, sent))
+
+
+def _first_choice(completion: Any) -> Any:
+    choices = completion.get("choices") if isinstance(completion, dict) else None
+    return choices[0] if isinstance(choices, list) and choices else None
 
 
 async def _events(
