@@ -103,7 +103,7 @@ def _restore(model: BaseModel, back: dict[int, int]) -> None:
 def _refuse(exc: ValidationError) -> NoReturn:
     """The first problem pydantic found, as a 400 naming its field."""
     first = exc.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
+    param = _param(first["loc"])
     kind = first["type"]
     if kind == "extra_forbidden":
         raise BadRequest(f"Unknown parameter: {param}", param=param,
@@ -112,6 +112,14 @@ def _refuse(exc: ValidationError) -> NoReturn:
         raise BadRequest(f"Missing required parameter: {param}", param=param,
                          code="missing_required_parameter") from None
     raise BadRequest(f"Invalid value for {param}: {_reason(first)}", param=param) from None
+
+
+def _param(loc: tuple[int | str, ...]) -> str | None:
+    """pydantic's location as the API names fields elsewhere: `items[1].role`, `metadata.k`."""
+    param = ""
+    for part in loc:
+        param += f"[{part}]" if isinstance(part, int) else f".{part}" if param else str(part)
+    return param or None
 
 
 def _reason(error: Any) -> str:

@@ -128,6 +128,21 @@ async def test_added_items_are_one_turn_and_come_back_with_their_ids(
     assert [m["seq"] for m in await stored(client, alice, cid)] == [1, 2]
 
 
+async def test_an_item_that_is_not_an_object_is_named_as_other_list_elements_are(
+    client: Client, alice: User
+) -> None:
+    """`items[1]`, as `messages[0]` and `input[0]` are named elsewhere (not pydantic's
+    `items.1`); and nothing is stored."""
+    cid = await new_conversation(client, alice)
+    for path in ("/v1/conversations", f"/v1/conversations/{cid}/items"):
+        r = await client.post(path, headers=alice.headers,
+                              json={"items": [user_item("kept?"), None]})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "items[1]", (path, r.text)
+        assert r.json()["error"]["message"].startswith("Invalid value for items[1]: ")
+    assert await stored(client, alice, cid) == []
+
+
 async def test_deleting_an_item_keeps_tool_exchanges_whole(
     client: Client, alice: User, db: asyncpg.Connection
 ) -> None:

@@ -255,6 +255,19 @@ async def test_the_transcript_resource_is_markdown(
                          "You're welc\n")
 
 
+async def test_get_messages_text_names_the_session_id_as_it_is(
+    live: Serve, alice: User, db: asyncpg.Connection
+) -> None:
+    """Ids are case-sensitive: the text rendering must name the session an assistant can use
+    again (it once went through `str.capitalize()`, which lowercased it)."""
+    sid = await conversation(db, alice)
+    assert sid != sid.lower()
+    async with over_http(live.url, alice.key) as mcp:
+        result = await mcp.call_tool("get_messages", {"session_id": sid, "limit": 2})
+    text = result.content[0].text  # type: ignore[union-attr]
+    assert text.startswith(f"Messages of {sid} 1-2 of 7 (more: offset 2):\n"), text
+
+
 async def test_text_json_cannot_carry_comes_as_replacement_characters(
     live: Serve, alice: User, db: asyncpg.Connection
 ) -> None:

@@ -46,6 +46,25 @@ def unauthorized(message: str) -> dict[str, Any]:
                       "code": "invalid_api_key"}}
 
 
+async def test_paths_that_only_begin_with_mcp_are_unknown_routes(
+    live: Serve, alice: User
+) -> None:
+    """The app mounts `/mcp` by prefix; `/mcpx` and `/mcp/x` are not the endpoint (contract §4:
+    an unknown path outside /v1/ is a 404 `not_found`, with or without a key)."""
+    async with httpx.AsyncClient(timeout=30) as http:
+        for path in ("/mcpx", "/mcp/x", "/mcp/tools/list"):
+            for headers in ({}, alice.headers):
+                r = await http.post(live.url + path, json=INITIALIZE,
+                                    headers={**MCP_HEADERS, **headers})
+                assert (path, r.status_code, r.json()) == (path, 404, {"error": {
+                    "message": f"Unknown route: POST {path}", "type": "invalid_request_error",
+                    "param": None, "code": "not_found"}})
+        for path in ("/mcp", "/mcp/"):
+            r = await http.post(live.url + path, json=INITIALIZE,
+                                headers={**MCP_HEADERS, **alice.headers})
+            assert r.status_code == 200 and r.json()["result"]["serverInfo"]["name"] == "chatproxy"
+
+
 async def test_requests_without_a_valid_key_are_401_before_the_mcp_layer(
     live: Serve, alice: User, db: asyncpg.Connection
 ) -> None:

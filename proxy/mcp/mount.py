@@ -32,7 +32,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 
 from proxy import auth
 from proxy.access import verify_key
-from proxy.errors import ProxyError, error_bytes
+from proxy.errors import ProxyError, error_bytes, unknown_route
 from proxy.mcp import server as mcpserver
 
 PATH = "/mcp"
@@ -76,6 +76,12 @@ async def _refuse(send: Send, error: ProxyError) -> None:
 @asgi(PATH, is_mount=True, copy_scope=False, include_in_schema=False)
 async def mount(scope: Scope, receive: Receive, send: Send) -> None:
     app: Litestar = scope["litestar_app"]
+    if scope["path"] != "/":
+        # Litestar matches a mount by prefix and leaves what follows it in `path`: `/mcpx` and
+        # `/mcp/x` land here too, and are unknown routes (contract §4), key or no key.
+        shown = _text(scope.get("raw_path")) or PATH + scope["path"]
+        await _refuse(send, unknown_route(str(scope.get("method", "GET")), shown))
+        return
     scope["path_template"] = PATH  # the route's label in the access log and the metrics
     headers: dict[bytes, bytes] = dict(scope["headers"])
     try:

@@ -91,7 +91,9 @@ def _page(what: str, lines: list[str], result: dict[str, Any], offset: int,
     """A page of a list: what it holds and where it stands, then one entry a line."""
     if not lines:
         return f"No {what} at offset {offset} (total {result['total']})."
-    head = f"{what.capitalize()} {offset + 1}-{offset + len(lines)} of {result['total']}{order}"
+    # Only the first letter: `what` may end in a session id, and ids are case-sensitive.
+    head = (f"{what[:1].upper()}{what[1:]} {offset + 1}-{offset + len(lines)} "
+            f"of {result['total']}{order}")
     if result["has_more"]:
         head += f" (more: offset {offset + len(lines)})"
     return "\n".join([head + ":", *lines])
