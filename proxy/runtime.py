@@ -39,8 +39,8 @@ class Runtime:
     # Summary jobs this process runs, by session (proxy/summaries.py); None once shutdown has
     # cancelled them (none starts after that).
     summary_jobs: dict[str, asyncio.Task[Any]] | None = field(default_factory=dict)
-    # Context windows upstream refusals stated, by model (proxy/turns/overflow.py).
-    context_limits: dict[str, int] = field(default_factory=dict)
+    # Context windows upstream refusals stated, by user and model (proxy/turns/overflow.py).
+    context_limits: dict[tuple[str, str], int] = field(default_factory=dict)
     # Exports reading the database, and each user's under way (proxy/exports.py).
     exports: ExportBudget = field(init=False)
 

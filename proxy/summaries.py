@@ -194,7 +194,7 @@ def _batch(
     At least one row (cut to the room when it is longer on its own)."""
     model = rt.settings.summary_model
     info = rt.tokens.table.lookup(model)
-    window = min(info.context_window, rt.context_limits.get(str(model), info.context_window))
+    window = info.context_window  # the table's: a window a refusal stated is one user's
     overhead = len(rt.settings.summary_prompt) // CHARS_PER_TOKEN + 64
     previous = summary.tokens if summary is not None else 0
     room = max(MIN_CALL_TOKENS, min(CALL_TOKENS, window - info.reserve_output_tokens

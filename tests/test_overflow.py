@@ -191,6 +191,32 @@ async def test_one_idempotency_claim_covers_the_retry(
     assert await stored_count(db, sid) == 12
 
 
+async def test_a_window_one_users_refusal_stated_leaves_other_users_turns_alone(
+    client: Client, upstream: respx.Router, db: asyncpg.Connection, alice: User, bob: User
+) -> None:
+    """An upstream error may quote the request: bob's message stating a tiny window (echoed
+    back in a refusal) shrinks bob's own later turns at most, never alice's."""
+    def echoing(request: httpx.Request) -> httpx.Response:
+        said = json.loads(request.content)["messages"][-1]["content"]
+        if "maximum context length" in said:
+            return httpx.Response(400, json={"error": {"message": f"input {said!r} refused"}})
+        return httpx.Response(200, json=completion("ok"))
+
+    route = upstream.post("/chat/completions").mock(side_effect=echoing)
+    model = "gpt-4o-shared-window-test"
+    hers, his = await seeded(client, db, alice), await seeded(client, db, bob)
+    r = await chat(client, bob, his, u("This model's maximum context length is 1 tokens"),
+                   model=model)
+    assert r.status_code == 400  # refused again when retried: the quote is in the retry too
+    assert client.app.state.rt.context_limits[(bob.id, model)] == 1
+    calls = route.call_count
+    r = await chat(client, alice, hers, u("hello"), model=model)
+    assert r.status_code == 200, r.text
+    assert route.call_count == calls + 1  # fitted the first time, all of it
+    assert (r.headers["x-history-messages"], r.headers["x-history-dropped"]) == ("10", "0")
+    assert (alice.id, model) not in client.app.state.rt.context_limits
+
+
 async def test_the_stated_window_is_used_from_the_next_turn_on(
     client: Client, upstream: respx.Router, db: asyncpg.Connection, alice: User
 ) -> None:
@@ -202,7 +228,7 @@ async def test_the_stated_window_is_used_from_the_next_turn_on(
     model = "gpt-4o-overflow-test"  # its own learned window: other tests use gpt-4o
     r = await chat(client, alice, sid, u("one"), model=model)
     assert r.status_code == 200 and route.call_count == 2
-    assert client.app.state.rt.context_limits[model] == 900
+    assert client.app.state.rt.context_limits[(alice.id, model)] == 900
     r = await chat(client, alice, sid, u("two"), model=model)
     assert r.status_code == 200
     assert route.call_count == 3  # fitted the first time

@@ -151,13 +151,24 @@ def test_how_much_a_retry_leaves_out() -> None:
 
 def test_a_learned_window_is_never_above_the_table_and_only_shrinks() -> None:
     info = ModelInfo(context_window=128000, reserve_output_tokens=4096, encoding="o200k_base")
-    learned: dict[str, int] = {}
-    overflow.learn(learned, "qwen", Refusal("vllm-v1", 200000, 250000), info.context_window)
+    learned: overflow.Learned = {}
+    window = info.context_window
+    overflow.learn(learned, "u1", "qwen", Refusal("vllm-v1", 200000, 250000), window)
     assert learned == {}  # above the table's: nothing to learn
-    overflow.learn(learned, "qwen", Refusal("vllm-v1", 8192, 9000), info.context_window)
-    overflow.learn(learned, "qwen", Refusal("vllm-v1", 16384, 20000), info.context_window)
-    assert learned == {"qwen": 8192}
-    overflow.learn(learned, "qwen", Refusal("ollama"), info.context_window)  # nothing stated
-    assert overflow.limits(learned, "qwen", info) == (8192, 2048)  # reserve at most a quarter
-    assert overflow.limits(learned, "other", info) == (128000, 4096)
-    assert overflow.limits(learned, None, info) == (128000, 4096)
+    overflow.learn(learned, "u1", "qwen", Refusal("vllm-v1", 8192, 9000), window)
+    overflow.learn(learned, "u1", "qwen", Refusal("vllm-v1", 16384, 20000), window)
+    assert learned == {("u1", "qwen"): 8192}
+    overflow.learn(learned, "u1", "qwen", Refusal("ollama"), window)  # nothing stated
+    assert overflow.limits(learned, "u1", "qwen", info) == (8192, 2048)  # reserve ≤ a quarter
+    assert overflow.limits(learned, "u1", "other", info) == (128000, 4096)
+    assert overflow.limits(learned, "u1", None, info) == (128000, 4096)
+    # Another user's turns keep the table's window.
+    assert overflow.limits(learned, "u2", "qwen", info) == (128000, 4096)
+
+
+def test_learned_windows_are_bounded_the_oldest_going_first() -> None:
+    learned: overflow.Learned = {}
+    for n in range(overflow.MAX_LEARNED + 5):
+        overflow.learn(learned, f"u{n}", "m", Refusal("vllm-v1", 1000, 2000), 8000)
+    assert len(learned) == overflow.MAX_LEARNED
+    assert ("u0", "m") not in learned and (f"u{overflow.MAX_LEARNED + 4}", "m") in learned

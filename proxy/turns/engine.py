@@ -243,7 +243,7 @@ async def _retry(
     if found is None:
         return refused
     table = rt.tokens.table.lookup(turn.model).context_window
-    overflow.learn(rt.context_limits, turn.model, found, table)
+    overflow.learn(rt.context_limits, turn.user_id, turn.model, found, table)
     fewer, body = await again.within(max(0, carried - overflow.to_leave_out(found, carried)))
     if again.carried(fewer) >= carried:
         return refused  # nothing could be left out (a tool exchange the request answers)

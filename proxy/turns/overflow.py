@@ -9,12 +9,15 @@ Ollama) wrapped as a JSON string in its own. When the message states the window 
 what the request came to (`requested`), the retry leaves out at least the excess plus 5%;
 otherwise half of the history's tokens (`to_leave_out`).
 
-A stated window is kept per model in the process (`Runtime.context_limits`, never above the
-model table's) and used as that model's `context_window` from the next turn on (`limits`), so
-that it fits the first time. A small learned window also caps the reply's reserve at a quarter
-of it, when the request sets no `max_tokens`: the table's reserve (4,096 by default) would
-leave a 4k-window model no history at all, and a server that refuses an oversized prompt does
-not count a reply limit the request did not set.
+A stated window is kept per user and model in the process (`Runtime.context_limits`, never
+above the model table's, at most `MAX_LEARNED` of them) and used as that model's
+`context_window` for that user's next turns (`limits`), so that they fit the first time. Per
+user, because an upstream's error may quote the request: one user's message saying "maximum
+context length is 1 tokens" must not shrink the history of everyone else's turns. A small
+learned window also caps the reply's reserve at a quarter of it, when the request sets no
+`max_tokens`: the table's reserve (4,096 by default) would leave a 4k-window model no history
+at all, and a server that refuses an oversized prompt does not count a reply limit the request
+did not set.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ CODES = frozenset({"context_length_exceeded", "exceed_context_size_error",
                    "model_max_prompt_tokens_exceeded"})
 _N = r"(\d[\d,]*)"  # a count, maybe with thousands separators
 MAX_TEXT = 4096  # characters of each message searched (an error's wording comes first)
+MAX_LEARNED = 10_000  # (user, model) windows kept; the oldest goes first
 
 
 def _form(pattern: str) -> re.Pattern[str]:
@@ -169,19 +173,30 @@ def to_leave_out(refused: Refusal, injected: int) -> int:
     return math.ceil(injected / 2)
 
 
-def learn(limits: dict[str, int], model: object, refused: Refusal, table_window: int) -> None:
-    """Keep the window the refusal stated for `model`, if smaller than what is known."""
+Learned = dict[tuple[str, str], int]  # (user id, model) -> the window a refusal stated
+
+
+def learn(
+    limits: Learned, user_id: str, model: object, refused: Refusal, table_window: int
+) -> None:
+    """Keep the window the refusal of `user_id`'s request stated for `model`, if smaller than
+    what is known."""
     if not isinstance(model, str) or refused.limit is None or refused.limit <= 0:
         return
-    known = min(limits.get(model, table_window), table_window)
+    key = (user_id, model)
+    known = min(limits.get(key, table_window), table_window)
     if refused.limit < known:
-        limits[model] = refused.limit
+        if key not in limits and len(limits) >= MAX_LEARNED:
+            del limits[next(iter(limits))]
+        limits[key] = refused.limit
 
 
-def limits(learned: dict[str, int], model: object, info: ModelInfo) -> tuple[int, int]:
-    """`model`'s (context window, default reply reserve): the table's, or the window a refusal
-    stated, with the reserve at most a quarter of it."""
-    window = learned.get(model) if isinstance(model, str) else None
+def limits(
+    learned: Learned, user_id: str, model: object, info: ModelInfo
+) -> tuple[int, int]:
+    """`model`'s (context window, default reply reserve) for `user_id`: the table's, or the
+    window a refusal of theirs stated, with the reserve at most a quarter of it."""
+    window = learned.get((user_id, model)) if isinstance(model, str) else None
     if window is None or window >= info.context_window:
         return info.context_window, info.reserve_output_tokens
     return window, min(info.reserve_output_tokens, window // 4)

@@ -60,7 +60,7 @@ async def prepare(
     new = [NewMessage(m, n) for m, n in zip(rest[resent:], rest_counts, strict=True)
            if m["role"] not in HEAD_ROLES]
     rest_tokens = sum(rest_counts) + sum(m.tokens for m in tail[len(tail) - resent :])
-    window, reserve = overflow.limits(rt.context_limits, model, info)  # a learned window
+    window, reserve = overflow.limits(rt.context_limits, ctx.user_id, model, info)  # learned
     budget = history.budget(
         window, _reserved_output(body, reserve), head_tokens + rest_tokens + REPLY_PRIMING
     )
