@@ -87,20 +87,24 @@ async def resume_session(rt: Runtime, user_id: str, session_id: str) -> dict[str
             conn, user_id, session_id, None)
         if session is None or ctx is None:
             raise SessionNotFound(session_id)
-        newest = await messages.list_messages(
-            conn, session_id, session["max_history_messages"], 0, True)
-    model, prompt = session["model"], session["system_prompt"]
-    info = rt.tokens.table.lookup(model)
-    head = rt.tokens.message(model, {"role": "system", "content": prompt}) if prompt else 0
-    budget = history.budget(info.context_window, info.reserve_output_tokens,
-                            head + REPLY_PRIMING)
-    fitted = summary.fit(ctx, ctx.history, budget, continued=False,
-                         enabled=rt.settings.summary_model is not None)
-    by_seq = {m["seq"]: m for m in newest}
+        model, prompt = session["model"], session["system_prompt"]
+        info = rt.tokens.table.lookup(model)
+        head = rt.tokens.message(model, {"role": "system", "content": prompt}) if prompt else 0
+        budget = history.budget(info.context_window, info.reserve_output_tokens,
+                                head + REPLY_PRIMING)
+        fitted = summary.fit(ctx, ctx.history, budget, continued=False,
+                             enabled=rt.settings.summary_model is not None)
+        chosen = [m.seq for m in fitted.trimmed.messages]
+        # The chosen messages as message objects: their seqs' range, read by seq (a message
+        # is never changed, and one a clear removed meanwhile is left out).
+        found = await messages.list_messages(
+            conn, session_id, chosen[-1] - chosen[0] + 1, 0, False, after_seq=chosen[0] - 1,
+            before_seq=chosen[-1] + 1) if chosen else []
+    by_seq = {m["seq"]: m for m in found}
     held = fitted.summary
     carried = None if held is None else {
         "text": held.text, "up_to_seq": held.up_to_seq, "tokens": held.tokens}
-    return {"session": session, "messages": [by_seq[m.seq] for m in fitted.trimmed.messages],
+    return {"session": session, "messages": [by_seq[s] for s in chosen if s in by_seq],
             "summary": carried}
 
 
