@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import ModuleType
@@ -185,12 +185,15 @@ async def connection(
     timeout: float,  # noqa: ASYNC109 (the acquire timeout is the pool's own)
     *,
     statement_timeout: float | None = None,
+    probe: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
 ) -> AsyncIterator[asyncpg.Connection]:
     """A pooled connection within `timeout` seconds, or DatabaseUnavailable (503).
 
     Each statement in the block may take `statement_timeout` seconds (None: the connection's
     own, `db_statement_timeout`); past it the statement is given up, the connection dropped and
-    the block raises DatabaseUnavailable.
+    the block raises DatabaseUnavailable. `probe` (a round trip) runs first, within the
+    connection's own timeout: with a long `statement_timeout`, a database that hangs is then
+    noticed in seconds instead of holding the request for the whole bulk timeout.
     """
     try:
         conn = await pool.acquire(timeout)
@@ -199,11 +202,13 @@ async def connection(
         # connections answers with a server error, and that is unavailability too.
         raise DatabaseUnavailable() from None
     own = conn._config
-    if statement_timeout is not None:
-        # asyncpg reads a statement's default timeout from here; there is no public setter.
-        conn._config = own._replace(command_timeout=statement_timeout)
     discard = True  # unless the block ends normally or with an error the server reported
     try:
+        if probe is not None:
+            await probe(conn)
+        if statement_timeout is not None:
+            # asyncpg reads a statement's default timeout from here; there is no public setter.
+            conn._config = own._replace(command_timeout=statement_timeout)
         yield conn
         discard = False
     except UNAVAILABLE:
@@ -218,6 +223,5 @@ async def connection(
         discard = False
         raise
     finally:
-        if statement_timeout is not None:
-            conn._config = own
+        conn._config = own
         pool.release(conn, discard=discard)

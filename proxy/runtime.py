@@ -17,6 +17,7 @@ import httpx
 from proxy import db, keylease
 from proxy.config import Settings
 from proxy.exports import ExportBudget
+from proxy.store import database
 from proxy.tokens import TokenCounter
 
 if TYPE_CHECKING:
@@ -51,10 +52,12 @@ class Runtime:
     def connection(self, *, bulk: bool = False) -> AbstractAsyncContextManager[asyncpg.Connection]:
         """A pooled connection (`db.connection`); `bulk` for statements that grow with a
         whole session's rows (import, export, fork, merge, clear, pruning), which get
-        `db_bulk_timeout` instead of `db_statement_timeout`."""
+        `db_bulk_timeout` instead of `db_statement_timeout`, after a round trip within the
+        latter (so a request doing bulk work on a hung database is a 503 within seconds)."""
         return db.connection(
             self.pool, self.settings.db_acquire_timeout,
             statement_timeout=self.settings.db_bulk_timeout if bulk else None,
+            probe=database.ping if bulk else None,
         )
 
     def track(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
