@@ -128,7 +128,10 @@ async def run(
     older than the current window; `forced` (compaction) ignores the back-off, records none,
     and makes as many calls as it takes. Raises SummaryFailed or the upstream's error."""
     key = lock_key(session_id)
-    async with rt.connection(bulk=True) as conn:
+    # Every statement of a job is small (a lock, ROWS rows, one summary), so each gets the
+    # request's timeout: a database that hangs while the summary model writes is a 503 for
+    # `POST .../compact` in seconds, not after the bulk timeout.
+    async with rt.connection() as conn:
         if not await database.try_lock(conn, key):
             return "busy", None
         try:

@@ -289,3 +289,35 @@ async def test_a_response_write_cut_mid_statement_is_stored_once_and_answered(
         assert await contents(db, sid) == [("user", "again"), ("assistant", "reply 1"),
                                            ("user", "again"), ("assistant", "reply 2")]
 
+
+async def test_a_compaction_whose_save_hangs_answers_503_within_seconds(
+    settings: Settings, relay: Relay, alice: User, db: asyncpg.Connection
+) -> None:
+    """The database hangs while the summary model writes: the summary's save is a request's
+    statement like any other, not bulk work, so the client hears of it in seconds."""
+    upstream = respx.Router(base_url=settings.upstream_base_url, assert_all_called=False)
+    upstream.post("/chat/completions").mock(
+        return_value=httpx.Response(200, json=completion("fine")))
+    async with app_client(quick(settings, relay, summary_model=SUMMARY_MODEL),
+                          upstream) as client:
+        sid = await new_session(client, alice, max_history_messages=0)
+        chat = {"model": "gpt-4o", "session_id": sid,
+                "messages": [{"role": "user", "content": "hi"}]}
+        r = await client.post("/v1/chat/completions", json=chat, headers=alice.headers)
+        assert r.status_code == 200, r.text
+
+        def stall_then_summarise(request: httpx.Request) -> httpx.Response:
+            relay.stall()
+            return httpx.Response(200, json=completion("SUMMARY"))
+
+        upstream.post("/chat/completions").mock(side_effect=stall_then_summarise)
+        await warm(client, relay)
+        await leased(client, alice)
+        r, took = await timed(client, "POST", f"/v1/chat/sessions/{sid}/compact", json={},
+                              headers=alice.headers)
+        assert (r.status_code, r.json(), took < WITHIN) == (503, UNAVAILABLE, True)
+        await warm(client, relay)
+        upstream.post("/chat/completions").mock(
+            return_value=httpx.Response(200, json=completion("SUMMARY")))
+        r = await client.post(f"/v1/chat/sessions/{sid}/compact", json={}, headers=alice.headers)
+        assert (r.status_code, r.json()["text"]) == (200, "SUMMARY"), r.text
