@@ -238,8 +238,10 @@ async def responses_of(db: asyncpg.Connection, user: User) -> int:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("cut", ["before_commit", "after_commit"])
 @pytest.mark.parametrize("kind", ["conversation", "chained"])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 async def test_a_response_write_cut_mid_statement_is_stored_once_and_answered(
-    settings: Settings, relay: Relay, alice: User, db: asyncpg.Connection, cut: str, kind: str
+    settings: Settings, relay: Relay, alice: User, db: asyncpg.Connection, cut: str, kind: str,
+    stream: bool
 ) -> None:
     """The connection through the relay is cut while the response's write is out: it never
     reached PostgreSQL (`before_commit`), or it committed and the answer was lost
@@ -253,6 +255,8 @@ async def test_a_response_write_cut_mid_statement_is_stored_once_and_answered(
         calls += 1
         if calls == 2:  # the second response's write goes out into the fault
             relay.stall() if cut == "before_commit" else relay.deafen()
+        if stream and calls == 2:
+            return httpx.Response(200, headers=SSE, content=stream_of(f"reply {calls}"))
         return httpx.Response(200, json=completion(f"reply {calls}"))
 
     upstream.post("/chat/completions").mock(side_effect=answer)
@@ -268,7 +272,7 @@ async def test_a_response_write_cut_mid_statement_is_stored_once_and_answered(
         if kind == "chained":
             body["previous_response_id"] = r.json()["id"]
         again = asyncio.ensure_future(
-            client.post("/v1/responses", json=body, headers=alice.headers))
+            client.post("/v1/responses", json={**body, "stream": stream}, headers=alice.headers))
         if cut == "before_commit":
             async def held() -> bool:
                 return relay.held > 0
@@ -280,8 +284,11 @@ async def test_a_response_write_cut_mid_statement_is_stored_once_and_answered(
         await asyncio.to_thread(relay.resume)  # cuts the connection the write waits on
         r = await asyncio.wait_for(again, 30)
         assert r.status_code == 200, r.text
-        rid = r.json()["id"]
-        assert r.json()["output"][0]["content"][0]["text"] == "reply 2"
+        answered = json.loads(last_event(r.content).split(b"data: ", 1)[1])["response"] if (
+            stream) else r.json()
+        assert answered["status"] == "completed", answered
+        rid = answered["id"]
+        assert answered["output"][0]["content"][0]["text"] == "reply 2"
         got = await client.get(f"/v1/responses/{rid}", headers=alice.headers)
         assert got.status_code == 200 and got.json()["id"] == rid
     assert await responses_of(db, alice) == 2
